@@ -1,0 +1,10 @@
+"""rank1inv: the inverse of λI + s·Σ gᵢgᵢᵀ as a linear operator, without forming a d×d matrix.
+
+``StaticInverse`` serves a fixed set of gradients (pruning), ``DynamicInverse`` a sliding
+window (the M-FAC optimizer). Both share one query API; see ``docs/guide.md``.
+"""
+
+from .static import StaticInverse
+
+__all__ = ["StaticInverse"]
+__version__ = "0.1.0"

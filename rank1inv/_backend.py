@@ -1,0 +1,133 @@
+"""The backend line: the only module that names NumPy, SciPy or CuPy.
+
+Everything above it is written against the array API standard through
+``array_api_compat``. What the standard lacks lives here, once per backend:
+triangular solves, the LinearOperator class, host transfers of small values and
+the CuPy RawKernel dispatch.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+import numpy as np
+
+FLOAT_DTYPES = ("float32", "float64")
+
+
+def namespace(*arrays):
+    """The array namespace shared by ``arrays``; TypeError if they mix backends."""
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as err:
+        raise TypeError(
+            "arrays from different array libraries were mixed "
+            f"({', '.join(sorted({type(a).__module__ + '.' + type(a).__name__ for a in arrays}))}); "
+            "pass all arrays from one library (NumPy or CuPy)"
+        ) from err
+
+
+def namespace_from_argument(xp):
+    """Resolve the ``xp=`` argument (None, a module, or a compat namespace)."""
+    if xp is None:
+        return array_api_compat.array_namespace(np.empty(0))
+    name = getattr(xp, "__name__", "")
+    if name in ("numpy", "array_api_compat.numpy"):
+        return array_api_compat.array_namespace(np.empty(0))
+    if name in ("cupy", "array_api_compat.cupy"):
+        import cupy
+
+        return array_api_compat.array_namespace(cupy.empty(0))
+    raise TypeError(f"xp must be None, numpy or cupy, not {xp!r}")
+
+
+def is_cupy(xp) -> bool:
+    return array_api_compat.is_cupy_namespace(xp)
+
+
+def is_array(x) -> bool:
+    return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float))
+
+
+def device(x):
+    return array_api_compat.device(x)
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(str(dtype).rsplit(".", 1)[-1]).name
+
+
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of a (small) array, from any backend."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):
+        return x.get()
+    return np.asarray(x)
+
+
+def all_finite(xp, x) -> bool:
+    return bool(xp.all(xp.isfinite(x)))
+
+
+# --------------------------------------------------------------------------- linear algebra
+def cholesky(xp, a):
+    """Lower Cholesky factor of a (batched) SPD float64 matrix; ValueError if not SPD."""
+    try:
+        c = xp.linalg.cholesky(a)
+    except Exception as err:  # numpy.linalg.LinAlgError, cupy's
+        raise ValueError(
+            "the damped Gram matrix is not numerically positive definite "
+            "(damp too small for the scale of the gradients?)"
+        ) from err
+    if is_cupy(xp) and not all_finite(xp, c):  # cuSOLVER reports failure as NaNs
+        raise ValueError("the damped Gram matrix is not numerically positive definite")
+    return c
+
+
+def solve_triangular(xp, a, b, *, lower: bool, trans: bool = False, unit_diagonal: bool = False):
+    """Solve ``a x = b`` (or ``aᵀ x = b``) for triangular ``a``; leading batch dims allowed."""
+    if is_cupy(xp):
+        from cupyx.scipy.linalg import solve_triangular as st
+
+        if a.ndim == 2:
+            return st(a, b, lower=lower, trans=int(trans), unit_diagonal=unit_diagonal)
+        out = xp.empty_like(b)
+        for i in range(a.shape[0]):
+            out[i, ...] = st(a[i, ...], b[i, ...], lower=lower, trans=int(trans), unit_diagonal=unit_diagonal)
+        return out
+    from scipy.linalg import solve_triangular as st
+
+    return st(a, b, lower=lower, trans=int(trans), unit_diagonal=unit_diagonal, check_finite=False)
+
+
+def cho_solve(xp, c, b):
+    """Solve ``(c cᵀ) x = b`` with a lower Cholesky factor ``c`` (batched)."""
+    y = solve_triangular(xp, c, b, lower=True)
+    return solve_triangular(xp, c, y, lower=True, trans=True)
+
+
+# --------------------------------------------------------------------------- operator export
+def linear_operator(xp, shape, dtype, matvec, matmat):
+    """A symmetric SciPy (NumPy data) or cupyx (CuPy data) LinearOperator."""
+    if is_cupy(xp):
+        from cupyx.scipy.sparse.linalg import LinearOperator
+    else:
+        from scipy.sparse.linalg import LinearOperator
+    return LinearOperator(
+        shape,
+        matvec=matvec,
+        rmatvec=matvec,
+        matmat=matmat,
+        rmatmat=matmat,
+        dtype=np.dtype(dtype_name(dtype)),
+    )
+
+
+# --------------------------------------------------------------------------- kernels
+def kernels(xp):
+    """The CuPy RawKernel module for ``xp``, or None on backends without one."""
+    if not is_cupy(xp):
+        return None
+    from .cuda import kernels as k
+
+    return k

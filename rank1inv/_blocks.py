@@ -1,0 +1,87 @@
+"""Block-diagonal layouts: which coordinates form a block, grouped into runs of equal size.
+
+A layout is a list of *runs*: ``(start, count, size)`` means ``count`` consecutive blocks of
+``size`` coordinates starting at ``start``. Each run is processed as one batch, so equal-sized
+blocks never cost a Python loop per block.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Run:
+    start: int
+    count: int
+    size: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count * self.size
+
+
+class Layout:
+    """Block structure over ``dim`` coordinates; ``block_size`` as in StaticInverse."""
+
+    def __init__(self, dim: int, block_size=None):
+        self.dim = dim
+        sizes = self._sizes(dim, block_size)
+        self.runs: list[Run] = []
+        start = 0
+        for size in sizes:
+            last = self.runs[-1] if self.runs else None
+            if last is not None and last.size == size:
+                self.runs[-1] = Run(last.start, last.count + 1, size)
+            else:
+                self.runs.append(Run(start, 1, size))
+            start += size
+        self.block_sizes = tuple(sizes)
+        # run_starts[i] is the first coordinate of run i (host copy, for index mapping)
+        self.run_starts = np.array([r.start for r in self.runs], dtype=np.int64)
+
+    @staticmethod
+    def _sizes(dim: int, block_size) -> list[int]:
+        if block_size is None:
+            return [dim]
+        if isinstance(block_size, numbers.Integral) and not isinstance(block_size, bool):
+            b = int(block_size)
+            if b < 1:
+                raise ValueError(f"block_size must be >= 1, got {b}")
+            b = min(b, dim)
+            full, rest = divmod(dim, b)
+            return [b] * full + ([rest] if rest else [])
+        try:
+            items = list(block_size)
+        except TypeError as err:
+            raise TypeError("block_size must be None, an int, or a sequence of ints") from err
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in items):
+            raise TypeError("block_size sequence must hold ints")
+        sizes = [int(s) for s in items]
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError("block_size sequence must be non-empty with every length >= 1")
+        if sum(sizes) != dim:
+            raise ValueError(f"block lengths sum to {sum(sizes)}, but the dimension is {dim}")
+        return sizes
+
+    @property
+    def is_full(self) -> bool:
+        return len(self.runs) == 1 and self.runs[0].count == 1
+
+    def locate(self, xp, idx):
+        """For global indices: (run id, offset inside the run, block id inside the run)."""
+        starts = xp.asarray(self.run_starts, device=_device_of(idx))
+        run = xp.searchsorted(starts, idx, side="right") - 1
+        sizes = xp.asarray(np.array([r.size for r in self.runs], dtype=np.int64), device=_device_of(idx))
+        offset = idx - xp.take(starts, run)
+        block = offset // xp.take(sizes, run)
+        return run, offset, block
+
+
+def _device_of(x):
+    from ._backend import device
+
+    return device(x)

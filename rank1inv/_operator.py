@@ -1,0 +1,235 @@
+"""The shared query API of StaticInverse and DynamicInverse, and the LinearOperator exports.
+
+An operator is a block-diagonal layout (``rank1inv._blocks``) whose runs of equal blocks are
+each served by a *group* object (``_woodbury.WoodburyGroup`` or ``_dense.DenseGroup``). This
+module maps the public queries (products, diagonal, entries, submatrices) onto the groups;
+it never touches the gradients itself.
+"""
+
+from __future__ import annotations
+
+from . import _backend, _checks
+from ._passes import TILE_ELEMENTS
+
+DENSE_LIMIT = 4096
+
+
+class _BlockOperator:
+    """Products with a symmetric block-diagonal operator, shape (d, d). Subclasses define
+    ``_groups()`` and ``_group_method`` (the group method that applies the operator)."""
+
+    _group_method = "apply"
+
+    # set by subclasses
+    _xp = None
+    _dim = 0
+    _dtype = "float32"
+    _layout = None
+
+    def _groups(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(d, d)."""
+        return (self._dim, self._dim)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    @property
+    def dtype(self):
+        """Storage dtype of the gradients (float32 or float64); the dtype of query results."""
+        return getattr(self._xp, self._dtype)
+
+    @property
+    def damp(self) -> float:
+        """λ in F = λI + s·GᵀG."""
+        return self._damp
+
+    def _rhs(self, x, name: str):
+        """x as a (d, k) float64 array, plus whether it was 1-D and the output dtype."""
+        xp = self._xp
+        if not _backend.is_array(x):
+            x = xp.asarray(x)
+        _checks.same_backend(xp, x, name, "this operator")
+        if x.ndim not in (1, 2) or x.shape[0] != self._dim:
+            raise ValueError(f"{name} must have shape ({self._dim},) or ({self._dim}, k), got {tuple(x.shape)}")
+        if xp.isdtype(x.dtype, "complex floating"):
+            raise TypeError(f"{name} must be real, got {x.dtype}")
+        out_dtype = xp.result_type(x.dtype, self.dtype) if xp.isdtype(x.dtype, "real floating") else self.dtype
+        if not _backend.all_finite(xp, x):
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+        X = xp.astype(x, xp.float64)
+        return (X[:, None] if x.ndim == 1 else X), x.ndim == 1, out_dtype
+
+    def _apply64(self, X):
+        """Operator times X (d, k) float64 → (d, k) float64, one batch per run of blocks."""
+        xp = self._xp
+        groups = self._groups()
+        k = X.shape[1]
+        if len(groups) == 1:
+            run = self._layout.runs[0]
+            Y = getattr(groups[0], self._group_method)(xp.reshape(X, (run.count, run.size, k)))
+            return xp.reshape(Y, (self._dim, k))
+        Y = xp.empty_like(X)
+        for run, grp in zip(self._layout.runs, groups):
+            part = xp.reshape(X[run.start : run.stop, :], (run.count, run.size, k))
+            Y[run.start : run.stop, :] = xp.reshape(getattr(grp, self._group_method)(part), (run.stop - run.start, k))
+        return Y
+
+    def matmat(self, X):
+        """Operator times X of shape (d, k) → (d, k). Passes over G are shared by all k columns."""
+        if getattr(X, "ndim", 2) != 2:
+            raise ValueError(f"matmat expects a 2-D array, got shape {tuple(X.shape)}")
+        return self._product(X, "X")
+
+    def matvec(self, x):
+        """Operator times x of shape (d,) (or (d, 1)) → same shape."""
+        if getattr(x, "ndim", 1) == 2 and x.shape[1] != 1:
+            raise ValueError(f"matvec expects shape ({self._dim},) or ({self._dim}, 1), got {tuple(x.shape)}")
+        return self._product(x, "x")
+
+    def _product(self, x, name):
+        X, was_1d, out_dtype = self._rhs(x, name)
+        Y = self._xp.astype(self._apply64(X), out_dtype)
+        return Y[:, 0] if was_1d else Y
+
+    def __matmul__(self, x):
+        return self._product(x, "x")
+
+    def __rmatmul__(self, x):  # symmetric: xᵀ A = (A x)ᵀ
+        if getattr(x, "ndim", 1) == 2:
+            return self._xp.matrix_transpose(self._product(self._xp.matrix_transpose(x), "x"))
+        return self._product(x, "x")
+
+    def aslinearoperator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (NumPy data) or
+        ``cupyx.scipy.sparse.linalg.LinearOperator`` (CuPy data); symmetric, rmatvec = matvec."""
+        return _backend.linear_operator(self._xp, self.shape, self.dtype, self.matvec, self.matmat)
+
+    def to_dense(self, max_dim: int = DENSE_LIMIT):
+        """The d×d matrix (op.dtype). O(d²m); refused (ValueError) when d > max_dim."""
+        if self._dim > max_dim:
+            raise ValueError(
+                f"to_dense would build a {self._dim}×{self._dim} matrix; dimension exceeds max_dim={max_dim} "
+                "(pass a larger max_dim to force it)"
+            )
+        xp = self._xp
+        eye = xp.eye(self._dim, dtype=xp.float64, device=_backend.device(self._anchor()))
+        return xp.astype(self._apply64(eye), self.dtype)
+
+    def _anchor(self):
+        """An array on the operator's device (for allocations)."""
+        raise NotImplementedError  # pragma: no cover
+
+
+class InverseOperator(_BlockOperator):
+    """F⁻¹ for F = λI + s·GᵀG (block-diagonal if a block layout is set). Shared query API."""
+
+    def diag(self, indices=None):
+        """Diagonal of F⁻¹: shape (d,), or (len(indices),) for selected indices; op.dtype.
+
+        Full diagonal: O(dm) after the one-time O(dm²) whitening W = L⁻¹G (cached, 8·d·m bytes).
+        Selected indices: O(m) each.
+        """
+        xp = self._xp
+        if indices is not None:
+            idx = _checks.indices(xp, indices, self._dim, "indices")
+            return self._entries64(idx, idx, out_dtype=self.dtype)
+        parts = [grp.diag() for grp in self._groups()]
+        d = parts[0] if len(parts) == 1 else xp.concat(parts)
+        return xp.astype(d, self.dtype)
+
+    def entries(self, rows, cols):
+        """Vector of F⁻¹[rows[t], cols[t]], shape (n,), op.dtype. O(m) per entry (after the
+        cached whitening), zero across blocks."""
+        xp = self._xp
+        r = _checks.indices(xp, rows, self._dim, "rows")
+        c = _checks.indices(xp, cols, self._dim, "cols")
+        if r.shape != c.shape:
+            raise ValueError(f"rows and cols must have the same length, got {r.shape[0]} and {c.shape[0]}")
+        return self._entries64(r, c, out_dtype=self.dtype)
+
+    def _entries64(self, r, c, out_dtype):
+        xp = self._xp
+        n = r.shape[0]
+        out = xp.zeros((n,), dtype=xp.float64, device=_backend.device(r))
+        if n == 0:
+            return xp.astype(out, out_dtype)
+        groups = self._groups()
+        run_r, off_r, blk_r = self._layout.locate(xp, r)
+        run_c, off_c, blk_c = self._layout.locate(xp, c)
+        same = (run_r == run_c) & (blk_r == blk_c)
+        chunk = max(1, TILE_ELEMENTS // max(1, self._width()))
+        for g, grp in enumerate(groups):
+            pos = xp.nonzero(same & (run_r == g))[0]
+            for p0 in range(0, pos.shape[0], chunk):
+                p = pos[p0 : p0 + chunk]
+                out[p] = grp.pairs(xp.take(off_r, p), xp.take(off_c, p))
+        return xp.astype(out, out_dtype)
+
+    def column(self, j):
+        """F⁻¹e_j, shape (d,), op.dtype. Cost of one product, O(dm)."""
+        xp = self._xp
+        idx = _checks.indices(xp, j, self._dim, "j")
+        if idx.shape[0] != 1:
+            raise ValueError("column takes a single index")
+        e = xp.zeros((self._dim, 1), dtype=xp.float64, device=_backend.device(idx))
+        e[idx, :] = 1.0
+        return xp.astype(self._apply64(e)[:, 0], self.dtype)
+
+    def submatrix(self, indices):
+        """Dense F⁻¹[indices][:, indices], shape (k, k), op.dtype. O(k²m) after the cached whitening."""
+        xp = self._xp
+        idx = _checks.indices(xp, indices, self._dim, "indices")
+        k = idx.shape[0]
+        out = xp.zeros((k, k), dtype=xp.float64, device=_backend.device(idx))
+        run, off, _ = self._layout.locate(xp, idx)
+        for g, grp in enumerate(self._groups()):
+            pos = xp.nonzero(run == g)[0]
+            if pos.shape[0]:
+                o = xp.take(off, pos)
+                out[pos[:, None], pos[None, :]] = grp.cross(o, o)
+        return xp.astype(out, self.dtype)
+
+    def logdet(self) -> float:
+        """log det F (a Python float), from the factors: O(m) per block after construction."""
+        return float(sum(grp.logdet() for grp in self._groups()))
+
+    def fisher(self):
+        """An operator for F itself (same layout): products, diag, to_dense, aslinearoperator."""
+        return FisherOperator(self)
+
+    def _width(self) -> int:
+        return 1
+
+
+class FisherOperator(_BlockOperator):
+    """F = λI + s·GᵀG as an operator, sharing the factors of its InverseOperator."""
+
+    _group_method = "apply_fisher"
+
+    def __init__(self, inverse: InverseOperator):
+        self._inverse_op = inverse
+        self._xp, self._dim, self._dtype = inverse._xp, inverse._dim, inverse._dtype
+        self._damp, self._layout = inverse._damp, inverse._layout
+
+    def _groups(self):
+        return self._inverse_op._groups()
+
+    def _anchor(self):
+        return self._inverse_op._anchor()
+
+    def diag(self):
+        """Diagonal of F: λ + s·Σ_i G[i, j]², shape (d,), op.dtype. O(dm)."""
+        xp = self._xp
+        parts = [grp.fisher_diag() for grp in self._groups()]
+        return xp.astype(parts[0] if len(parts) == 1 else xp.concat(parts), self.dtype)
+
+    def logdet(self) -> float:
+        return self._inverse_op.logdet()
+
+    def inverse(self) -> InverseOperator:
+        return self._inverse_op

@@ -1,0 +1,121 @@
+"""Passes over the stored gradients with float64 accumulation (DESIGN §3).
+
+G is kept in the caller's dtype; every reduction over the long dimension accumulates in
+float64 and each output is rounded once. Here that is done by converting cache-sized tiles
+of G to float64 and handing them to BLAS, so memory stays O(tile) and the work is still
+matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one BLAS call
+in the storage dtype, the M-FAC reference behaviour).
+
+A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
+On CuPy with float32 storage the single-block passes go to the RawKernels in
+``rank1inv.cuda`` when they are available.
+"""
+
+from __future__ import annotations
+
+from . import _backend
+
+TILE_ELEMENTS = 1 << 18  # float64 elements converted per tile (2 MiB: about an L2 cache)
+
+
+def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
+    """Split (count blocks) × (length) into tiles of about ``budget / width`` elements each.
+
+    Yields (b0, b1, c0, c1): blocks b0:b1, positions c0:c1 along the tiled axis.
+    """
+    per_block = length * width
+    if per_block <= budget:
+        step = max(1, budget // per_block)
+        for b0 in range(0, count, step):
+            yield b0, min(count, b0 + step), 0, length
+    else:
+        step = max(1, budget // max(width, 1))
+        for b in range(count):
+            for c0 in range(0, length, step):
+                yield b, b + 1, c0, min(length, c0 + step)
+
+
+def _f64(xp, a):
+    return xp.astype(a, xp.float64)
+
+
+def gram(xp, Gg, accumulate: str):
+    """Gg Ggᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B)."""
+    nb, m, B = Gg.shape
+    if accumulate == "native":
+        return _f64(xp, Gg @ xp.matrix_transpose(Gg))
+    out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, c0, c1 in tiles(nb, B, m):
+        t = _f64(xp, Gg[b0:b1, :, c0:c1])
+        out[b0:b1, ...] += t @ xp.matrix_transpose(t)
+    return out
+
+
+def column_gram(xp, Gg, accumulate: str):
+    """Ggᵀ Gg per block: (nb, B, B) float64. Cost O(nb·m·B²)."""
+    nb, m, B = Gg.shape
+    if accumulate == "native":
+        return _f64(xp, xp.matrix_transpose(Gg) @ Gg)
+    out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, r0, r1 in tiles(nb, m, B):
+        t = _f64(xp, Gg[b0:b1, r0:r1, :])
+        out[b0:b1, ...] += xp.matrix_transpose(t) @ t
+    return out
+
+
+def project(xp, Gg, X, accumulate: str):
+    """Gg X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
+    nb, m, B = Gg.shape
+    k = X.shape[-1]
+    if accumulate == "native":
+        return _f64(xp, Gg @ xp.astype(X, Gg.dtype))
+    kern = _backend.kernels(xp)
+    if kern is not None and nb == 1 and kern.handles(Gg.dtype):
+        return kern.project(Gg[0, ...], X[0, ...])[None, ...]
+    out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, c0, c1 in tiles(nb, B, m):
+        out[b0:b1, ...] += _f64(xp, Gg[b0:b1, :, c0:c1]) @ X[b0:b1, c0:c1, :]
+    return out
+
+
+def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str):
+    """alpha·X + beta·Ggᵀ C per block: (nb, B, k) float64. Cost O(nb·m·B·k).
+
+    X is (nb, B, k) float64 or None (no alpha term), C is (nb, m, k) float64. This is the
+    output pass of an inverse-vector product (alpha = 1/λ, beta = -1/λ) and of a Fisher product.
+    """
+    nb, m, B = Gg.shape
+    k = C.shape[-1]
+    if accumulate == "native":
+        low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
+        return low if X is None else alpha * X + low
+    kern = _backend.kernels(xp)
+    if kern is not None and nb == 1 and kern.handles(Gg.dtype):
+        return kern.combine(Gg[0, ...], None if X is None else X[0, ...], C[0, ...], alpha, beta)[None, ...]
+    out = xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, c0, c1 in tiles(nb, B, m):
+        t = _f64(xp, Gg[b0:b1, :, c0:c1])
+        part = beta * (xp.matrix_transpose(t) @ C[b0:b1, ...])
+        out[b0:b1, c0:c1, :] = part if X is None else alpha * X[b0:b1, c0:c1, :] + part
+    return out
+
+
+def column_sumsq(xp, Gg):
+    """Σ_i G[i, j]² per column: (nb, B) float64. Cost O(nb·m·B)."""
+    nb, m, B = Gg.shape
+    out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, c0, c1 in tiles(nb, B, m):
+        t = _f64(xp, Gg[b0:b1, :, c0:c1])
+        out[b0:b1, c0:c1] = xp.sum(t * t, axis=1)
+    return out
+
+
+def map_tiles(xp, Gg, fn):
+    """Apply ``fn(b0, b1, tile_f64)`` → (b1-b0, m, c1-c0) to float64 tiles of Gg; returns the
+    results laid out as (nb·B, m), the transposed coordinate-major layout used for W = L⁻¹G.
+    """
+    nb, m, B = Gg.shape
+    out = xp.empty((nb, B, m), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, c0, c1 in tiles(nb, B, m):
+        out[b0:b1, c0:c1, :] = xp.matrix_transpose(fn(b0, b1, _f64(xp, Gg[b0:b1, :, c0:c1])))
+    return xp.reshape(out, (nb * B, m))

@@ -4,7 +4,8 @@
 window (the M-FAC optimizer). Both share one query API; see ``docs/guide.md``.
 """
 
+from .dynamic import DynamicInverse
 from .static import StaticInverse
 
-__all__ = ["StaticInverse"]
+__all__ = ["StaticInverse", "DynamicInverse"]
 __version__ = "0.1.0"

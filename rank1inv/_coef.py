@@ -1,0 +1,171 @@
+"""M-FAC's coefficient matrices D and B (M-FAC eq. 8–10, appendix B), all in float64.
+
+With n = 1/s and the Gram matrix GGᵀ of the window (slot order):
+
+    M = λ⁻¹GGᵀ + n·I = L̃U          (LU without pivoting; M is SPD)
+    D = U − n·I                     (upper triangular, eq. 8–9)
+    B = λ⁻¹L̃⁻¹                      (lower triangular, diagonal λ⁻¹, eq. 10)
+
+U and L̃ come from the Cholesky factor C of M: U = diag(C)·Cᵀ and L̃ = C·diag(C)⁻¹. A change at
+slot k leaves rows/columns < k of C, D and B untouched, so updates recompute only from k on.
+
+B is computed either by triangular solves (``b_direct``, the CPU path) or by the 32×32-tile
+schedule of the GPU kernel (``b_blocked``, its NumPy mirror; appendix B, Figure 3):
+all diagonal tiles first, then one sweep per sub-diagonal of tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import _backend
+
+TILE = 32
+
+
+def cholesky_of_M(xp, gram, damp: float, n: float, start: int = 0, previous_D=None):
+    """Lower Cholesky factor C of M = gram/λ + n·I, reusing rows < ``start`` of ``previous_D``."""
+    m = gram.shape[0]
+    M = gram / damp + n * xp.eye(m, dtype=xp.float64, device=_backend.device(gram))
+    if start <= 0 or previous_D is None:
+        return _backend.cholesky(xp, M)
+    k = start
+    C11 = factor_from_D(xp, previous_D[:k, :k], n)
+    # C21ᵀ = C11⁻¹ M[:k, k:];  C22 = chol(M22 − C21 C21ᵀ)
+    C21t = _backend.solve_triangular(xp, C11, M[:k, k:], lower=True)
+    C22 = _backend.cholesky(xp, M[k:, k:] - xp.matrix_transpose(C21t) @ C21t)
+    C = xp.zeros((m, m), dtype=xp.float64, device=_backend.device(gram))
+    C[:k, :k] = C11
+    C[k:, :k] = xp.matrix_transpose(C21t)
+    C[k:, k:] = C22
+    return C
+
+
+def factor_from_D(xp, D, n: float):
+    """C with C Cᵀ = M from D: U = D + nI, C = Uᵀ·diag(U)^(-1/2)."""
+    U = D + n * xp.eye(D.shape[0], dtype=xp.float64, device=_backend.device(D))
+    return xp.matrix_transpose(U) / xp.sqrt(xp.linalg.diagonal(U))[None, :]
+
+
+def D_from_factor(xp, C, n: float):
+    """D = diag(C)·Cᵀ − n·I (upper triangular)."""
+    c = xp.linalg.diagonal(C)
+    return xp.triu(c[:, None] * xp.matrix_transpose(C)) - n * xp.eye(C.shape[0], dtype=xp.float64, device=_backend.device(C))
+
+
+def unit_lower(xp, D, n: float):
+    """L̃ with L̃[i, k] = D[k, i] / (n + D[k, k]) below the diagonal, ones on it."""
+    U = D + n * xp.eye(D.shape[0], dtype=xp.float64, device=_backend.device(D))
+    return xp.matrix_transpose(U / xp.linalg.diagonal(U)[:, None])
+
+
+def b_direct(xp, D, n: float, damp: float, start: int = 0, previous_B=None):
+    """B = λ⁻¹L̃⁻¹ by triangular solves; rows < ``start`` copied from ``previous_B``."""
+    m = D.shape[0]
+    L = unit_lower(xp, D, n)
+    eye = xp.eye(m, dtype=xp.float64, device=_backend.device(D))
+    if start <= 0 or previous_B is None:
+        return _backend.solve_triangular(xp, L, eye, lower=True, unit_diagonal=True) / damp
+    k = start
+    # rows k: of L̃⁻¹ are L̃22⁻¹ [−L̃21 L̃11⁻¹, I]
+    rhs = xp.concat([-(L[k:, :k] @ previous_B[:k, :k]), eye[k:, k:] / damp], axis=1)
+    B = xp.asarray(previous_B, copy=True)
+    B[k:, :] = _backend.solve_triangular(xp, L[k:, k:], rhs, lower=True, unit_diagonal=True)
+    B[:k, k:] = 0.0
+    return B
+
+
+def b_blocked(xp, D, n: float, damp: float, start: int = 0, previous_B=None, tile: int = TILE):
+    """B by the tiled schedule of the CUDA kernel (``rank1inv/cuda/mfac_b.cu``), any m.
+
+    The matrix is padded to whole tiles with the identity (the kernel masks partial tiles
+    instead). Step 1: every diagonal tile is inverted by its row recurrence, independently.
+    Step t = 1..nt−1: every tile (i, j) with i − j ≥ t accumulates L̃[i, j+t−1]·X[j+t−1, j]
+    (the sub-diagonal finished in step t−1), and the tiles with i − j = t are completed as
+    X[i, j] = −X[i, i]·acc[i, j]. Tile rows below ``start // tile`` are taken from
+    ``previous_B``. Returns B = X/λ.
+    """
+    m = D.shape[0]
+    T = tile
+    nt = -(-m // T)
+    mp = nt * T
+    dev = _backend.device(D)
+    Lp = xp.eye(mp, dtype=xp.float64, device=dev)
+    Lp[:m, :m] = unit_lower(xp, D, n)
+    L4 = xp.permute_dims(xp.reshape(Lp, (nt, T, nt, T)), (0, 2, 1, 3))  # L4[i, j] = tile (i, j)
+    X4 = xp.zeros((nt, nt, T, T), dtype=xp.float64, device=dev)
+    t0 = 0 if (start <= 0 or previous_B is None) else start // T
+    if t0:
+        Xp = xp.eye(mp, dtype=xp.float64, device=dev)
+        Xp[:m, :m] = previous_B * damp
+        X4[:t0, :t0, ...] = xp.permute_dims(xp.reshape(Xp, (nt, T, nt, T)), (0, 2, 1, 3))[:t0, :t0, ...]
+
+    # step 1: diagonal tiles t0..nt-1, row recurrence X[r, :r] = −L[r, :r]·X[:r, :r]
+    rows = list(range(t0, nt))
+    Ld = L4[rows, rows, ...]
+    Xd = xp.broadcast_to(xp.eye(T, dtype=xp.float64, device=dev), Ld.shape)
+    Xd = xp.asarray(Xd, copy=True)
+    for r in range(1, T):
+        Xd[:, r, :r] = -(Ld[:, r : r + 1, :r] @ Xd[:, :r, :r])[:, 0, :]
+    X4[rows, rows, ...] = Xd
+
+    # steps t = 1..nt-1: one sweep per sub-diagonal of tiles
+    acc = xp.zeros((nt, nt, T, T), dtype=xp.float64, device=dev)
+    for t in range(1, nt):
+        I, J = [], []
+        for j in range(0, nt - t):
+            for i in range(max(t0, j + t), nt):
+                I.append(i)
+                J.append(j)
+        if not I:
+            continue
+        K = [j + t - 1 for j in J]
+        acc[I, J, ...] += L4[I, K, ...] @ X4[K, J, ...]
+        done = [(i, j) for i, j in zip(I, J) if i - j == t]
+        Ii = [i for i, _ in done]
+        Jj = [j for _, j in done]
+        X4[Ii, Jj, ...] = -(X4[Ii, Ii, ...] @ acc[Ii, Jj, ...])
+    X = xp.reshape(xp.permute_dims(X4, (0, 2, 1, 3)), (mp, mp))[:m, :m]
+    return X / damp
+
+
+def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None, method: str = "direct"):
+    """(D, B) for the window's Gram matrix, recomputing only rows/columns ≥ ``start``.
+
+    Cost O((m − start)·m²). ``previous`` is the (D, B) pair before the change at ``start``.
+    """
+    prev_D, prev_B = previous if previous is not None else (None, None)
+    C = cholesky_of_M(xp, gram, damp, n, start, prev_D)
+    D = D_from_factor(xp, C, n)
+    if method == "blocked":
+        B = b_blocked(xp, D, n, damp, start, prev_B)
+    elif method == "kernel":
+        B = _backend.kernels(xp).mfac_b(D, n, damp)
+    else:
+        B = b_direct(xp, D, n, damp, start, prev_B)
+    return D, B
+
+
+class MfacFactor:
+    """The m×m algebra of the Woodbury form, from D and B (one block).
+
+    K = GGᵀ + nλI = λM and M⁻¹ = λ²·Bᵀ diag(U)⁻¹ B, so K⁻¹P = λ·Bᵀ(BP / diag U) and a square
+    root of K⁻¹ is √λ·diag(U)^(-1/2)·B (M-FAC eq. 13 written with B twice: Algorithm 2's forward
+    substitution q = diag(U)⁻¹ L̃⁻¹ λ⁻¹ p is λ·B·p / diag U).
+    """
+
+    def __init__(self, xp, D, B, n: float, damp: float):
+        self.xp, self.B, self.damp = xp, B, damp
+        self.dU = n + xp.linalg.diagonal(D)
+
+    def solve(self, P, b0=0, b1=None):
+        xp = self.xp
+        Q = (self.B @ P) / self.dU[:, None]
+        return self.damp * (xp.matrix_transpose(self.B) @ Q)
+
+    def whiten(self, P, b0=0, b1=None):
+        return math.sqrt(self.damp) * (self.B @ P) / self.xp.sqrt(self.dU)[:, None]
+
+    def logdet(self) -> float:
+        xp = self.xp
+        return self.B.shape[0] * math.log(self.damp) + float(xp.sum(xp.log(self.dU)))

@@ -53,7 +53,11 @@ def device(x):
 
 
 def dtype_name(dtype) -> str:
-    return np.dtype(str(dtype).rsplit(".", 1)[-1]).name
+    """'float32', 'float64', ... for a NumPy/CuPy dtype, scalar type or string."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return np.dtype(str(dtype).rsplit(".", 1)[-1]).name
 
 
 def to_host(x) -> np.ndarray:

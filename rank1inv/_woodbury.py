@@ -18,6 +18,9 @@ import math
 
 from . import _backend, _passes
 
+CANCELLATION = 1e-4  # refine when less than this fraction of ‖x‖² survives (ρ > 100)
+REFINE_STEPS = 2
+
 
 class CholeskyFactor:
     """K = L Lᵀ for a batch of SPD matrices K (nb, m, m), float64."""
@@ -40,34 +43,72 @@ class CholeskyFactor:
 class WoodburyGroup:
     """``nb`` equal blocks of width B (> m), as one batch. Gg has shape (nb, m, B)."""
 
-    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, factor=None):
+    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, factor=None, sq_norms=None):
         self.xp, self.Gg, self.damp, self.scale, self.accumulate = xp, Gg, damp, scale, accumulate
         nb, m, B = Gg.shape
         if factor is None:
-            K = _passes.gram(xp, Gg, accumulate)
-            K = K + (damp / scale) * xp.eye(m, dtype=xp.float64, device=_backend.device(Gg))
-            factor = CholeskyFactor(xp, K)
+            K0 = _passes.gram(xp, Gg, accumulate)
+            sq_norms = xp.linalg.diagonal(K0)
+            factor = CholeskyFactor(xp, K0 + (damp / scale) * xp.eye(m, dtype=xp.float64, device=_backend.device(Gg)))
         self.factor = factor
+        self.sq_norms = sq_norms  # (nb, m): ‖g_i‖² per block
         self._W = None
 
     # -- products ---------------------------------------------------------------------
     def apply(self, X):
-        """F⁻¹X for X (nb, B, k) float64: two passes over G plus O(m²k) per block."""
+        """F⁻¹X for X (nb, B, k) float64: two passes over G plus O(m²k) per block.
+
+        When x lies (nearly) in the span of the gradients, λ⁻¹(x − Gᵀc) cancels: the result is
+        then refined (iterative refinement in float64, ``REFINE_STEPS`` × 4 more passes).
+        """
+        Y, risky = self._apply_once(X)
+        return self._refine(X, Y) if risky else Y
+
+    def _apply_once(self, X):
         xp = self.xp
         P = _passes.project(xp, self.Gg, X, self.accumulate)
         C = self.factor.solve(P)
-        return _passes.combine(xp, self.Gg, X, C, 1.0 / self.damp, -1.0 / self.damp, self.accumulate)
+        Y = _passes.combine(xp, self.Gg, X, C, 1.0 / self.damp, -1.0 / self.damp, self.accumulate)
+        # ‖x − Gᵀc‖² = ‖x‖² − cᵀp − μ‖c‖² (K c = p, K = GGᵀ + μI), O(mk) per block: how much of x
+        # survives the subtraction. A small remainder means digits were cancelled.
+        mu = self.damp / self.scale
+        xx = xp.sum(X * X, axis=1)
+        rest = xx - xp.sum(C * P, axis=1) - mu * xp.sum(C * C, axis=1)
+        return Y, self._cancelled(rest, xx)
+
+    def _cancelled(self, remainder, total) -> bool:
+        if self.accumulate == "native":
+            return False
+        return bool(self.xp.any(remainder < CANCELLATION * total))
+
+    def _refine(self, X, Y):
+        for _ in range(REFINE_STEPS):
+            R = X - self.apply_fisher(Y)
+            Y = Y + self._apply_once(R)[0]
+        return Y
 
     def apply_fisher(self, X):
         """F X = λX + s·Gᵀ(GX)."""
         P = _passes.project(self.xp, self.Gg, X, self.accumulate)
         return _passes.combine(self.xp, self.Gg, X, P, self.damp, self.scale, self.accumulate)
 
-    def apply_gradient_coefficients(self, E):
-        """(1/s)·Gᵀ K⁻¹ E for E (nb, m, k): F⁻¹ applied to the gradients' own combination GᵀE,
-        without the cancellation of λ⁻¹(x − Gᵀc) (DESIGN §3, push_apply)."""
+    def apply_to_gradients(self, E, X=None):
+        """F⁻¹(GᵀE) = (1/s)·Gᵀ K⁻¹ E for E (nb, m, k): F⁻¹ of combinations of the stored
+        gradients without the cancellation of λ⁻¹(x − Gᵀc) (DESIGN §3, push_apply). One pass.
+
+        X, if given, is GᵀE itself (nb, B, k) float64; it is used to refine the result when the
+        coefficients K⁻¹E cancel among (nearly) dependent gradients.
+        """
+        xp = self.xp
         C = self.factor.solve(E)
-        return _passes.combine(self.xp, self.Gg, None, C, 0.0, 1.0 / self.scale, self.accumulate)
+        Y = _passes.combine(xp, self.Gg, None, C, 0.0, 1.0 / self.scale, self.accumulate)
+        # ‖GᵀC‖² = Cᵀ(K − μI)C against (Σ_i |c_i| ‖g_i‖)²: the size of the terms summed
+        mu = self.damp / self.scale
+        kept = xp.sum(C * E, axis=1) - mu * xp.sum(C * C, axis=1)
+        terms = xp.sum(xp.abs(C) * xp.sqrt(self.sq_norms)[:, :, None], axis=1) ** 2
+        if X is not None and self._cancelled(kept, terms):
+            Y = self._refine(X, Y)
+        return Y
 
     # -- entries ----------------------------------------------------------------------
     @property

@@ -110,7 +110,8 @@ class DynamicInverse(InverseOperator):
                 self._group = DenseGroup(xp, Gg, self._damp, s, self._accumulate)
             else:
                 factor = _coef.MfacFactor(xp, self._D, self._B, 1.0 / s, self._damp)
-                self._group = WoodburyGroup(xp, Gg, self._damp, s, self._accumulate, factor=factor)
+                sq = xp.linalg.diagonal(self._gram)[None, :]
+                self._group = WoodburyGroup(xp, Gg, self._damp, s, self._accumulate, factor=factor, sq_norms=sq)
         return [self._group]
 
     def gradients(self):
@@ -169,12 +170,13 @@ class DynamicInverse(InverseOperator):
         slot = self._push(g_s)
         xp = self._xp
         grp = self._groups()[0]
+        g64 = xp.astype(g_s, xp.float64)[None, :, None]
         if self._uses_dense:
-            y = grp.apply(xp.astype(g_s, xp.float64)[None, :, None])
+            y = grp.apply(g64)
         else:
             e = xp.zeros((1, self._capacity, 1), dtype=xp.float64, device=_backend.device(self._G))
             e[0, slot, 0] = 1.0
-            y = grp.apply_gradient_coefficients(e)
+            y = grp.apply_to_gradients(e, g64)
         return xp.astype(y[0, :, 0], out_dtype)
 
     def _push(self, g_s) -> int:
@@ -193,10 +195,9 @@ class DynamicInverse(InverseOperator):
         _checks.same_backend(self._xp, g, "g", "this window")
         if g.shape[0] != self._dim:
             raise ValueError(f"g must have shape ({self._dim},), got {tuple(g.shape)}")
-        g_s = xp.astype(g, self._G.dtype, copy=True)
-        if not _backend.all_finite(xp, g_s):
+        if g.shape[0] and float(xp.max(xp.abs(g))) > float(xp.finfo(self._G.dtype).max):
             raise ValueError(f"g overflows the window dtype {self._dtype}")
-        return g_s
+        return xp.astype(g, self._G.dtype, copy=True)
 
     def _occupied(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):

@@ -64,7 +64,9 @@ def backward_error(F, y, x) -> float:
     x = np.asarray(x, dtype=np.float64).reshape(F.shape[0], -1)
     nF = np.linalg.norm(F, 2)
     r = np.linalg.norm(F @ y - x, axis=0)
-    return float(np.max(r / (nF * np.linalg.norm(y, axis=0) + np.linalg.norm(x, axis=0))))
+    den = nF * np.linalg.norm(y, axis=0) + np.linalg.norm(x, axis=0)
+    eta = np.where(den > 0, r / np.where(den > 0, den, 1.0), np.where(r > 0, np.inf, 0.0))
+    return float(np.max(eta)) if eta.size else 0.0
 
 
 def relative_error(a, ref) -> float:

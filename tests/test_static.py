@@ -106,6 +106,20 @@ def test_blocks_equal_separate_operators(xp, rng):
     assert e[0] != 0.0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("family", ["lowrank", "duplicate", "collinear"])
+def test_vectors_in_the_span(xp, family, dtype, rng):
+    """x = g_j or a combination of gradients: λ⁻¹(x − Gᵀc) would cancel; the targets still hold."""
+    eta_tol, _ = tolerances(dtype)
+    for scale in (1.0, 100.0):
+        G = testing.gradients(family, 24, 200, scale=scale, seed=8, dtype=dtype)
+        for damp in DAMPS:
+            op = r1.StaticInverse(xp.asarray(G), damp)
+            F, _, _ = dense_inverse(G, damp)
+            X = np.stack([G[0], G[5], G[:6].T @ rng.standard_normal(6)], axis=1).astype(np.float64)
+            assert testing.backward_error(F, host(op @ xp.asarray(X)), X) <= eta_tol
+
+
 def test_symmetric_dot_test(xp, rng):
     G = xp.asarray(testing.gradients("collinear", 30, 200, seed=2))
     op = r1.StaticInverse(G, 1e-4)

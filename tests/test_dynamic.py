@@ -1,0 +1,355 @@
+"""DynamicInverse against a dense model and against StaticInverse of its window."""
+
+import numpy as np
+import pytest
+from helpers import host, tolerances
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import rank1inv as r1
+from rank1inv import testing
+
+
+def dense_of_window(grads, dim, damp, s):
+    G = np.asarray(grads, dtype=np.float64).reshape(-1, dim)
+    F = damp * np.eye(dim) + s * G.T @ G
+    return F
+
+
+def check_window(w, model, damp, s, rng, xp):
+    """w against the dense model (list of float64 gradients, oldest first)."""
+    eta_tol, rel_tol = tolerances(w.dtype)
+    dim = w.shape[0]
+    assert len(w) == len(model)
+    np.testing.assert_array_equal(host(w.gradients()), np.asarray(model).reshape(-1, dim))
+    F = dense_of_window(model, dim, damp, s)
+    x = rng.standard_normal((dim, 2))
+    assert testing.backward_error(F, host(w @ xp.asarray(x)), x) <= eta_tol
+    cond = np.linalg.cond(F)
+    if cond <= 1e9:
+        Finv = np.linalg.inv(F)
+        assert testing.relative_error(host(w.diag()), np.diag(Finv)) <= rel_tol
+        idx = rng.integers(0, dim, 10)
+        assert testing.entry_error(host(w.entries(idx, idx[::-1])), Finv, idx, idx[::-1]) <= rel_tol
+    return F
+
+
+class WindowMachine(RuleBasedStateMachine):
+    """Random add/remove/replace/push/push_apply sequences against a dense model."""
+
+    xp = np
+
+    @initialize(
+        dim=st.integers(1, 40),
+        capacity=st.integers(1, 12),
+        dtype=st.sampled_from(["float32", "float64"]),
+        damp=st.sampled_from([1e-1, 1e-4, 1e-6]),
+        scale=st.sampled_from([None, "count", 0.25]),
+        seed=st.integers(0, 2**16),
+    )
+    def setup(self, dim, capacity, dtype, damp, scale, seed):
+        self.rng = np.random.default_rng(seed)
+        self.dim, self.capacity, self.dtype, self.damp, self.scale_mode = dim, capacity, dtype, damp, scale
+        self.w = r1.DynamicInverse(dim, capacity, damp, scale=scale, dtype=dtype, xp=self.xp)
+        self.slots = {}  # slot -> (age, gradient rounded to dtype, float64)
+        self.age = 0
+
+    def s(self):
+        if self.scale_mode is None:
+            return 1.0 / self.capacity
+        if self.scale_mode == "count":
+            return 1.0 / max(len(self.slots), 1)
+        return self.scale_mode
+
+    def model(self):
+        return [g for _, g in sorted(self.slots.values(), key=lambda t: t[0])]
+
+    def gradient(self, kind):
+        g = self.rng.standard_normal(self.dim) * (1.0 if kind < 3 else 100.0)
+        if kind == 1 and self.slots:  # a duplicate of a stored gradient
+            g = list(self.slots.values())[0][1].copy()
+        if kind == 2:
+            g = np.zeros(self.dim)
+        return g
+
+    def stored(self, g):
+        return np.asarray(g, dtype=self.dtype).astype(np.float64)
+
+    @rule(kind=st.integers(0, 4))
+    def add(self, kind):
+        g = self.gradient(kind)
+        if len(self.slots) == self.capacity:
+            before = self.w.state_dict()
+            with pytest.raises(ValueError, match="full"):
+                self.w.add(self.xp.asarray(g))
+            after = self.w.state_dict()
+            assert all(np.array_equal(before[k], after[k]) for k in before)
+            return
+        slot = self.w.add(self.xp.asarray(g))
+        assert slot not in self.slots
+        self.slots[slot] = (self.age, self.stored(g))
+        self.age += 1
+
+    @precondition(lambda self: self.slots)
+    @rule(pick=st.integers(0, 100))
+    def remove(self, pick):
+        slot = sorted(self.slots)[pick % len(self.slots)]
+        self.w.remove(slot)
+        del self.slots[slot]
+
+    @precondition(lambda self: self.slots)
+    @rule(pick=st.integers(0, 100), kind=st.integers(0, 4))
+    def replace(self, pick, kind):
+        slot = sorted(self.slots)[pick % len(self.slots)]
+        g = self.gradient(kind)
+        self.w.replace(slot, self.xp.asarray(g))
+        self.slots[slot] = (self.slots[slot][0], self.stored(g))
+
+    def _push_model(self, g, slot):
+        if len(self.slots) == self.capacity:
+            oldest = min(self.slots, key=lambda k: self.slots[k][0])
+            assert slot == oldest
+            del self.slots[oldest]
+        self.slots[slot] = (self.age, self.stored(g))
+        self.age += 1
+
+    @rule(kind=st.integers(0, 4))
+    def push(self, kind):
+        g = self.gradient(kind)
+        slot = self.w.push(self.xp.asarray(g))
+        self._push_model(g, slot)
+
+    @rule(kind=st.integers(0, 4))
+    def push_apply(self, kind):
+        g = self.gradient(kind)
+        full = len(self.slots) == self.capacity
+        expected_slot = min(self.slots, key=lambda k: self.slots[k][0]) if full else None
+        y = host(self.w.push_apply(self.xp.asarray(g)))
+        slot = expected_slot if full else [s for s in range(self.capacity) if s not in self.slots][0]
+        self._push_model(g, slot)
+        F = dense_of_window(self.model(), self.dim, self.damp, self.s())
+        eta_tol, _ = tolerances(self.dtype)
+        assert testing.backward_error(F, y, self.stored(g)) <= eta_tol
+
+    @rule(pick=st.integers(-3, 40))
+    def bad_slot(self, pick):
+        if pick in self.slots:
+            return
+        before = self.w.state_dict()
+        with pytest.raises(IndexError):
+            self.w.remove(pick)
+        with pytest.raises(IndexError):
+            self.w.replace(pick, self.xp.asarray(np.ones(self.dim)))
+        after = self.w.state_dict()
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+
+    @rule()
+    def bad_gradient(self):
+        before = self.w.state_dict()
+        with pytest.raises(ValueError):
+            self.w.push(self.xp.asarray(np.full(self.dim + 1, 1.0)))
+        g = np.ones(self.dim)
+        g[0] = np.inf
+        with pytest.raises(ValueError, match="non-finite"):
+            self.w.push_apply(self.xp.asarray(g))
+        after = self.w.state_dict()
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+
+    @invariant()
+    def matches_dense_and_static(self):
+        if not hasattr(self, "w"):
+            return
+        check_window(self.w, self.model(), self.damp, self.s(), self.rng, self.xp)
+        if self.slots:
+            st_op = r1.StaticInverse(self.w.gradients(), self.damp, scale=self.s())
+            x = self.xp.asarray(self.rng.standard_normal(self.dim))
+            a, b = host(self.w @ x), host(st_op @ x)
+            F = dense_of_window(self.model(), self.dim, self.damp, self.s())
+            eta_tol, _ = tolerances(self.dtype)
+            assert testing.backward_error(F, a, host(x)) <= eta_tol
+            assert testing.backward_error(F, b, host(x)) <= eta_tol
+
+
+WindowMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestWindowNumpy = WindowMachine.TestCase
+
+
+@pytest.mark.gpu
+def test_window_machine_cupy():
+    import cupy
+
+    class CupyMachine(WindowMachine):
+        xp = cupy
+
+    CupyMachine.TestCase.settings = settings(max_examples=20, stateful_step_count=20, deadline=None)
+    CupyMachine.TestCase().runTest()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_no_drift_after_10000_pushes(xp, dtype):
+    rng = np.random.default_rng(3)
+    dim, cap, damp = 60, 6, 1e-4
+    w = r1.DynamicInverse(dim, cap, damp, dtype=dtype, xp=xp)
+    base = rng.standard_normal((8, dim))
+    for t in range(10_000):
+        g = base[t % 8] * (1 + (t % 13)) + 1e-3 * rng.standard_normal(dim)
+        w.push(xp.asarray(g))
+    fresh = r1.StaticInverse(w.gradients(), damp, scale=1.0 / cap)
+    eta_tol, rel_tol = tolerances(dtype)
+    F = testing.dense_fisher(host(w.gradients()), damp, 1.0 / cap)
+    x = rng.standard_normal(dim)
+    assert testing.backward_error(F, host(w @ xp.asarray(x)), x) <= eta_tol
+    if np.linalg.cond(F) <= 1e9:
+        assert testing.relative_error(host(w.diag()), host(fresh.diag())) <= rel_tol
+    # the Gram matrix is exactly a recomputation from stored data
+    Gw = host(w.gradients())
+    np.testing.assert_allclose(host(w._gram)[np.ix_(w.slots(), w.slots())], Gw @ Gw.T, rtol=1e-12, atol=1e-9)
+
+
+def test_agrees_with_paper_dynamic_algorithm_float64():
+    from rank1inv import reference
+
+    rng = np.random.default_rng(4)
+    dim, cap, damp = 120, 16, 1e-1
+    w = r1.DynamicInverse(dim, cap, damp, dtype="float64")
+    for _ in range(23):
+        w.push(rng.standard_normal(dim))
+    G = host(w._G)  # slot order, as M-FAC keeps it
+    D, B = reference.dynamic_coefficients(G @ G.T, damp, cap, dtype=np.float64)
+    np.testing.assert_allclose(host(w._D), D, rtol=1e-10, atol=1e-10 * np.abs(D).max())
+    np.testing.assert_allclose(host(w._B), B, rtol=1e-10, atol=1e-10 * np.abs(B).max())
+    x = rng.standard_normal(dim)
+    ref = reference.dynamic_apply(G, D, B, damp, cap, x)
+    assert np.linalg.norm(host(w @ x) - ref) <= 1e-10 * np.linalg.norm(ref)
+
+
+def test_push_apply_beats_cancellation():
+    """DESIGN §3: for g in the window, λ⁻¹(g − Gᵀc) loses digits; push_apply does not."""
+    from rank1inv import reference
+
+    G = testing.gradients("lowrank", 32, 400, seed=1, dtype="float64")
+    damp = 1e-6
+    w = r1.DynamicInverse(400, 32, damp, dtype="float64")
+    for g in G[:-1]:
+        w.push(g)
+    y = w.push_apply(G[-1])
+    F = testing.dense_fisher(G, damp, 1 / 32)
+    ours = testing.backward_error(F, y, G[-1])
+    D, B = reference.dynamic_coefficients(G @ G.T, damp, 32, dtype=np.float64)
+    paper = testing.backward_error(F, reference.dynamic_apply(G, D, B, damp, 32, G[-1]), G[-1])
+    assert ours <= 5e-12
+    assert paper > 100 * ours
+
+
+def test_scale_modes(xp):
+    rng = np.random.default_rng(5)
+    g = rng.standard_normal((3, 30))
+    for scale, s in ((None, 1 / 5), ("count", 1 / 3), (0.7, 0.7)):
+        w = r1.DynamicInverse(30, 5, 1e-2, scale=scale, dtype="float64", xp=xp)
+        for row in g:
+            w.add(xp.asarray(row))
+        assert w.scale == pytest.approx(s)
+        F = testing.dense_fisher(g, 1e-2, s)
+        x = rng.standard_normal(30)
+        assert testing.backward_error(F, host(w @ xp.asarray(x)), x) <= 5e-12
+        assert w.fisher().shape == (30, 30)
+        np.testing.assert_allclose(host(w.fisher() @ xp.asarray(x)), F @ x, rtol=1e-12)
+        assert abs(w.logdet() - np.linalg.slogdet(F)[1]) <= 1e-8
+
+
+def test_empty_window_is_scaled_identity(xp):
+    w = r1.DynamicInverse(7, 3, 0.5, xp=xp)
+    x = xp.asarray(np.arange(7.0))
+    np.testing.assert_allclose(host(w @ x), np.arange(7.0) / 0.5, rtol=1e-7)
+    np.testing.assert_allclose(host(w.diag()), np.full(7, 2.0), rtol=1e-7)
+    assert len(w) == 0 and host(w.gradients()).shape == (0, 7)
+
+
+@given(seed=st.integers(0, 1000), capacity=st.integers(1, 9), steps=st.integers(1, 30))
+def test_state_dict_resume_is_exact(seed, capacity, steps):
+    rng = np.random.default_rng(seed)
+    dim = 25
+    a = r1.DynamicInverse(dim, capacity, 1e-3)
+    for _ in range(steps):
+        a.push(rng.standard_normal(dim))
+    b = r1.DynamicInverse(dim, capacity, 1.0)
+    b.load_state_dict(a.state_dict())
+    assert b.damp == a.damp and len(b) == len(a)
+    for _ in range(5):
+        g = rng.standard_normal(dim)
+        np.testing.assert_array_equal(a.push_apply(g), b.push_apply(g))
+
+
+def test_load_rejects_malformed_state_and_keeps_window():
+    rng = np.random.default_rng(6)
+    w = r1.DynamicInverse(10, 4, 1e-2)
+    for _ in range(3):
+        w.push(rng.standard_normal(10))
+    good = w.state_dict()
+    other = r1.DynamicInverse(10, 4, 1e-2)
+    other.push(rng.standard_normal(10))
+    before = other.state_dict()
+
+    def broken(**changes):
+        s = {k: (v.copy() if hasattr(v, "copy") else v) for k, v in good.items()}
+        s.update(changes)
+        return s
+
+    bad_G = good["gradients"].copy()
+    bad_G[0, 0] += 1.0
+    bad_ages = good["ages"].copy()
+    bad_ages[:2] = 0
+    nan_B = good["B"].copy()
+    nan_B[1, 0] = np.nan
+    cases = [
+        ({k: v for k, v in good.items() if k != "D"}, ValueError),
+        (broken(format="pickle"), ValueError),
+        (broken(dim=11), ValueError),
+        (broken(damp=-1.0), ValueError),
+        (broken(gradients=bad_G), ValueError),  # inconsistent with the stored Gram
+        (broken(gradients=good["gradients"].astype(np.float64)), ValueError),
+        (broken(ages=bad_ages), ValueError),
+        (broken(B=nan_B), ValueError),
+        (broken(counter=0), ValueError),
+        ("not a dict", TypeError),
+    ]
+    for state, err in cases:
+        with pytest.raises(err):
+            other.load_state_dict(state)
+        after = other.state_dict()
+        assert all(np.array_equal(before[k], after[k]) for k in before if k != "scale")
+
+
+def test_rejects_bad_construction():
+    with pytest.raises(ValueError, match="capacity"):
+        r1.DynamicInverse(5, 0, 1.0)
+    with pytest.raises(TypeError, match="dim"):
+        r1.DynamicInverse(5.0, 2, 1.0)
+    with pytest.raises(ValueError, match="damp"):
+        r1.DynamicInverse(5, 2, 0.0)
+    with pytest.raises(TypeError, match="dtype"):
+        r1.DynamicInverse(5, 2, 1.0, dtype="int32")
+    with pytest.raises(TypeError, match="xp"):
+        r1.DynamicInverse(5, 2, 1.0, xp="torch")
+    w = r1.DynamicInverse(5, 2, 1.0)
+    with pytest.raises(IndexError, match="empty"):
+        w.remove(0)
+    with pytest.raises(IndexError, match="range"):
+        w.replace(2, np.ones(5))
+    with pytest.raises(TypeError, match="slot"):
+        w.remove(0.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        w.push(np.ones(5, dtype=np.int64))
+    with pytest.raises(ValueError, match="overflows"):
+        w.push(np.full(5, 1e300))
+    assert len(w) == 0
+
+
+def test_push_apply_input_not_modified(xp):
+    w = r1.DynamicInverse(20, 4, 1e-3, xp=xp)
+    g = xp.asarray(np.random.default_rng(0).standard_normal(20))
+    g0 = xp.asarray(g, copy=True)
+    y = w.push_apply(g)
+    assert y.dtype == xp.float64  # float64 input promotes
+    assert np.array_equal(host(g), host(g0))

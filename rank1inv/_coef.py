@@ -129,18 +129,24 @@ def b_blocked(xp, D, n: float, damp: float, start: int = 0, previous_B=None, til
     return X / damp
 
 
-def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None, method: str = "direct"):
+def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None, method: str | None = None):
     """(D, B) for the window's Gram matrix, recomputing only rows/columns ≥ ``start``.
 
     Cost O((m − start)·m²). ``previous`` is the (D, B) pair before the change at ``start``.
+    ``method``: "direct" (triangular solves), "blocked" (the kernel's NumPy mirror) or
+    "kernel" (the CUDA kernel); None picks "kernel" on CuPy and "direct" otherwise.
     """
+    if method is None:
+        method = "kernel" if _backend.is_cupy(xp) else "direct"
     prev_D, prev_B = previous if previous is not None else (None, None)
     C = cholesky_of_M(xp, gram, damp, n, start, prev_D)
     D = D_from_factor(xp, C, n)
+    if start > 0 and prev_D is not None:  # columns < start are unchanged: keep them bit for bit
+        D = xp.concat([prev_D[:, :start], D[:, start:]], axis=1)
     if method == "blocked":
         B = b_blocked(xp, D, n, damp, start, prev_B)
     elif method == "kernel":
-        B = _backend.kernels(xp).mfac_b(D, n, damp)
+        B = _backend.kernels(xp).mfac_b(D, n, damp, start, prev_B)
     else:
         B = b_direct(xp, D, n, damp, start, prev_B)
     return D, B

@@ -7,8 +7,9 @@ matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one
 in the storage dtype, the M-FAC reference behaviour).
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
-On CuPy with float32 storage the single-block passes go to the RawKernels in
-``rank1inv.cuda`` when they are available.
+On CuPy with float32 storage, single-block single-vector passes (the IHVP and push_apply hot
+path) go to the RawKernels in ``rank1inv.cuda``; float64 storage needs no conversion and makes
+one BLAS call.
 """
 
 from __future__ import annotations
@@ -36,13 +37,18 @@ def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
 
 
 def _f64(xp, a):
-    return xp.astype(a, xp.float64)
+    return xp.astype(a, xp.float64, copy=False)
+
+
+def _single_call(xp, Gg, accumulate: str) -> bool:
+    """float64 storage accumulates in float64 anyway; "native" asks for the storage dtype."""
+    return accumulate == "native" or Gg.dtype == xp.float64
 
 
 def gram(xp, Gg, accumulate: str):
     """Gg Ggᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B)."""
     nb, m, B = Gg.shape
-    if accumulate == "native":
+    if _single_call(xp, Gg, accumulate):
         return _f64(xp, Gg @ xp.matrix_transpose(Gg))
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, c0, c1 in tiles(nb, B, m):
@@ -54,7 +60,7 @@ def gram(xp, Gg, accumulate: str):
 def column_gram(xp, Gg, accumulate: str):
     """Ggᵀ Gg per block: (nb, B, B) float64. Cost O(nb·m·B²)."""
     nb, m, B = Gg.shape
-    if accumulate == "native":
+    if _single_call(xp, Gg, accumulate):
         return _f64(xp, xp.matrix_transpose(Gg) @ Gg)
     out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, r0, r1 in tiles(nb, m, B):
@@ -67,10 +73,10 @@ def project(xp, Gg, X, accumulate: str):
     """Gg X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
     nb, m, B = Gg.shape
     k = X.shape[-1]
-    if accumulate == "native":
+    if _single_call(xp, Gg, accumulate):
         return _f64(xp, Gg @ xp.astype(X, Gg.dtype))
     kern = _backend.kernels(xp)
-    if kern is not None and nb == 1 and kern.handles(Gg.dtype):
+    if kern is not None and nb == 1 and kern.usable(Gg[0, ...], k):
         return kern.project(Gg[0, ...], X[0, ...])[None, ...]
     out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, c0, c1 in tiles(nb, B, m):
@@ -86,11 +92,11 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str):
     """
     nb, m, B = Gg.shape
     k = C.shape[-1]
-    if accumulate == "native":
+    if _single_call(xp, Gg, accumulate):
         low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
         return low if X is None else alpha * X + low
     kern = _backend.kernels(xp)
-    if kern is not None and nb == 1 and kern.handles(Gg.dtype):
+    if kern is not None and nb == 1 and kern.usable(Gg[0, ...], k):
         return kern.combine(Gg[0, ...], None if X is None else X[0, ...], C[0, ...], alpha, beta)[None, ...]
     out = xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, c0, c1 in tiles(nb, B, m):

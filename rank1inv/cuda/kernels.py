@@ -1,0 +1,87 @@
+"""CuPy launchers for the RawKernels in this folder. Imported only for CuPy data.
+
+Modules are compiled lazily by NVRTC (``cupy.RawModule``) on first use and cached per
+process; CuPy caches the binaries on disk. Kernels run on the current device and stream.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import cupy
+import numpy as np
+
+from .mirrors import COMBINE_THREADS, PROJECT_CHUNK, PROJECT_THREADS
+
+_HERE = Path(__file__).parent
+_B_NAMES = [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep") for t in ("float", "double")]
+TILE = 32
+
+
+@lru_cache(maxsize=None)
+def _module(name: str, device_id: int):
+    source = (_HERE / name).read_text()
+    names = _B_NAMES if name == "mfac_b.cu" else None
+    return cupy.RawModule(code=source, options=("-std=c++14",), name_expressions=names)
+
+
+def _function(module: str, kernel: str):
+    return _module(module, cupy.cuda.Device().id).get_function(kernel)
+
+
+def usable(G, k: int) -> bool:
+    """Whether the mixed-precision pass kernels serve G (m, d) with k right-hand sides."""
+    return G.dtype == cupy.float32 and G.ndim == 2 and G.flags.c_contiguous and k == 1 and G.shape[0] < 2**31
+
+
+def project(G, X):
+    """G·X for float32 G (m, d) and float64 X (d, 1), float64 accumulation → (m, 1) float64."""
+    m, d = G.shape
+    x = cupy.ascontiguousarray(X[:, 0], dtype=cupy.float64)
+    chunks = -(-d // PROJECT_CHUNK)
+    part = cupy.empty((chunks, m), dtype=cupy.float64)
+    _function("passes.cu", "project_f32")((chunks,), (PROJECT_THREADS,), (G, x, part, np.int32(m), np.int64(d)))
+    p = cupy.empty((m,), dtype=cupy.float64)
+    _function("passes.cu", "reduce_parts")((-(-m // 256),), (256,), (part, p, np.int32(m), np.int32(chunks)))
+    return p[:, None]
+
+
+def combine(G, X, C, alpha: float, beta: float):
+    """α·X + β·GᵀC for float32 G (m, d), X (d, 1) float64 or None, C (m, 1) → (d, 1) float64."""
+    m, d = G.shape
+    x = cupy.zeros((1,), dtype=cupy.float64) if X is None else cupy.ascontiguousarray(X[:, 0], dtype=cupy.float64)
+    c = cupy.ascontiguousarray(C[:, 0], dtype=cupy.float64)
+    y = cupy.empty((d,), dtype=cupy.float64)
+    per_block = COMBINE_THREADS * 4
+    _function("passes.cu", "combine_f32")(
+        (-(-d // per_block),),
+        (COMBINE_THREADS,),
+        (G, x, np.int32(X is not None), c, np.float64(alpha), np.float64(beta), y, np.int32(m), np.int64(d)),
+    )
+    return y[:, None]
+
+
+def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
+    """B = λ⁻¹L̃⁻¹ from D (m, m) by the tiled kernel; whole tile rows above ``start`` are kept
+    from ``previous_B``."""
+    m = D.shape[0]
+    dtype = D.dtype
+    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(dtype)]
+    scalar = np.float32 if ctype == "float" else np.float64
+    D = cupy.ascontiguousarray(D)
+    nt = -(-m // TILE)
+    t0 = start // TILE if (start > 0 and previous_B is not None) else 0
+    B = cupy.array(previous_B, dtype=dtype, order="C") if t0 else cupy.empty((m, m), dtype=dtype)
+    B[t0 * TILE :, :] = 0
+    mod = _module("mfac_b.cu", cupy.cuda.Device().id)
+    diag = mod.get_function(f"mfac_b_diagonal<{ctype}>")
+    sweep = mod.get_function(f"mfac_b_sweep<{ctype}>")
+    diag((nt - t0,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t0)))
+    for t in range(1, nt):
+        sweep(
+            (nt - t, nt - t),
+            (TILE, TILE),
+            (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t), np.int32(t0), np.int32(nt)),
+        )
+    return B

@@ -1,0 +1,134 @@
+"""CUDA kernels: nvcc compiles them (CPU CI), NumPy mirrors match float64 references (CPU),
+kernels match their mirrors (GPU only)."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import host
+
+import rank1inv as r1
+from rank1inv import _backend, _coef, testing
+from rank1inv.cuda import SOURCES, mirrors
+
+CUDA_DIR = Path(r1.__file__).parent / "cuda"
+ARCHS = ("80", "90")
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_kernel_compiles_with_nvcc(source, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    cmd = [nvcc, "-std=c++14", *gencode, "-c", str(CUDA_DIR / source), "-o", str(tmp_path / "k.o")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_sources_are_shipped():
+    assert {"mfac_b.cu", "passes.cu"} <= set(SOURCES)
+
+
+@pytest.mark.parametrize("d", [1, 7, 2047, 2048, 2049, 5000])
+def test_pass_mirrors_match_float64(d):
+    rng = np.random.default_rng(d)
+    m = 37
+    G = rng.standard_normal((m, d)).astype(np.float32)
+    x = rng.standard_normal(d)
+    c = rng.standard_normal(m)
+    G64 = G.astype(np.float64)
+    np.testing.assert_allclose(mirrors.project_f32(G, x), G64 @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mirrors.combine_f32(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mirrors.combine_f32(G, None, c, 0.0, 3.0), 3.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 31, 32, 33, 1000, 1024, 1025, 4097])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_b_kernel_matches_mirror(m, dtype):
+    import cupy
+
+    xp = _backend.namespace_from_argument(cupy)
+    rng = np.random.default_rng(m)
+    G = rng.standard_normal((m, m + 64))
+    gram = G @ G.T
+    damp, n = 0.1, float(m)
+    D, B_direct = _coef.coefficients(_backend.namespace_from_argument(None), gram, damp, n, method="direct")
+    Dd = cupy.asarray(D, dtype=dtype)
+    B = _backend.kernels(xp).mfac_b(Dd, n, damp)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    if m <= 1100:
+        B_mirror = _coef.b_blocked(_backend.namespace_from_argument(None), D, n, damp)
+        np.testing.assert_allclose(host(B), B_mirror, rtol=tol, atol=tol * np.abs(B_mirror).max())
+    np.testing.assert_allclose(host(B), B_direct, rtol=tol, atol=tol * np.abs(B_direct).max())
+    # partial refresh from a slot in the middle
+    k = m // 2
+    B2 = _backend.kernels(xp).mfac_b(Dd, n, damp, k, cupy.asarray(B_direct, dtype=dtype))
+    np.testing.assert_allclose(host(B2), B_direct, rtol=tol, atol=tol * np.abs(B_direct).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,d", [(1, 5), (31, 2049), (1024, 100_003)])
+def test_pass_kernels_match_mirrors(m, d):
+    import cupy
+
+    xp = _backend.namespace_from_argument(cupy)
+    kern = _backend.kernels(xp)
+    rng = np.random.default_rng(m)
+    G = rng.standard_normal((m, d)).astype(np.float32)
+    x = rng.standard_normal(d)
+    c = rng.standard_normal(m)
+    Gd = cupy.asarray(G)
+    p = host(kern.project(Gd, cupy.asarray(x)[:, None]))[:, 0]
+    np.testing.assert_allclose(p, mirrors.project_f32(G, x), rtol=1e-12, atol=1e-10)
+    y = host(kern.combine(Gd, cupy.asarray(x)[:, None], cupy.asarray(c)[:, None], 0.5, -2.0))[:, 0]
+    np.testing.assert_allclose(y, mirrors.combine_f32(G, x, c, 0.5, -2.0), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_non_default_stream_and_linear_operator():
+    import cupy
+    import cupyx.scipy.sparse.linalg as cspla
+
+    G = cupy.asarray(testing.gradients("lowrank", 64, 5000, seed=0))
+    F = testing.dense_fisher(host(G)[:, :300], 1e-2, 1 / 64)
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        op = r1.StaticInverse(G, 1e-2)
+        x = cupy.asarray(np.random.default_rng(1).standard_normal(5000))
+        y = op @ x
+        w = r1.DynamicInverse(5000, 16, 1e-2, xp=cupy)
+        for row in G[:20]:
+            z = w.push_apply(row)
+        stream.synchronize()
+    ref = r1.StaticInverse(host(G).astype(np.float32), 1e-2)
+    np.testing.assert_allclose(host(y), ref @ host(x), rtol=1e-5, atol=1e-6 * float(np.abs(host(y)).max()))
+    assert z.shape == (5000,)
+    small = r1.StaticInverse(G[:, :300], 1e-2)
+    A = small.aslinearoperator()
+    assert isinstance(A, cspla.LinearOperator)
+    b = cupy.asarray(np.random.default_rng(2).standard_normal(300))
+    import inspect
+
+    for solver in (cspla.cg, cspla.minres, cspla.gmres):
+        key = "rtol" if "rtol" in inspect.signature(solver).parameters else "tol"
+        zs, info = solver(A, b, **{key: 1e-11})
+        assert np.linalg.norm(host(zs) - F @ host(b)) <= 1e-5 * np.linalg.norm(F @ host(b)), solver.__name__
+    with pytest.raises(TypeError):
+        op @ np.ones(5000)
+
+
+@pytest.mark.gpu
+def test_second_device_if_present():
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one device")
+    with cupy.cuda.Device(1):
+        G = cupy.asarray(testing.gradients("iid", 16, 3000, seed=3))
+        op = r1.StaticInverse(G, 1e-1)
+        y = op @ cupy.ones(3000, dtype=cupy.float32)
+        assert y.device.id == 1

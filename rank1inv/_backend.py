@@ -129,9 +129,12 @@ def linear_operator(xp, shape, dtype, matvec, matmat):
 
 # --------------------------------------------------------------------------- kernels
 def kernels(xp):
-    """The CuPy RawKernel module for ``xp``, or None on backends without one."""
-    if not is_cupy(xp):
-        return None
-    from .cuda import kernels as k
+    """The compiled pass kernels for ``xp``: the CuPy RawKernels, the optional CPU extension for
+    NumPy, or None. Each offers ``usable(G, k)``, ``project(G, X)`` and ``combine(G, X, C, a, b)``."""
+    if is_cupy(xp):
+        from .cuda import kernels as k
 
-    return k
+        return k
+    from . import cpu
+
+    return cpu if cpu.available() else None

@@ -50,7 +50,9 @@ def factor_from_D(xp, D, n: float):
 def D_from_factor(xp, C, n: float):
     """D = diag(C)·Cᵀ − n·I (upper triangular)."""
     c = xp.linalg.diagonal(C)
-    return xp.triu(c[:, None] * xp.matrix_transpose(C)) - n * xp.eye(C.shape[0], dtype=xp.float64, device=_backend.device(C))
+    return xp.triu(c[:, None] * xp.matrix_transpose(C)) - n * xp.eye(
+        C.shape[0], dtype=xp.float64, device=_backend.device(C)
+    )
 
 
 def unit_lower(xp, D, n: float):
@@ -146,7 +148,9 @@ def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None,
     if method == "blocked":
         B = b_blocked(xp, D, n, damp, start, prev_B)
     elif method == "kernel":
-        B = _backend.kernels(xp).mfac_b(D, n, damp, start, prev_B)
+        from .cuda import kernels
+
+        B = kernels.mfac_b(D, n, damp, start, prev_B)
     else:
         B = b_direct(xp, D, n, damp, start, prev_B)
     return D, B

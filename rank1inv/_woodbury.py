@@ -18,7 +18,10 @@ import math
 
 from . import _backend, _passes
 
-CANCELLATION = 1e-4  # refine when less than this fraction of ‖x‖² survives (ρ > 100)
+# Refine a product when less than this fraction of ‖x‖² survives the subtraction, i.e. when
+# about ε₆₄·ρ (ρ = cancellation ratio) could exceed a hundredth of the storage dtype's target
+# backward error (DESIGN §6: 1e-7 for float32 storage, 5e-12 for float64).
+CANCELLATION = {"float32": 1e-12, "float64": 1e-6}
 REFINE_STEPS = 2
 
 
@@ -79,7 +82,8 @@ class WoodburyGroup:
     def _cancelled(self, remainder, total) -> bool:
         if self.accumulate == "native":
             return False
-        return bool(self.xp.any(remainder < CANCELLATION * total))
+        ratio = CANCELLATION[_backend.dtype_name(self.Gg.dtype)]
+        return bool(self.xp.any(remainder < ratio * total))
 
     def _refine(self, X, Y):
         for _ in range(REFINE_STEPS):

@@ -270,7 +270,21 @@ class DynamicInverse(InverseOperator):
         a malformed state raises ValueError/TypeError and leaves the window unchanged."""
         if not isinstance(state, dict):
             raise TypeError("state must be a dict from state_dict()")
-        need = {"format", "dim", "capacity", "damp", "scale", "dtype", "accumulate", "gradients", "ages", "counter", "gram", "D", "B"}
+        need = {
+            "format",
+            "dim",
+            "capacity",
+            "damp",
+            "scale",
+            "dtype",
+            "accumulate",
+            "gradients",
+            "ages",
+            "counter",
+            "gram",
+            "D",
+            "B",
+        }
         missing = need - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")

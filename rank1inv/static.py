@@ -55,7 +55,9 @@ class StaticInverse(InverseOperator):
         self._layout = Layout(d, block_size)
         self._xp, self._dim, self._dtype = xp, d, str(G.dtype)
         self._G = G
-        self._group_list = [make_group(xp, G, run, self._damp, self._scale, self._accumulate) for run in self._layout.runs]
+        self._group_list = [
+            make_group(xp, G, run, self._damp, self._scale, self._accumulate) for run in self._layout.runs
+        ]
 
     def _groups(self):
         return self._group_list

@@ -49,4 +49,3 @@ def xp(request):
     import cupy
 
     return cupy
-

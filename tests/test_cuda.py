@@ -41,7 +41,9 @@ def test_pass_mirrors_match_float64(d):
     c = rng.standard_normal(m)
     G64 = G.astype(np.float64)
     np.testing.assert_allclose(mirrors.project_f32(G, x), G64 @ x, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(mirrors.combine_f32(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        mirrors.combine_f32(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (G64.T @ c), rtol=1e-12, atol=1e-12
+    )
     np.testing.assert_allclose(mirrors.combine_f32(G, None, c, 0.0, 3.0), 3.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
 
 

@@ -1,0 +1,120 @@
+"""Optional compiled CPU kernels: float32 passes with float64 accumulation (``passes_f32.c``).
+
+Built at install time as an optional extension and called through ctypes, which releases the
+GIL: large passes are split over a small private pool of worker threads (one per available
+core, at most ``MAX_WORKERS``; idle workers block, they never spin). When the extension is
+missing, ``rank1inv._passes`` converts cache-sized tiles of G to float64 instead: the same
+results, slower. ``available()`` says which path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+MAX_WORKERS = 8
+PARALLEL_MIN = 1 << 20  # elements of G below which one thread does the pass
+
+try:
+    from . import _passes_f32 as _ext
+except ImportError:  # not built (no compiler at install time)
+    _ext = None
+
+_lib = None
+if _ext is not None:
+    _lib = ctypes.CDLL(_ext.__file__)
+    _i64, _p = ctypes.c_int64, ctypes.c_void_p
+    _lib.rank1inv_project_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p]
+    _lib.rank1inv_project_f32.restype = None
+    _lib.rank1inv_combine_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, ctypes.c_double, ctypes.c_double, _p]
+    _lib.rank1inv_combine_f32.restype = None
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def usable(G, k: int) -> bool:
+    """float32 rows with unit column stride, one right-hand side."""
+    return (
+        _lib is not None
+        and k == 1
+        and G.dtype == np.float32
+        and G.ndim == 2
+        and G.strides[1] == 4
+        and G.strides[0] % 4 == 0
+        and G.strides[0] >= 0
+    )
+
+
+def _workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, n))
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _map(fn, parts):
+    """Run fn over parts on the private pool (created on first use)."""
+    global _pool
+    if len(parts) == 1:
+        fn(parts[0])
+        return
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="rank1inv")
+    for f in [_pool.submit(fn, p) for p in parts]:
+        f.result()
+
+
+def _split(n: int, size: int, align: int = 1):
+    k = _workers() if size >= PARALLEL_MIN else 1
+    step = -(-n // k)
+    step = -(-step // align) * align
+    return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
+
+
+def project(G, X):
+    """G·X for float32 G (m, d) and float64 X (d, 1) → (m, 1) float64. Rows split over workers."""
+    m, d = G.shape
+    x = np.ascontiguousarray(X[:, 0], dtype=np.float64)
+    p = np.empty(m)
+    ld = G.strides[0] // 4
+
+    def run(rows):
+        a, b = rows
+        if b > a:
+            _lib.rank1inv_project_f32(G.ctypes.data + 4 * a * ld, b - a, d, ld, x.ctypes.data, p.ctypes.data + 8 * a)
+
+    _map(run, _split(m, m * d))
+    return p[:, None]
+
+
+def combine(G, X, C, alpha: float, beta: float):
+    """α·X + β·GᵀC for float32 G (m, d), X (d, 1) float64 or None, C (m, 1) → (d, 1) float64.
+    Columns split over workers."""
+    m, d = G.shape
+    c = np.ascontiguousarray(C[:, 0], dtype=np.float64)
+    x = None if X is None else np.ascontiguousarray(X[:, 0], dtype=np.float64)
+    y = np.empty(d)
+    ld = G.strides[0] // 4
+
+    def run(cols):
+        a, b = cols
+        if b > a:
+            xa = None if x is None else x.ctypes.data + 8 * a
+            _lib.rank1inv_combine_f32(
+                G.ctypes.data + 4 * a, m, b - a, ld, c.ctypes.data, xa, alpha, beta, y.ctypes.data + 8 * a
+            )
+
+    _map(run, _split(d, m * d, align=8192))
+    return y[:, None]

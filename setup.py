@@ -1,0 +1,18 @@
+"""Optional compiled CPU kernel; everything else is in pyproject.toml."""
+
+import sys
+
+from setuptools import Extension, setup
+
+args = [] if sys.platform == "win32" else ["-O3", "-Wno-psabi"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "rank1inv.cpu._passes_f32",
+            sources=["rank1inv/cpu/passes_f32.c"],
+            extra_compile_args=args,
+            optional=True,
+        )
+    ]
+)

@@ -1,0 +1,77 @@
+"""Passes over G with float64 accumulation: compiled CPU kernel, tile fallback, native mode."""
+
+import numpy as np
+import pytest
+
+from rank1inv import _backend, _passes, cpu
+
+xp = _backend.namespace_from_argument(None)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 8191, 8193, 20000])
+def test_cpu_kernel_matches_float64(m, d):
+    if not cpu.available():
+        pytest.skip("CPU extension not built")
+    rng = np.random.default_rng(m * d)
+    wide = rng.standard_normal((m, d + 5)).astype(np.float32)
+    G = wide[:, 2 : 2 + d]  # a strided block view (leading dimension d + 5)
+    x = rng.standard_normal(d)
+    c = rng.standard_normal(m)
+    G64 = G.astype(np.float64)
+    assert cpu.usable(G, 1)
+    np.testing.assert_allclose(cpu.project(G, x[:, None])[:, 0], G64 @ x, rtol=1e-12, atol=1e-12 * np.sqrt(d))
+    np.testing.assert_allclose(
+        cpu.combine(G, x[:, None], c[:, None], 0.5, -2.0)[:, 0],
+        0.5 * x - 2.0 * (c @ G64),
+        rtol=1e-12,
+        atol=1e-12 * np.sqrt(m),
+    )
+    np.testing.assert_allclose(
+        cpu.combine(G, None, c[:, None], 0.0, 3.0)[:, 0], 3.0 * (c @ G64), rtol=1e-12, atol=1e-12 * np.sqrt(m)
+    )
+
+
+def test_parallel_split_matches_serial(monkeypatch):
+    if not cpu.available():
+        pytest.skip("CPU extension not built")
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((37, 40000)).astype(np.float32)
+    x = rng.standard_normal((40000, 1))
+    c = rng.standard_normal((37, 1))
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1)
+    monkeypatch.setattr(cpu, "_workers", lambda: 3)
+    par = cpu.project(G, x), cpu.combine(G, x, c, 1.0, -1.0)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 1 << 60)
+    ser = cpu.project(G, x), cpu.combine(G, x, c, 1.0, -1.0)
+    for a, b in zip(par, ser):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("accumulate", ["float64", "native"])
+def test_group_passes_tile_fallback(monkeypatch, accumulate):
+    """The tiled float64 conversion (used without compiled kernels) on batched block groups."""
+    monkeypatch.setattr(_backend, "kernels", lambda xp: None)
+    monkeypatch.setattr(_passes, "TILE_ELEMENTS", 64)  # force many tiles
+    rng = np.random.default_rng(1)
+    Gg = rng.standard_normal((3, 5, 40)).astype(np.float32)
+    X = rng.standard_normal((3, 40, 2))
+    C = rng.standard_normal((3, 5, 2))
+    G64 = Gg.astype(np.float64)
+    tol = 1e-12 if accumulate == "float64" else 1e-5
+    np.testing.assert_allclose(_passes.gram(xp, Gg, accumulate), G64 @ G64.transpose(0, 2, 1), rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        _passes.column_gram(xp, Gg, accumulate), G64.transpose(0, 2, 1) @ G64, rtol=tol, atol=tol
+    )
+    np.testing.assert_allclose(_passes.project(xp, Gg, X, accumulate), G64 @ X, rtol=tol, atol=tol)
+    ref = 2.0 * X - 0.5 * (G64.transpose(0, 2, 1) @ C)
+    np.testing.assert_allclose(_passes.combine(xp, Gg, X, C, 2.0, -0.5, accumulate), ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(_passes.column_sumsq(xp, Gg), (G64**2).sum(axis=1), rtol=1e-12)
+
+
+def test_tiles_cover_everything():
+    for count, length, width in [(1, 10, 3), (5, 7, 100), (3, 1000, 50), (1, 1, 1)]:
+        seen = np.zeros((count, length), dtype=int)
+        for b0, b1, c0, c1 in _passes.tiles(count, length, width, budget=512):
+            seen[b0:b1, c0:c1] += 1
+        assert np.all(seen == 1)

@@ -6,7 +6,7 @@ process; CuPy caches the binaries on disk. Kernels run on the current device and
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import cupy
@@ -19,7 +19,7 @@ _B_NAMES = [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep") for t in ("float",
 TILE = 32
 
 
-@lru_cache(maxsize=None)
+@cache
 def _module(name: str, device_id: int):
     source = (_HERE / name).read_text()
     names = _B_NAMES if name == "mfac_b.cu" else None

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import array_api_compat
 import numpy as np
+import scipy.linalg
+from scipy.linalg import blas as _blas
+from scipy.linalg import lapack as _lapack
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -99,9 +102,33 @@ def solve_triangular(xp, a, b, *, lower: bool, trans: bool = False, unit_diagona
         for i in range(a.shape[0]):
             out[i, ...] = st(a[i, ...], b[i, ...], lower=lower, trans=int(trans), unit_diagonal=unit_diagonal)
         return out
-    from scipy.linalg import solve_triangular as st
+    return scipy.linalg.solve_triangular(
+        a, b, lower=lower, trans=int(trans), unit_diagonal=unit_diagonal, check_finite=False
+    )
 
-    return st(a, b, lower=lower, trans=int(trans), unit_diagonal=unit_diagonal, check_finite=False)
+
+def whiten(xp, c, t):
+    """c⁻¹ t for lower-triangular c (nb, m, m) and t (nb, m, k): shape (nb, m, k).
+
+    On NumPy this is BLAS trsm from the right on tᵀ (t C-contiguous, no transposing copies)."""
+    if is_cupy(xp):
+        return solve_triangular(xp, c, t, lower=True)
+    trsm = _blas.dtrsm if c.dtype == np.float64 else _blas.strsm
+    out = np.empty(t.shape, dtype=t.dtype)
+    for i in range(t.shape[0]):  # X cᵀ = tᵀ  →  Xᵀ = c⁻¹ t
+        out[i] = trsm(1.0, c[i], t[i].T, side=1, lower=1, trans_a=1).T
+    return out
+
+
+def triangular_inverse(xp, a, *, lower: bool = True, unit_diagonal: bool = False):
+    """Inverse of a 2-D triangular matrix (LAPACK trtri on NumPy: a third of a trsm's flops)."""
+    if is_cupy(xp):
+        eye = xp.eye(a.shape[0], dtype=a.dtype)
+        return solve_triangular(xp, a, eye, lower=lower, unit_diagonal=unit_diagonal)
+    inv, info = _lapack.dtrtri(a, lower=int(lower), unitdiag=int(unit_diagonal))
+    if info != 0:
+        raise ValueError(f"singular triangular matrix (trtri info={info})")
+    return np.tril(inv) if lower else np.triu(inv)
 
 
 def cho_solve(xp, c, b):

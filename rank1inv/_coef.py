@@ -62,18 +62,16 @@ def unit_lower(xp, D, n: float):
 
 
 def b_direct(xp, D, n: float, damp: float, start: int = 0, previous_B=None):
-    """B = λ⁻¹L̃⁻¹ by triangular solves; rows < ``start`` copied from ``previous_B``."""
-    m = D.shape[0]
+    """B = λ⁻¹L̃⁻¹ by a triangular inverse; rows < ``start`` copied from ``previous_B``."""
     L = unit_lower(xp, D, n)
-    eye = xp.eye(m, dtype=xp.float64, device=_backend.device(D))
     if start <= 0 or previous_B is None:
-        return _backend.solve_triangular(xp, L, eye, lower=True, unit_diagonal=True) / damp
+        return _backend.triangular_inverse(xp, L, unit_diagonal=True) / damp
     k = start
-    # rows k: of L̃⁻¹ are L̃22⁻¹ [−L̃21 L̃11⁻¹, I]
-    rhs = xp.concat([-(L[k:, :k] @ previous_B[:k, :k]), eye[k:, k:] / damp], axis=1)
+    # rows k: of L̃⁻¹ are [−X22 L̃21 L̃11⁻¹, X22] with X22 = L̃22⁻¹ (and λ·B11 = L̃11⁻¹)
+    X22 = _backend.triangular_inverse(xp, L[k:, k:], unit_diagonal=True)
     B = xp.asarray(previous_B, copy=True)
-    B[k:, :] = _backend.solve_triangular(xp, L[k:, k:], rhs, lower=True, unit_diagonal=True)
-    B[:k, k:] = 0.0
+    B[k:, :k] = -(X22 @ (L[k:, :k] @ previous_B[:k, :k]))
+    B[k:, k:] = X22 / damp
     return B
 
 
@@ -174,7 +172,8 @@ class MfacFactor:
         return self.damp * (xp.matrix_transpose(self.B) @ Q)
 
     def whiten(self, P, b0=0, b1=None):
-        return math.sqrt(self.damp) * (self.B @ P) / self.xp.sqrt(self.dU)[:, None]
+        """√λ·diag(U)^(-1/2)·B·P for P (nb, m, k)."""
+        return (self.B @ P) * (math.sqrt(self.damp) / self.xp.sqrt(self.dU))[:, None]
 
     def logdet(self) -> float:
         xp = self.xp

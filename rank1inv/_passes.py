@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from . import _backend
 
-TILE_ELEMENTS = 1 << 18  # float64 elements converted per tile (2 MiB: about an L2 cache)
+TILE_ELEMENTS = 1 << 18  # float64 elements converted per tile for matrix-vector work (2 MiB, ~L2)
+BLAS3_TILE_ELEMENTS = 1 << 22  # for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
 
 
 def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
@@ -46,24 +47,27 @@ def _single_call(xp, Gg, accumulate: str) -> bool:
 
 
 def gram(xp, Gg, accumulate: str):
-    """Gg Ggᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B)."""
+    """Gg Ggᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B).
+
+    Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
+    nearly dependent gradients is often not even positive definite."""
     nb, m, B = Gg.shape
-    if _single_call(xp, Gg, accumulate):
+    if _single_call(xp, Gg, "float64"):
         return _f64(xp, Gg @ xp.matrix_transpose(Gg))
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1 in tiles(nb, B, m):
+    for b0, b1, c0, c1 in tiles(nb, B, m, BLAS3_TILE_ELEMENTS):
         t = _f64(xp, Gg[b0:b1, :, c0:c1])
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
     return out
 
 
 def column_gram(xp, Gg, accumulate: str):
-    """Ggᵀ Gg per block: (nb, B, B) float64. Cost O(nb·m·B²)."""
+    """Ggᵀ Gg per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
     nb, m, B = Gg.shape
-    if _single_call(xp, Gg, accumulate):
+    if _single_call(xp, Gg, "float64"):
         return _f64(xp, xp.matrix_transpose(Gg) @ Gg)
     out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, r0, r1 in tiles(nb, m, B):
+    for b0, b1, r0, r1 in tiles(nb, m, B, BLAS3_TILE_ELEMENTS):
         t = _f64(xp, Gg[b0:b1, r0:r1, :])
         out[b0:b1, ...] += xp.matrix_transpose(t) @ t
     return out
@@ -117,11 +121,14 @@ def column_sumsq(xp, Gg):
 
 
 def map_tiles(xp, Gg, fn):
-    """Apply ``fn(b0, b1, tile_f64)`` → (b1-b0, m, c1-c0) to float64 tiles of Gg; returns the
-    results laid out as (nb·B, m), the transposed coordinate-major layout used for W = L⁻¹G.
-    """
+    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of Gg, assembled along
+    the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m) or (b1-b0, c) (a per-column
+    reduction); the result is (nb, r, B) or (nb, B)."""
     nb, m, B = Gg.shape
-    out = xp.empty((nb, B, m), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1 in tiles(nb, B, m):
-        out[b0:b1, c0:c1, :] = xp.matrix_transpose(fn(b0, b1, _f64(xp, Gg[b0:b1, :, c0:c1])))
-    return xp.reshape(out, (nb * B, m))
+    out = None
+    for b0, b1, c0, c1 in tiles(nb, B, m, BLAS3_TILE_ELEMENTS):
+        part = fn(b0, b1, _f64(xp, Gg[b0:b1, :, c0:c1]))
+        if out is None:
+            out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_backend.device(Gg))
+        out[b0:b1, ..., c0:c1] = part
+    return out

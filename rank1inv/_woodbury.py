@@ -4,12 +4,14 @@ For one block with gradients G_b (m×B, B > m), damping λ and scale s:
 
     F_b⁻¹ = λ⁻¹ (I − G_bᵀ K⁻¹ G_b),        K = G_b G_bᵀ + (λ/s) I      (m×m, SPD)
 
-``factor`` supplies the m×m algebra: ``solve(P) = K⁻¹P`` and ``whiten(P) = L⁻¹P`` for some
-square root K = L Lᵀ, plus ``logdet()`` = Σ log det K_b. StaticInverse uses a Cholesky
+``factor`` supplies the m×m algebra: ``solve(P) = K⁻¹P``, ``logdet()`` = Σ log det K_b and StaticInverse uses a Cholesky
 factor; DynamicInverse uses M-FAC's D/B coefficients (``rank1inv._coef``).
 
-Entries come from W = L⁻¹G_b: F⁻¹_ij = λ⁻¹(δ_ij − w_iᵀ w_j), O(m) each. W is computed on first
-use (O(m²B) per block, BLAS-3) and cached as float64, 8·m·B bytes per block.
+``whiten(P) = L⁻¹P`` for a square root K = L Lᵀ.
+
+Entries come from W = L⁻¹G_b: F⁻¹_ij = λ⁻¹(δ_ij − w_iᵀ w_j), O(m) each. W is computed on the
+first entry query (O(m²B) per block, BLAS-3) and cached as float64, 8·m·B bytes per block. The
+diagonal is computed tile by tile without storing W (same cost, O(tile) memory) and cached.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import math
 
 from . import _backend, _passes
 
-# Refine a product when less than this fraction of ‖x‖² survives the subtraction, i.e. when
-# about ε₆₄·ρ (ρ = cancellation ratio) could exceed a hundredth of the storage dtype's target
-# backward error (DESIGN §6: 1e-7 for float32 storage, 5e-12 for float64).
-CANCELLATION = {"float32": 1e-12, "float64": 1e-6}
-REFINE_STEPS = 2
+# Correct a product when less than this fraction of ‖x‖² survives the subtraction (ρ > 1000 for
+# float32 storage, ρ > 10 for float64, ρ = cancellation ratio): the error grows like ε₆₄·ρ times
+# a conditioning factor, against targets of 1e-7 and 5e-12 (DESIGN §6). Generic vectors (m ≪ d)
+# never trigger it; vectors in the gradients' span always do.
+CANCELLATION = {"float32": 1e-6, "float64": 1e-2}
 
 
 class CholeskyFactor:
@@ -36,48 +38,97 @@ class CholeskyFactor:
         return _backend.cho_solve(self.xp, self.L[b0:b1, ...], P)
 
     def whiten(self, P, b0=0, b1=None):
-        return _backend.solve_triangular(self.xp, self.L[b0:b1, ...], P, lower=True)
+        """L⁻¹P per block: (b1-b0, m, k) for P (b1-b0, m, k)."""
+        return _backend.whiten(self.xp, self.L[b0:b1, ...], P)
 
     def logdet(self) -> float:
         xp = self.xp
         return 2.0 * float(xp.sum(xp.log(xp.linalg.diagonal(self.L))))
 
 
+class SpectralFactor:
+    """K = Q(Λ + μ)Qᵀ from the eigendecomposition of the Gram matrix K₀ = GGᵀ = QΛQᵀ, with the
+    numerically null directions (Λ ≤ m·ε·max Λ) dropped from solves.
+
+    Those directions are combinations of gradients that cancel (duplicates, dependent rows):
+    Gᵀq ≈ 0 for them, so K⁻¹'s 1/μ along them only feeds rounding errors into Gᵀ(K⁻¹P).
+    Dropping them inverts F exactly for gradients within m·ε·‖G‖ of the stored ones (a
+    backward-stable choice). Used by the corrected products; O(m³) per block, built on demand.
+    """
+
+    def __init__(self, xp, K0, mu: float):
+        self.xp = xp
+        lam, Q = xp.linalg.eigh(K0)
+        m = K0.shape[-1]
+        top = xp.max(lam, axis=-1, keepdims=True)
+        keep = lam > m * 2.2e-16 * xp.where(top > 0, top, 1.0)
+        self.Q = Q
+        self.inv = xp.where(keep, 1.0 / (lam + mu), 0.0)  # (nb, m)
+
+    def solve(self, P, b0=0, b1=None):
+        Q = self.Q[b0:b1, ...]
+        return Q @ ((self.xp.matrix_transpose(Q) @ P) * self.inv[b0:b1, :, None])
+
+
 class WoodburyGroup:
     """``nb`` equal blocks of width B (> m), as one batch. Gg has shape (nb, m, B)."""
 
-    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, factor=None, sq_norms=None):
+    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, factor=None, gram=None):
         self.xp, self.Gg, self.damp, self.scale, self.accumulate = xp, Gg, damp, scale, accumulate
         nb, m, B = Gg.shape
         if factor is None:
             K0 = _passes.gram(xp, Gg, accumulate)
-            sq_norms = xp.linalg.diagonal(K0)
             factor = CholeskyFactor(xp, K0 + (damp / scale) * xp.eye(m, dtype=xp.float64, device=_backend.device(Gg)))
+        else:
+            K0 = gram
         self.factor = factor
-        self.sq_norms = sq_norms  # (nb, m): ‖g_i‖² per block
+        self._K0 = K0  # kept (nb·m² floats) for the spectral factor of corrected products
+        self._spectral = None
+        self.sq_norms = xp.linalg.diagonal(K0)  # (nb, m): ‖g_i‖²
+        self.mu = damp / scale
         self._W = None
+        self._diag = None
 
     # -- products ---------------------------------------------------------------------
     def apply(self, X):
         """F⁻¹X for X (nb, B, k) float64: two passes over G plus O(m²k) per block.
 
-        When x lies (nearly) in the span of the gradients, λ⁻¹(x − Gᵀc) cancels: the result is
-        then refined (iterative refinement in float64, ``REFINE_STEPS`` × 4 more passes).
+        When x lies (nearly) in the span of the gradients, λ⁻¹(x − Gᵀc) cancels and its rounding
+        errors along the gradients are amplified by F. Then two more passes correct it
+        (``_corrected``).
         """
-        Y, risky = self._apply_once(X)
-        return self._refine(X, Y) if risky else Y
-
-    def _apply_once(self, X):
         xp = self.xp
         P = _passes.project(xp, self.Gg, X, self.accumulate)
         C = self.factor.solve(P)
-        Y = _passes.combine(xp, self.Gg, X, C, 1.0 / self.damp, -1.0 / self.damp, self.accumulate)
-        # ‖x − Gᵀc‖² = ‖x‖² − cᵀp − μ‖c‖² (K c = p, K = GGᵀ + μI), O(mk) per block: how much of x
-        # survives the subtraction. A small remainder means digits were cancelled.
-        mu = self.damp / self.scale
+        # ‖x − Gᵀc‖² = ‖x‖² − cᵀp − μ‖c‖² (K c = p, K = GGᵀ + μI), O(mk): how much of x survives
         xx = xp.sum(X * X, axis=1)
-        rest = xx - xp.sum(C * P, axis=1) - mu * xp.sum(C * C, axis=1)
-        return Y, self._cancelled(rest, xx)
+        rest = xx - xp.sum(C * P, axis=1) - self.mu * xp.sum(C * C, axis=1)
+        if not self._cancelled(rest, xx):
+            return _passes.combine(xp, self.Gg, X, C, 1.0 / self.damp, -1.0 / self.damp, self.accumulate)
+        return self._corrected(X, P)
+
+    @property
+    def spectral(self) -> SpectralFactor:
+        if self._spectral is None:
+            self._spectral = SpectralFactor(self.xp, self._K0, self.mu)
+        return self._spectral
+
+    def _corrected(self, X, P):
+        """F⁻¹x for P = Gx without the cancellation. With c = K⁻¹p (spectral factor: no
+        amplified rounding along cancelling combinations) and r = x − Gᵀc as computed,
+
+            F⁻¹x = λ⁻¹ r + Gᵀ K⁻¹ λ⁻¹(μc − G r),
+
+        an identity (G r = μc exactly) whose second term removes the rounding error of r along
+        the gradients: zero in exact arithmetic, −λ⁻¹GᵀK⁻¹G·err(r) in floating point.
+        Three passes over G.
+        """
+        xp = self.xp
+        C = self.spectral.solve(P)
+        R = _passes.combine(xp, self.Gg, X, C, 1.0, -1.0, self.accumulate)
+        Q = _passes.project(xp, self.Gg, R, self.accumulate)
+        coef = self.spectral.solve((self.mu * C - Q) / self.damp)
+        return _passes.combine(xp, self.Gg, R, coef, 1.0 / self.damp, 1.0, self.accumulate)
 
     def _cancelled(self, remainder, total) -> bool:
         if self.accumulate == "native":
@@ -85,61 +136,65 @@ class WoodburyGroup:
         ratio = CANCELLATION[_backend.dtype_name(self.Gg.dtype)]
         return bool(self.xp.any(remainder < ratio * total))
 
-    def _refine(self, X, Y):
-        for _ in range(REFINE_STEPS):
-            R = X - self.apply_fisher(Y)
-            Y = Y + self._apply_once(R)[0]
-        return Y
-
     def apply_fisher(self, X):
         """F X = λX + s·Gᵀ(GX)."""
         P = _passes.project(self.xp, self.Gg, X, self.accumulate)
         return _passes.combine(self.xp, self.Gg, X, P, self.damp, self.scale, self.accumulate)
 
-    def apply_to_gradients(self, E, X=None):
-        """F⁻¹(GᵀE) = (1/s)·Gᵀ K⁻¹ E for E (nb, m, k): F⁻¹ of combinations of the stored
-        gradients without the cancellation of λ⁻¹(x − Gᵀc) (DESIGN §3, push_apply). One pass.
+    def apply_to_gradients(self, E, X, P):
+        """F⁻¹x for x = GᵀE given as X (nb, B, k) float64 with P = G x (nb, m, k): the
+        push_apply case, x a stored gradient (E = e_slot) and P its Gram row.
 
-        X, if given, is GᵀE itself (nb, B, k) float64; it is used to refine the result when the
-        coefficients K⁻¹E cancel among (nearly) dependent gradients.
+        Uses F⁻¹Gᵀ = (1/s)·GᵀK⁻¹, one pass, no cancellation of λ⁻¹(x − Gᵀc) (DESIGN §3). If the
+        coefficients K⁻¹E cancel among (nearly) dependent gradients, falls back to the corrected
+        form of ``apply`` (two more passes).
         """
         xp = self.xp
         C = self.factor.solve(E)
-        Y = _passes.combine(xp, self.Gg, None, C, 0.0, 1.0 / self.scale, self.accumulate)
         # ‖GᵀC‖² = Cᵀ(K − μI)C against (Σ_i |c_i| ‖g_i‖)²: the size of the terms summed
-        mu = self.damp / self.scale
-        kept = xp.sum(C * E, axis=1) - mu * xp.sum(C * C, axis=1)
+        kept = xp.sum(C * E, axis=1) - self.mu * xp.sum(C * C, axis=1)
         terms = xp.sum(xp.abs(C) * xp.sqrt(self.sq_norms)[:, :, None], axis=1) ** 2
-        if X is not None and self._cancelled(kept, terms):
-            Y = self._refine(X, Y)
-        return Y
+        if not self._cancelled(kept, terms):
+            return _passes.combine(xp, self.Gg, None, C, 0.0, 1.0 / self.scale, self.accumulate)
+        return self._corrected(X, P)
 
     # -- entries ----------------------------------------------------------------------
     @property
     def W(self):
-        """(nb·B, m) float64, row j = L⁻¹ g_j (column j of the whitened block)."""
+        """L⁻¹G per block: (nb, m, B) float64, laid out like G (column j = w_j)."""
         if self._W is None:
             self._W = _passes.map_tiles(self.xp, self.Gg, lambda b0, b1, t: self.factor.whiten(t, b0, b1))
         return self._W
 
     def diag(self):
-        """diag F⁻¹ over the group: (nb·B,) float64."""
-        W = self.W
-        return (1.0 - self.xp.sum(W * W, axis=1)) / self.damp
+        """diag F⁻¹ over the group: (nb·B,) float64. O(dm²) once, then cached."""
+        if self._diag is None:
+            xp = self.xp
+            if self._W is not None:
+                sq = xp.sum(self._W * self._W, axis=1)
+            else:
+                sq = _passes.map_tiles(
+                    xp, self.Gg, lambda b0, b1, t: xp.sum(self.factor.whiten(t, b0, b1) ** 2, axis=1)
+                )
+            self._diag = xp.reshape((1.0 - sq) / self.damp, (-1,))
+        return self._diag
+
+    def _rows(self, r):
+        """w_r for local offsets r: (len r, m)."""
+        B = self.Gg.shape[2]
+        return self.W[r // B, :, r % B]
 
     def pairs(self, r, c):
         """F⁻¹[r_t, c_t] for local offsets r, c in the same block: (n,) float64, O(m) each."""
-        xp, W = self.xp, self.W
-        out = -xp.sum(xp.take(W, r, axis=0) * xp.take(W, c, axis=0), axis=1)
-        out = out + xp.astype(r == c, xp.float64)
+        xp = self.xp
+        out = xp.astype(r == c, xp.float64) - xp.sum(self._rows(r) * self._rows(c), axis=1)
         return out / self.damp
 
     def cross(self, r, c):
         """Dense F⁻¹[r][:, c] for local offsets (zero across blocks): (len r, len c) float64."""
-        xp, W = self.xp, self.W
+        xp = self.xp
         B = self.Gg.shape[2]
-        out = -(xp.take(W, r, axis=0) @ xp.matrix_transpose(xp.take(W, c, axis=0)))
-        out = out + xp.astype(r[:, None] == c[None, :], xp.float64)
+        out = xp.astype(r[:, None] == c[None, :], xp.float64) - self._rows(r) @ xp.matrix_transpose(self._rows(c))
         same = (r // B)[:, None] == (c // B)[None, :]
         return xp.where(same, out / self.damp, 0.0)
 

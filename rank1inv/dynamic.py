@@ -110,8 +110,9 @@ class DynamicInverse(InverseOperator):
                 self._group = DenseGroup(xp, Gg, self._damp, s, self._accumulate)
             else:
                 factor = _coef.MfacFactor(xp, self._D, self._B, 1.0 / s, self._damp)
-                sq = xp.linalg.diagonal(self._gram)[None, :]
-                self._group = WoodburyGroup(xp, Gg, self._damp, s, self._accumulate, factor=factor, sq_norms=sq)
+                self._group = WoodburyGroup(
+                    xp, Gg, self._damp, s, self._accumulate, factor=factor, gram=self._gram[None]
+                )
         return [self._group]
 
     def gradients(self):
@@ -159,7 +160,9 @@ class DynamicInverse(InverseOperator):
 
     def push_apply(self, g):
         """Push g, then return F⁻¹g for the new window: shape (dim,), dtype of g promoted with
-        ``dtype``. Two passes over G in all (the Gram row, then Gᵀc) plus O(capacity²).
+        ``dtype``. Two passes over G in all (the Gram row, then Gᵀc) plus O(capacity²); two
+        more when g is (nearly) a combination of other stored gradients and the coefficients
+        cancel.
 
         g lies in the window, so F⁻¹g = (1/s)·Gᵀ K⁻¹ e_slot exactly (K = GGᵀ + (λ/s)I); this
         avoids the cancellation of λ⁻¹(g − Gᵀc) for small λ. The result is for g rounded to
@@ -176,7 +179,7 @@ class DynamicInverse(InverseOperator):
         else:
             e = xp.zeros((1, self._capacity, 1), dtype=xp.float64, device=_backend.device(self._G))
             e[0, slot, 0] = 1.0
-            y = grp.apply_to_gradients(e, g64)
+            y = grp.apply_to_gradients(e, g64, self._gram[None, :, slot : slot + 1])
         return xp.astype(y[0, :, 0], out_dtype)
 
     def _push(self, g_s) -> int:

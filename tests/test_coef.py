@@ -63,7 +63,7 @@ def test_mfac_factor_solves_K():
     P = np.random.default_rng(0).standard_normal((40, 3))
     X = f.solve(P)
     assert np.linalg.norm(K @ X - P) <= 1e-8 * np.linalg.norm(K) * np.linalg.norm(X)
-    W = f.whiten(np.eye(40))
+    W = f.whiten(np.eye(40)[None])[0]
     np.testing.assert_allclose(W.T @ W, np.linalg.inv(K), rtol=1e-6, atol=1e-8 * np.abs(np.linalg.inv(K)).max())
     assert abs(f.logdet() - np.linalg.slogdet(K)[1]) <= 1e-8 * abs(np.linalg.slogdet(K)[1])
 

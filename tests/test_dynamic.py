@@ -171,7 +171,9 @@ class WindowMachine(RuleBasedStateMachine):
             assert testing.backward_error(F, b, host(x)) <= eta_tol
 
 
-WindowMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+WindowMachine.TestCase.settings = settings(
+    max_examples=max(60, settings.default.max_examples), stateful_step_count=25, deadline=None
+)
 TestWindowNumpy = WindowMachine.TestCase
 
 

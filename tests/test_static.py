@@ -107,7 +107,7 @@ def test_blocks_equal_separate_operators(xp, rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("family", ["lowrank", "duplicate", "collinear"])
+@pytest.mark.parametrize("family", testing.FAMILIES)
 def test_vectors_in_the_span(xp, family, dtype, rng):
     """x = g_j or a combination of gradients: λ⁻¹(x − Gᵀc) would cancel; the targets still hold."""
     eta_tol, _ = tolerances(dtype)

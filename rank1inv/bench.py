@@ -1,0 +1,269 @@
+"""Benchmarks: ratios measured in one run (DESIGN §7).
+
+``python -m rank1inv bench [--device cpu|gpu] [--quick] [--out FILE]``
+
+Every figure is a ratio of two timings taken in the same process: time / floor (the memory
+traffic a product cannot avoid) and time / the paper's algorithm as written (``reference``) on
+the same backend. Each timing is the median of several repetitions after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from . import DynamicInverse, StaticInverse, _backend, _coef, reference
+
+
+class Timer:
+    """Median wall time of ``fn`` on a backend (synchronising the GPU around each call)."""
+
+    def __init__(self, xp, repeat: int = 5):
+        self.xp, self.repeat = xp, repeat
+
+    def _sync(self):
+        if _backend.is_cupy(self.xp):
+            import cupy
+
+            cupy.cuda.Device().synchronize()
+
+    def __call__(self, fn, repeat: int | None = None) -> float:
+        fn()
+        self._sync()
+        times = []
+        for _ in range(repeat or self.repeat):
+            t0 = time.perf_counter()
+            fn()
+            self._sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+
+def _lowrank(xp, m, d, seed=0, dtype="float32"):
+    """Gradients like real ones (rank 8 + 1e-3 noise), generated on the device in chunks."""
+    rng = np.random.default_rng(seed)
+    U = xp.asarray(rng.standard_normal((m, 8)) / np.sqrt(8))
+    V = xp.asarray(rng.standard_normal((8, d)))
+    G = xp.astype(U @ V, getattr(xp, dtype))
+    if _backend.is_cupy(xp):
+        import cupy
+
+        G += cupy.random.default_rng(seed).standard_normal((m, d), dtype=cupy.float32) * 1e-3
+    else:
+        G += (1e-3 * rng.standard_normal((m, d))).astype(dtype)
+    return G
+
+
+def _row(rows, name, value, unit="", note=""):
+    rows.append((name, value, unit, note))
+
+
+def cpu_static(rows, timer, xp, m=256, d=100_000):
+    G = _lowrank(xp, m, d)
+    x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
+    c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
+    floor = timer(lambda: G @ x) + timer(lambda: c @ G)
+    op = StaticInverse(G, 1e-4)
+    ihvp = timer(lambda: op @ x)
+    native = StaticInverse(G, 1e-4, accumulate="native")
+    ihvp_native = timer(lambda: native @ x)
+    _row(rows, f"floor: float32 G@x + c@G (m={m}, d={d})", floor * 1e3, "ms", "two float32 BLAS passes")
+    _row(rows, "StaticInverse IHVP / floor", ihvp / floor, "×", "target ≤ 2.5 (float64 accumulation)")
+    _row(rows, "StaticInverse IHVP, accumulate='native' / floor", ihvp_native / floor, "×", "")
+    ours = timer(lambda: StaticInverse(G, 1e-4).diag(), repeat=3)
+    paper = timer(lambda: reference.static_diag(*reference.static_precompute(G, 1e-4), 1e-4), repeat=3)
+    _row(rows, "precompute + full diagonal", ours * 1e3, "ms", "")
+    _row(rows, "paper Algorithm 3 + eq. 25 (float32)", paper * 1e3, "ms", "")
+    _row(rows, "speed-up over the paper (precompute + diag)", paper / ours, "×", "target ≥ 4")
+    return floor
+
+
+def dynamic_push_apply(rows, timer, xp, m, d, label=""):
+    G = _lowrank(xp, m + 8, d)
+    w = DynamicInverse(d, m, 1e-4, xp=xp)
+    for i in range(m):
+        w.push(G[i])
+    x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
+    c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
+    Gw = w._G
+    floor = timer(lambda: Gw @ x) + timer(lambda: c @ Gw)
+    it = iter(range(10**9))
+    pa = timer(lambda: w.push_apply(G[m + next(it) % 8]))
+    ihvp = timer(lambda: w @ x)
+    _row(rows, f"{label}floor: float32 G@x + c@G (m={m}, d={d})", floor * 1e3, "ms", "")
+    _row(rows, f"{label}DynamicInverse IHVP / floor", ihvp / floor, "×", "")
+    _row(rows, f"{label}DynamicInverse push_apply / floor", pa / floor, "×", "")
+    return floor, pa
+
+
+def cpu_dynamic(rows, timer, xp, m=256, d=100_000):
+    floor, pa = dynamic_push_apply(rows, timer, xp, m, d)
+    G = _lowrank(xp, m, d)
+    gram = _backend.to_host(G @ xp.matrix_transpose(G)).astype(np.float64)
+    x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
+
+    def paper_step():  # Algorithm 1 (full D and B) + Algorithm 2, float32, as in the reference code
+        D, B = reference.dynamic_coefficients(xp.asarray(gram), 1e-4, m)
+        reference.dynamic_apply(G, D, B, 1e-4, m, x)
+
+    paper = timer(paper_step, repeat=3)
+    _row(rows, "paper Algorithms 1 + 2 per step (float32) / our push_apply", paper / pa, "×", "")
+
+
+def coefficient_update(rows, timer, xp, sizes):
+    """The O(m³) part of an update: D and B after a change at slot 0 (full) and at m/2."""
+    for m in sizes:
+        rng = np.random.default_rng(m)
+        A = rng.standard_normal((m, m + 64))
+        gram = xp.asarray(A @ A.T)
+        D, B = _coef.coefficients(xp, gram, 1e-3, float(m))
+        full = timer(lambda: _coef.coefficients(xp, gram, 1e-3, float(m)), repeat=3)
+        half = timer(lambda: _coef.coefficients(xp, gram, 1e-3, float(m), m // 2, (D, B)), repeat=3)
+        _row(rows, f"O(m³) update m={m}: full / from slot m/2", full * 1e3, "ms", f"{half * 1e3:.3g} ms from m/2")
+
+
+def gpu_suite(rows, quick: bool):
+    import cupy
+
+    xp = _backend.namespace_from_argument(cupy)
+    timer = Timer(xp, repeat=10)
+    n = 1 << 28
+    a = cupy.empty(n, dtype=cupy.float32)
+    b = cupy.empty_like(a)
+    copy = timer(lambda: b.__setitem__(slice(None), a))
+    bandwidth = 2 * a.nbytes / copy  # read + write
+    _row(rows, "device-to-device copy bandwidth", bandwidth / 1e9, "GB/s", "the floor's bandwidth")
+    del a, b
+    dims = (10**6,) if quick else (10**6, 10**7)
+    for d in dims:
+        for m in (256, 1024):
+            if m * d * 4 > 0.6 * cupy.cuda.Device().mem_info[1]:
+                continue
+            G = _lowrank(xp, m, d)
+            floor = 2 * G.nbytes / bandwidth
+            op = StaticInverse(G, 1e-4)
+            x = cupy.asarray(np.random.default_rng(1).standard_normal(d), dtype=cupy.float32)
+            _row(
+                rows,
+                f"IHVP / floor (m={m}, d={d:.0e})",
+                timer(lambda: op @ x) / floor,
+                "×",
+                "target ≤ 1.2 at d=1e7, m=1024",
+            )
+            del op
+            w = DynamicInverse(d, m, 1e-4, xp=cupy)
+            for i in range(m):
+                w.push(G[i])
+            it = iter(range(10**9))
+            pa = timer(lambda: w.push_apply(G[next(it) % m]))
+            _row(rows, f"push_apply / floor (m={m}, d={d:.0e})", pa / floor, "×", "target ≤ 1.3 at d=1e7, m=1024")
+            del w, G
+            cupy.get_default_memory_pool().free_all_blocks()
+    coefficient_update(rows, timer, xp, (256, 1024, 4096) if quick else (256, 1024, 4096, 8192))
+    for m in (1024, 4096) if quick else (1024, 4096, 8192):
+        rng = np.random.default_rng(m)
+        A = rng.standard_normal((m, m + 64))
+        D, _ = _coef.coefficients(_backend.namespace_from_argument(None), A @ A.T, 1e-3, float(m))
+        Dd = cupy.asarray(D)
+        from cupyx.scipy.linalg import solve_triangular
+
+        from .cuda import kernels
+
+        kern = timer(lambda: kernels.mfac_b(Dd, float(m), 1e-3), repeat=5)
+        L = _coef.unit_lower(xp, Dd, float(m))
+        eye = cupy.eye(m)
+        cublas = timer(lambda: solve_triangular(L, eye, lower=True, unit_diagonal=True) / 1e-3, repeat=5)
+        _row(rows, f"B kernel m={m} (float64)", kern * 1e3, "ms", f"cuBLAS trsm path {cublas * 1e3:.3g} ms")
+    m, d = 1024, (10**6 if quick else 10**7)
+    G = _lowrank(xp, m, d)
+    ours = timer(lambda: StaticInverse(G, 1e-4).diag(), repeat=2)
+    paper = timer(lambda: reference.static_diag(*reference.static_precompute(G, 1e-4), 1e-4), repeat=1)
+    _row(rows, f"static precompute + diag, paper / ours (m={m}, d={d:.0e})", paper / ours, "×", "target ≥ 10")
+
+
+def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
+    """DESIGN §6 metrics for every family: rank1inv (float32 storage, default accumulation) next
+    to the paper's static algorithm in float32 (Algorithm 3, eq. 24–25) and its dynamic one
+    (Algorithms 1–2). Reference: dense float64 inverse of the float32-rounded gradients."""
+    from . import testing
+
+    rng = np.random.default_rng([seed, 1])  # independent of the gradients' stream
+    head = (
+        "| family | scale | λ | cond(F) | η ours | η paper static | η paper dynamic | "
+        "diag rel. err. ours | diag rel. err. paper | fwd err. ours | fwd err. paper |"
+    )
+    lines = [head, "|" + "---|" * 11]
+    for family in testing.FAMILIES:
+        for scale in (1.0, 100.0):
+            for damp in (1e-1, 1e-4, 1e-6):
+                G = testing.gradients(family, m, d, scale=scale, seed=seed)
+                F = testing.dense_fisher(G, damp)
+                cond = np.linalg.cond(F)
+                Finv = np.linalg.inv(F)
+                x = rng.standard_normal(d).astype(np.float32)
+                op = StaticInverse(G, damp)
+                y = op @ x
+                V, q = reference.static_precompute(G, damp)
+                y_ref = reference.static_apply(V, q, damp, x)
+                D, B = reference.dynamic_coefficients(G.astype(np.float64) @ G.T.astype(np.float64), damp, m)
+                y_dyn = reference.dynamic_apply(G, D, B, damp, m, x)
+                exact = Finv @ x.astype(np.float64)
+
+                def fwd(v):
+                    return np.linalg.norm(v - exact) / np.linalg.norm(exact) if cond <= 1e6 else float("nan")
+
+                def rel(v):
+                    return testing.relative_error(v, np.diag(Finv)) if cond <= 1e9 else float("nan")
+
+                vals = (
+                    testing.backward_error(F, y, x),
+                    testing.backward_error(F, y_ref, x),
+                    testing.backward_error(F, y_dyn, x),
+                    rel(op.diag()),
+                    rel(reference.static_diag(V, q, damp)),
+                    fwd(y),
+                    fwd(y_ref),
+                )
+                cells = " | ".join("–" if np.isnan(v) else f"{v:.1e}" for v in vals)
+                lines.append(f"| {family} | {scale:g} | {damp:g} | {cond:.1e} | {cells} |")
+    return "\n".join(lines)
+
+
+def run(device: str = "cpu", quick: bool = False, out: str | None = None) -> str:
+    rows: list = []
+    xp = _backend.namespace_from_argument(None)
+    if device == "gpu":
+        gpu_suite(rows, quick)
+        import cupy
+
+        where = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    else:
+        timer = Timer(xp, repeat=5 if quick else 9)
+        d = 20_000 if quick else 100_000
+        cpu_static(rows, timer, xp, d=d)
+        cpu_dynamic(rows, timer, xp, d=d)
+        coefficient_update(rows, timer, xp, (256, 1024) if quick else (256, 1024, 4096))
+        from . import cpu
+
+        where = f"{platform.processor() or platform.machine()}, compiled CPU passes: {cpu.available()}"
+    lines = [f"device: {where}", "", "| measurement | value | unit | note |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value:.3g} | {unit} | {note} |" for name, value, unit, note in rows]
+    text = "\n".join(lines)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m rank1inv bench", description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--quick", action="store_true", help="smaller problems (a smoke test)")
+    p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--numerics", action="store_true", help="print the accuracy table of docs/numerics.md instead")
+    args = p.parse_args(argv)
+    print(numerics_table() if args.numerics else run(args.device, args.quick, args.out))

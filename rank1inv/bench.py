@@ -132,12 +132,12 @@ def gpu_suite(rows, quick: bool):
     xp = _backend.namespace_from_argument(cupy)
     timer = Timer(xp, repeat=10)
     n = 1 << 28
-    a = cupy.empty(n, dtype=cupy.float32)
-    b = cupy.empty_like(a)
-    copy = timer(lambda: b.__setitem__(slice(None), a))
-    bandwidth = 2 * a.nbytes / copy  # read + write
+    src = cupy.empty(n, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    copy = timer(lambda: dst.__setitem__(slice(None), src))
+    bandwidth = 2 * src.nbytes / copy  # read + write
     _row(rows, "device-to-device copy bandwidth", bandwidth / 1e9, "GB/s", "the floor's bandwidth")
-    del a, b
+    src = dst = None
     dims = (10**6,) if quick else (10**6, 10**7)
     for d in dims:
         for m in (256, 1024):
@@ -161,7 +161,7 @@ def gpu_suite(rows, quick: bool):
             it = iter(range(10**9))
             pa = timer(lambda: w.push_apply(G[next(it) % m]))
             _row(rows, f"push_apply / floor (m={m}, d={d:.0e})", pa / floor, "×", "target ≤ 1.3 at d=1e7, m=1024")
-            del w, G
+            w = G = None
             cupy.get_default_memory_pool().free_all_blocks()
     coefficient_update(rows, timer, xp, (256, 1024, 4096) if quick else (256, 1024, 4096, 8192))
     for m in (1024, 4096) if quick else (1024, 4096, 8192):

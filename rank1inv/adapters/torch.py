@@ -1,0 +1,246 @@
+"""PyTorch adapter: zero-copy conversion, flat gradients, and the M-FAC optimizer.
+
+No curvature math here: tensors are handed to ``DynamicInverse`` / ``StaticInverse`` as NumPy
+(CPU) or CuPy (CUDA) arrays through DLPack, sharing memory, and results come back the same way.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+from ..dynamic import DynamicInverse
+
+
+# ------------------------------------------------------------------------------ conversion
+def to_array(tensor: torch.Tensor):
+    """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory (detached, zero-copy)."""
+    t = tensor.detach()
+    if t.device.type == "cuda":
+        import cupy
+
+        return cupy.from_dlpack(t)
+    if t.device.type != "cpu":
+        raise TypeError(f"tensors on {t.device.type} are not supported (CPU or CUDA only)")
+    return t.numpy()
+
+
+def to_tensor(array) -> torch.Tensor:
+    """A tensor sharing the memory of a NumPy or CuPy array (zero-copy, via DLPack)."""
+    if isinstance(array, np.ndarray):
+        return torch.from_numpy(array)
+    return torch.from_dlpack(array)
+
+
+# ------------------------------------------------------------------------------ flat vectors
+def _tensors(params) -> list[torch.Tensor]:
+    ps = list(params)
+    if not ps or not all(isinstance(p, torch.Tensor) for p in ps):
+        raise TypeError("params must be a non-empty iterable of tensors (e.g. model.parameters())")
+    return ps
+
+
+def flatten(params, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenate tensors into one 1-D tensor (``out`` reused when given: no allocation)."""
+    ps = _tensors(params)
+    n = sum(p.numel() for p in ps)
+    if out is None:
+        out = torch.empty(n, dtype=ps[0].dtype, device=ps[0].device)
+    elif out.shape != (n,):
+        raise ValueError(f"out must have shape ({n},), got {tuple(out.shape)}")
+    a = 0
+    with torch.no_grad():
+        for p in ps:
+            out[a : a + p.numel()].copy_(p.reshape(-1))
+            a += p.numel()
+    return out
+
+
+def unflatten(vector: torch.Tensor, params) -> list[torch.Tensor]:
+    """Views of ``vector`` shaped like each of ``params`` (zero-copy)."""
+    ps = _tensors(params)
+    n = sum(p.numel() for p in ps)
+    if vector.shape != (n,):
+        raise ValueError(f"vector must have shape ({n},), got {tuple(vector.shape)}")
+    views, a = [], 0
+    for p in ps:
+        views.append(vector[a : a + p.numel()].view(p.shape))
+        a += p.numel()
+    return views
+
+
+class GradientBuffer:
+    """One preallocated flat buffer for the gradients of ``params`` (no per-step allocation)."""
+
+    def __init__(self, params):
+        self.params = _tensors(params)
+        p0 = self.params[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
+
+    def gather(self) -> torch.Tensor:
+        """Copy each ``p.grad`` (zeros where None) into the buffer and return it."""
+        a = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                if p.grad is None:
+                    self.buffer[a : a + n].zero_()
+                else:
+                    self.buffer[a : a + n].copy_(p.grad.reshape(-1))
+                a += n
+        return self.buffer
+
+
+def gradients(model: torch.nn.Module, loss_fn, batches, m: int):
+    """m gradients (one per batch, each the gradient of the batch's mean loss) as an (m, d)
+    NumPy/CuPy array for ``StaticInverse``. ``loss_fn(model, batch)`` returns a scalar loss;
+    ``batches`` yields at least m batches. The model's own ``.grad`` fields are restored."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    buf = GradientBuffer(params)
+    G = torch.empty((m, buf.buffer.numel()), dtype=buf.buffer.dtype, device=buf.buffer.device)
+    count = 0
+    try:
+        for batch in batches:
+            if count == m:
+                break
+            for p in params:
+                p.grad = None
+            loss_fn(model, batch).backward()
+            G[count].copy_(buf.gather())
+            count += 1
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    if count < m:
+        raise ValueError(f"batches yielded {count} batches, fewer than m={m}")
+    return to_array(G)
+
+
+# ------------------------------------------------------------------------------ optimizer
+class MFAC(torch.optim.Optimizer):
+    """The M-FAC optimizer (M-FAC §4.2): θ ← θ − lr·F⁻¹g, with F the damped empirical Fisher of
+    the last ``ngrads`` gradients, kept by a ``DynamicInverse`` per window (push_apply each step).
+
+    Parameters
+    ----------
+    params : iterable of tensors or parameter groups
+    lr : float
+    ngrads : int
+        Window length (M-FAC's m).
+    damp : float
+        λ in F = λI + s·Σ gᵢgᵢᵀ.
+    momentum : float
+        Heavy-ball momentum on the preconditioned direction (0: none, as in the paper).
+    weight_decay : float
+        Decoupled weight decay: θ ← θ − lr·weight_decay·θ.
+    scale : None, "count" or float
+        As in ``DynamicInverse`` (None: 1/ngrads, the paper's convention).
+    blocks : None, "groups" or int
+        None: one window over all parameters; "groups": one window per parameter group;
+        an int B: consecutive blocks of B coordinates of the flattened parameters, one window each.
+
+    Memory: ngrads × d gradients in the parameters' dtype, on their device. ``state_dict()``
+    carries the windows, so a resumed run continues bit for bit.
+    """
+
+    def __init__(self, params, lr, *, ngrads=1024, damp=1e-5, momentum=0.0, weight_decay=0.0, scale=None, blocks=None):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not (blocks is None or blocks == "groups" or (isinstance(blocks, numbers.Integral) and blocks >= 1)):
+            raise ValueError(f"blocks must be None, 'groups' or a positive int, got {blocks!r}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.ngrads, self.damp, self.scale, self.blocks = int(ngrads), float(damp), scale, blocks
+        self._windows = self._make_windows()
+
+    # one "unit" = the parameters whose flattened gradients share one buffer
+    def _units(self):
+        if self.blocks == "groups":
+            return [[p for p in g["params"]] for g in self.param_groups]
+        return [[p for g in self.param_groups for p in g["params"]]]
+
+    def _make_windows(self):
+        windows = []
+        self._buffers = [GradientBuffer(unit) for unit in self._units()]
+        for buf in self._buffers:
+            t = buf.buffer
+            xp = None
+            if t.device.type == "cuda":
+                import cupy
+
+                xp = cupy
+            dtype = "float64" if t.dtype == torch.float64 else "float32"
+            d = t.numel()
+            size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
+            windows.append(
+                [
+                    DynamicInverse(min(size, d - a), self.ngrads, self.damp, scale=self.scale, dtype=dtype, xp=xp)
+                    for a in range(0, d, size)
+                ]
+            )
+        return windows
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for buf, windows in zip(self._buffers, self._windows):
+            g = buf.gather()
+            if g.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"M-FAC supports float32/float64 parameters, got {g.dtype}")
+            direction = torch.empty_like(g)
+            a = 0
+            for w in windows:
+                n = w.shape[0]
+                y = w.push_apply(to_array(g[a : a + n]))
+                direction[a : a + n].copy_(to_tensor(y))
+                a += n
+            self._apply(buf.params, direction)
+        return loss
+
+    def _apply(self, params, direction):
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        a = 0
+        for p in params:
+            n = p.numel()
+            group = group_of[id(p)]
+            d = direction[a : a + n].view_as(p)
+            a += n
+            if group["momentum"]:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                d = state["momentum_buffer"]
+            if group["weight_decay"]:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(d, alpha=-group["lr"])
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["mfac_windows"] = [[w.state_dict() for w in ws] for ws in self._windows]
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        windows = state_dict.pop("mfac_windows", None)
+        if windows is None:
+            raise ValueError("state_dict has no 'mfac_windows' (not from an MFAC optimizer)")
+        if [len(ws) for ws in windows] != [len(ws) for ws in self._windows]:
+            raise ValueError("state_dict windows do not match this optimizer's layout")
+        fresh = self._make_windows()
+        for ws, states in zip(fresh, windows):
+            for w, s in zip(ws, states):
+                w.load_state_dict(s)
+        super().load_state_dict(state_dict)
+        self._windows = fresh

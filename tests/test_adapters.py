@@ -1,0 +1,184 @@
+"""PyTorch and JAX adapters: shared memory, optimizer steps equal DynamicInverse, exact resume."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import rank1inv as r1
+
+torch = pytest.importorskip("torch")
+
+
+def test_torch_conversions_share_memory():
+    from rank1inv.adapters import torch as ta
+
+    t = torch.arange(6, dtype=torch.float32)
+    a = ta.to_array(t)
+    a[2] = 42.0
+    assert t[2].item() == 42.0
+    back = ta.to_tensor(a)
+    back[3] = -1.0
+    assert t[3].item() == -1.0 and a[3] == -1.0
+    p = torch.nn.Parameter(torch.ones(3))
+    assert ta.to_array(p).base is not None or ta.to_array(p).flags.writeable
+
+
+def test_torch_flatten_unflatten_and_buffer():
+    from rank1inv.adapters import torch as ta
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    flat = ta.flatten(model.parameters())
+    assert flat.shape == (3 * 4 + 4 + 4 * 2 + 2,)
+    views = ta.unflatten(flat, model.parameters())
+    for v, p in zip(views, model.parameters()):
+        assert torch.equal(v, p.detach())
+    views[0][0, 0] = 7.0
+    assert flat[0].item() == 7.0  # views share the vector
+    out = torch.empty_like(flat)
+    assert ta.flatten(model.parameters(), out=out) is out
+    buf = ta.GradientBuffer(list(model.parameters()))
+    model(torch.ones(5, 3)).sum().backward()
+    first = buf.gather()
+    ptr = first.data_ptr()
+    model(torch.ones(5, 3)).sum().backward()
+    assert buf.gather().data_ptr() == ptr  # no reallocation
+    with pytest.raises(ValueError):
+        ta.unflatten(flat[:-1], model.parameters())
+
+
+def test_torch_gradients_collects_rows():
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    xs = [torch.randn(8, 4) for _ in range(3)]
+
+    def loss_fn(mdl, batch):
+        return (mdl(batch) ** 2).mean()
+
+    G = ta.gradients(model, loss_fn, xs, 3)
+    assert G.shape == (3, 5)
+    for i, x in enumerate(xs):
+        model.zero_grad()
+        loss_fn(model, x).backward()
+        ref = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        np.testing.assert_allclose(G[i], ref.numpy(), rtol=1e-6)
+    op = r1.StaticInverse(G, 1e-3)
+    assert op.shape == (5, 5)
+    with pytest.raises(ValueError, match="fewer"):
+        ta.gradients(model, loss_fn, xs, 4)
+
+
+def _mlp():
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _batch(i):
+    g = torch.Generator().manual_seed(100 + i)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+
+
+def _train(model, opt, steps, start=0):
+    for i in range(start, start + steps):
+        x, y = _batch(i)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_mfac_step_equals_dynamic_inverse():
+    from rank1inv.adapters import torch as ta
+
+    model = _mlp()
+    params = list(model.parameters())
+    opt = ta.MFAC(params, lr=0.1, ngrads=4, damp=1e-2)
+    w = r1.DynamicInverse(sum(p.numel() for p in params), 4, 1e-2)
+    for i in range(7):
+        x, y = _batch(i)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        before = ta.flatten(params).clone()
+        g = torch.cat([p.grad.reshape(-1) for p in params]).numpy().copy()
+        expected = before.numpy() - 0.1 * w.push_apply(g)
+        opt.step()
+        after = ta.flatten(params).numpy()
+        np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+
+
+def test_mfac_options_run():
+    from rank1inv.adapters import torch as ta
+
+    for kw in ({"momentum": 0.9, "weight_decay": 1e-2}, {"blocks": "groups"}, {"blocks": 20}, {"scale": "count"}):
+        model = _mlp()
+        groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters()), "lr": 0.01}]
+        opt = ta.MFAC(groups, lr=0.05, ngrads=3, damp=1e-1, **kw)
+        _train(model, opt, 5)
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(ValueError):
+        ta.MFAC(_mlp().parameters(), lr=0.1, blocks="layers")
+    with pytest.raises(ValueError):
+        ta.MFAC(_mlp().parameters(), lr=-1.0)
+
+
+def test_mfac_resume_is_exact():
+    from rank1inv.adapters import torch as ta
+
+    a = _mlp()
+    opt_a = ta.MFAC(a.parameters(), lr=0.05, ngrads=5, damp=1e-2, momentum=0.5)
+    _train(a, opt_a, 10)
+    state = copy.deepcopy(opt_a.state_dict())  # torch's state_dict holds live references
+    model_state = {k: v.clone() for k, v in a.state_dict().items()}
+    _train(a, opt_a, 50, start=10)
+
+    b = _mlp()
+    b.load_state_dict(model_state)
+    opt_b = ta.MFAC(b.parameters(), lr=0.05, ngrads=5, damp=1e-2, momentum=0.5)
+    opt_b.load_state_dict(state)
+    _train(b, opt_b, 50, start=10)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+jax = pytest.importorskip("jax")
+
+
+def test_jax_conversions_share_memory():
+    from rank1inv.adapters import jax as ja
+
+    raw = np.empty(8 + 16, dtype=np.float32)  # JAX shares only 64-byte aligned buffers
+    off = (-raw.ctypes.data % 64) // 4
+    x = raw[off : off + 8]
+    x[:] = np.arange(8)
+    j = ja.to_jax(x)
+    assert j.unsafe_buffer_pointer() == x.ctypes.data
+    back = ja.to_array(j)
+    assert back.ctypes.data == x.ctypes.data
+    tree = {"a": jax.numpy.ones((2, 3)), "b": [jax.numpy.zeros(4)]}
+    flat, unravel = ja.ravel(tree)
+    assert flat.shape == (10,)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool((u == v).all()), unravel(flat), tree))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_jax_mfac_equals_dynamic_inverse(jit):
+    optax = pytest.importorskip("optax")
+    from rank1inv.adapters import jax as ja
+
+    params = {"w": jax.numpy.ones((3, 2)), "b": jax.numpy.zeros(2)}
+    tx = ja.mfac(0.1, ngrads=3, damp=1e-2, momentum=0.5)
+    state = tx.init(params)
+    update = jax.jit(tx.update) if jit else tx.update
+    ref = r1.DynamicInverse(8, 3, 1e-2)
+    buf = np.zeros(8, np.float32)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        grads = {"w": jax.numpy.asarray(rng.standard_normal((3, 2)), jax.numpy.float32), "b": jax.numpy.ones(2)}
+        updates, state = update(grads, state)
+        flat_g, _ = ja.ravel(grads)
+        buf = 0.5 * buf + ref.push_apply(np.asarray(flat_g))
+        flat_u, _ = ja.ravel(updates)
+        np.testing.assert_allclose(np.asarray(flat_u), -0.1 * buf, rtol=1e-6, atol=1e-7)
+        params = optax.apply_updates(params, updates)
+    assert len(ja.window_of(tx)) == 3

@@ -74,30 +74,41 @@ def _spd_solve(xp, S, b):
     return _backend.cho_solve(xp, L, b)
 
 
-def _select(op, scores, sparsity: float, scope: str):
-    """Indices of the lowest scores: the given fraction of all weights, or of each block."""
+def _select(op, scores, sparsity: float, scope: str, prunable=None):
+    """Indices of the lowest scores: the given fraction of the prunable weights, overall or in
+    each block. Weights outside ``prunable`` (a boolean (d,) array) are never selected."""
     xp = op._xp
-    d = op.shape[0]
+    if prunable is not None:
+        prunable = xp.asarray(prunable, dtype=xp.bool)
+        if prunable.shape != (op.shape[0],):
+            raise ValueError(f"prunable must be a boolean array of shape ({op.shape[0]},)")
+        scores = xp.where(prunable, scores, xp.inf)
+    else:
+        prunable = xp.ones(op.shape[0], dtype=xp.bool)
     if scope == "global":
-        k = int(round(sparsity * d))
+        k = int(round(sparsity * int(xp.sum(prunable))))
         order = xp.argsort(scores, stable=True)
         return xp.sort(order[:k])
     if scope != "block":
         raise ValueError(f"scope must be 'global' or 'block', got {scope!r}")
     parts, a = [], 0
     for size in op._layout.block_sizes:
-        k = int(round(sparsity * size))
+        k = int(round(sparsity * int(xp.sum(prunable[a : a + size]))))
         order = xp.argsort(scores[a : a + size], stable=True)
         parts.append(order[:k] + a)
         a += size
     return xp.sort(xp.concat(parts))
 
 
-def prune(op, w, sparsity: float, *, method: str = "obs", update="simultaneous", scope: str = "global", grad=None):
+def prune(
+    op, w, sparsity: float, *, method: str = "obs", update="simultaneous", scope: str = "global", grad=None,
+    prunable=None,
+):  # fmt: skip
     """Prune a fraction ``sparsity`` of the weights: returns (mask, new_w), mask True = kept.
 
     The lowest-``saliency`` weights are removed, globally or per block of ``op``'s layout
-    (``scope="block"``), then the others are updated:
+    (``scope="block"``), among ``prunable`` ones if given (a boolean (d,) mask, e.g. excluding
+    biases; the fraction is of the prunable weights), then all others are updated:
 
     - "simultaneous": the sum of the single-weight OBS updates (WoodFisher §4.3),
       δw = −F⁻¹ Σ_q (w_q / [F⁻¹]_qq) e_q — ONE inverse-Hessian product with a sparse right-hand
@@ -117,7 +128,7 @@ def prune(op, w, sparsity: float, *, method: str = "obs", update="simultaneous",
     xp = op._xp
     w64 = _vector(op, w, "w")
     scores = saliency(op, w64, method, grad)
-    Q = _select(op, scores, sparsity, scope)
+    Q = _select(op, scores, sparsity, scope, prunable)
     new = _updated(op, w64, Q, update, grad)
     mask = xp.ones(op.shape[0], dtype=xp.bool)
     mask[Q] = False
@@ -186,6 +197,7 @@ def prune_in_steps(
     scope="global",
     block_size=None,
     scale=None,
+    prunable=None,
 ):
     """Prune to ``target`` sparsity in ``steps`` steps (``cubic_schedule``), rebuilding the
     inverse before each step from ``gradients(w, mask)`` → (m, d) fresh gradients at the current
@@ -198,8 +210,9 @@ def prune_in_steps(
         G = gradients(w, mask)
         op = StaticInverse(G, damp, scale=scale, block_size=block_size)
         # weights pruned earlier are zero, score 0 and are selected again (so stay zero)
-        m_new, w_new = prune(op, xp.where(mask, w, 0.0), sparsity, method=method, update=update, scope=scope)
+        m_new, w_new = prune(
+            op, xp.where(mask, w, 0.0), sparsity, method=method, update=update, scope=scope, prunable=prunable
+        )
         mask = mask & m_new
         w = xp.where(mask, w_new, 0.0)
     return mask, w
-

@@ -1,0 +1,41 @@
+"""The demo's data and model: embedded digits load offline, the MLP gradient is right, the
+pruning experiment and the demo run end to end."""
+
+import numpy as np
+
+from rank1inv import demo, experiments
+
+
+def test_digits_load_offline():
+    Xtr, ytr, Xte, yte = experiments.load_digits()
+    assert Xtr.shape == (1257, 64) and Xte.shape == (540, 64)
+    assert set(np.unique(ytr)) == set(range(10))
+    assert 0.0 <= Xtr.min() and Xtr.max() <= 1.0
+
+
+def test_mlp_gradient_matches_finite_differences():
+    Xtr, ytr, _, _ = experiments.load_digits()
+    w = experiments.init(3)
+    X, y = Xtr[:20].astype(np.float64), ytr[:20]
+    _, g = experiments.loss_and_grad(w, X, y)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(w), 15, replace=False):
+        e = np.zeros_like(w)
+        e[i] = 1e-6
+        fd = (experiments.loss_and_grad(w + e, X, y)[0] - experiments.loss_and_grad(w - e, X, y)[0]) / 2e-6
+        assert abs(fd - g[i]) <= 1e-6 * max(1.0, abs(g[i]))
+
+
+def test_pruning_experiment_runs_small():
+    dense, damp, results = experiments.pruning_table(m=32, steps=2)
+    assert 0.9 <= dense <= 1.0 and damp > 0
+    for accs in results.values():
+        assert len(accs) == len(experiments.SPARSITIES) and all(0.0 <= a <= 1.0 for a in accs)
+    # sanity, not a claim: mild pruning keeps most of the accuracy for every method
+    assert all(accs[0] >= 0.8 for accs in results.values())
+
+
+def test_demo_part_one_reports_accuracy():
+    lines = demo.accuracy_and_speed(m=16, d=120)
+    text = "\n".join(lines)
+    assert "backward error" in text and "faster" in text

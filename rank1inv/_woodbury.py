@@ -20,11 +20,11 @@ import math
 
 from . import _backend, _passes
 
-# Correct a product when less than this fraction of ‖x‖² survives the subtraction (ρ > 1000 for
+# Correct a product when less than this fraction of ‖x‖² survives the subtraction (ρ > 10⁶ for
 # float32 storage, ρ > 10 for float64, ρ = cancellation ratio): the error grows like ε₆₄·ρ times
 # a conditioning factor, against targets of 1e-7 and 5e-12 (DESIGN §6). Generic vectors (m ≪ d)
 # never trigger it; vectors in the gradients' span always do.
-CANCELLATION = {"float32": 1e-6, "float64": 1e-2}
+CANCELLATION = {"float32": 1e-12, "float64": 1e-2}
 
 
 class CholeskyFactor:

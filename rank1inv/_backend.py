@@ -86,8 +86,11 @@ def cholesky(xp, a):
             "the damped Gram matrix is not numerically positive definite "
             "(damp too small for the scale of the gradients?)"
         ) from err
-    if is_cupy(xp) and not all_finite(xp, c):  # cuSOLVER reports failure as NaNs
-        raise ValueError("the damped Gram matrix is not numerically positive definite")
+    if not all_finite(xp, c):  # cuSOLVER reports failure as NaNs; inf input gives NaNs too
+        raise ValueError(
+            "the damped Gram matrix is not numerically positive definite or not finite "
+            "(gradients so large that their inner products overflow float64?)"
+        )
     return c
 
 

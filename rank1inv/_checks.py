@@ -66,10 +66,17 @@ def float_dtype(value) -> str:
     return name
 
 
+def as_array(x, name: str):
+    """``x`` itself if it is a NumPy/CuPy array; a NumPy array for nested lists/tuples."""
+    if _backend.is_array(x):
+        return x
+    if isinstance(x, (list, tuple)):
+        return _backend.namespace_from_argument(None).asarray(x)
+    raise TypeError(f"{name} must be an array (NumPy or CuPy), not {type(x).__name__}")
+
+
 def float_array(x, name: str, ndims: tuple[int, ...]):
     """Namespace of ``x`` after checking it is a finite float32/float64 array of allowed ndim."""
-    if not _backend.is_array(x):
-        raise TypeError(f"{name} must be an array (NumPy or CuPy), not {type(x).__name__}")
     xp = _backend.namespace(x)
     if x.ndim not in ndims:
         raise ValueError(f"{name} must have ndim in {ndims}, got shape {tuple(x.shape)}")

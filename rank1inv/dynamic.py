@@ -169,7 +169,7 @@ class DynamicInverse(InverseOperator):
         the storage dtype, as stored.
         """
         g_s = self._gradient(g)
-        out_dtype = self._xp.result_type(g.dtype, self._G.dtype)
+        out_dtype = self._xp.result_type(getattr(g, "dtype", self._xp.float64), self._G.dtype)
         slot = self._push(g_s)
         xp = self._xp
         grp = self._groups()[0]
@@ -194,6 +194,10 @@ class DynamicInverse(InverseOperator):
     # -- internals ----------------------------------------------------------------------------
     def _gradient(self, g):
         """Validate g and return it rounded to the storage dtype (a new array)."""
+        if not _backend.is_cupy(self._xp):
+            g = _checks.as_array(g, "g")
+        elif not _backend.is_array(g):
+            raise TypeError(f"g must be a CuPy array for this window, not {type(g).__name__}")
         xp = _checks.float_array(g, "g", (1,))
         _checks.same_backend(self._xp, g, "g", "this window")
         if g.shape[0] != self._dim:

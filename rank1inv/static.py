@@ -44,6 +44,7 @@ class StaticInverse(InverseOperator):
     """
 
     def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64"):
+        G = _checks.as_array(G, "G")
         xp = _checks.float_array(G, "G", (2,))
         m, d = G.shape
         if m < 1 or d < 1:

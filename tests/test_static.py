@@ -259,7 +259,8 @@ def test_rejects_bad_input(xp):
     with pytest.raises(ValueError, match="accumulate"):
         r1.StaticInverse(G, 1.0, accumulate="float16")
     with pytest.raises(TypeError, match="array"):
-        r1.StaticInverse([[1.0, 2.0]], 1.0)
+        r1.StaticInverse("G", 1.0)
+    assert r1.StaticInverse([[1.0, 2.0]], 1.0).dtype == np.float64  # nested lists become NumPy
     with np.errstate(over="ignore"), pytest.raises(ValueError, match="overflow"):
         r1.StaticInverse(xp.full((3, 10), 1e200), 1.0)  # Gram matrix overflows float64
 

@@ -179,7 +179,7 @@ def pruning_report(plot: str | None = None, **kw) -> str:
                 ax.plot([100 * s for s in SPARSITIES], [100 * a for a in accs], marker="o", label=name)
             ax.set_xlabel("sparsity [%]")
             ax.set_ylabel("test accuracy [%]")
-            ax.set_title("One-shot pruning, digits MLP")
+            ax.set_title("Pruning a digits MLP (UCI digits, test accuracy)")
             ax.legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(plot, dpi=120)

@@ -4,10 +4,10 @@ For one block with gradients G_b (m×B, B > m), damping λ and scale s:
 
     F_b⁻¹ = λ⁻¹ (I − G_bᵀ K⁻¹ G_b),        K = G_b G_bᵀ + (λ/s) I      (m×m, SPD)
 
-``factor`` supplies the m×m algebra: ``solve(P) = K⁻¹P``, ``logdet()`` = Σ log det K_b and StaticInverse uses a Cholesky
-factor; DynamicInverse uses M-FAC's D/B coefficients (``rank1inv._coef``).
-
-``whiten(P) = L⁻¹P`` for a square root K = L Lᵀ.
+``factor`` supplies the m×m algebra: ``solve(P) = K⁻¹P``, ``whiten(P) = L⁻¹P`` for some square
+root K = L Lᵀ, and ``logdet()`` = Σ log det K_b. StaticInverse uses a Cholesky factor;
+DynamicInverse uses M-FAC's D/B coefficients (``rank1inv._coef``). Products of vectors in the
+span of the gradients use a ``SpectralFactor`` instead (see ``WoodburyGroup._corrected``).
 
 Entries come from W = L⁻¹G_b: F⁻¹_ij = λ⁻¹(δ_ij − w_iᵀ w_j), O(m) each. W is computed on the
 first entry query (O(m²B) per block, BLAS-3) and cached as float64, 8·m·B bytes per block. The
@@ -74,18 +74,17 @@ class WoodburyGroup:
     """``nb`` equal blocks of width B (> m), as one batch. Gg has shape (nb, m, B)."""
 
     def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, factor=None, gram=None):
+        """``factor`` and ``gram`` (GGᵀ, (nb, m, m)) come together or not at all."""
         self.xp, self.Gg, self.damp, self.scale, self.accumulate = xp, Gg, damp, scale, accumulate
         nb, m, B = Gg.shape
+        self.mu = damp / scale  # K = GGᵀ + μI
         if factor is None:
-            K0 = _passes.gram(xp, Gg, accumulate)
-            factor = CholeskyFactor(xp, K0 + (damp / scale) * xp.eye(m, dtype=xp.float64, device=_backend.device(Gg)))
-        else:
-            K0 = gram
+            gram = _passes.gram(xp, Gg, accumulate)
+            factor = CholeskyFactor(xp, gram + self.mu * xp.eye(m, dtype=xp.float64, device=_backend.device(Gg)))
         self.factor = factor
-        self._K0 = K0  # kept (nb·m² floats) for the spectral factor of corrected products
+        self._K0 = gram  # GGᵀ per block (nb·m² floats), for the spectral factor of corrected products
         self._spectral = None
-        self.sq_norms = xp.linalg.diagonal(K0)  # (nb, m): ‖g_i‖²
-        self.mu = damp / scale
+        self.sq_norms = xp.linalg.diagonal(gram)  # (nb, m): ‖g_i‖²
         self._W = None
         self._diag = None
 

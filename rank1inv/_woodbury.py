@@ -20,11 +20,12 @@ import math
 
 from . import _backend, _passes
 
-# Correct a product when less than this fraction of ‖x‖² survives the subtraction (ρ > 10⁶ for
+# Correct a product when less than this fraction of ‖x‖² survives the subtraction (ρ > 10⁴ for
 # float32 storage, ρ > 10 for float64, ρ = cancellation ratio): the error grows like ε₆₄·ρ times
 # a conditioning factor, against targets of 1e-7 and 5e-12 (DESIGN §6). Generic vectors (m ≪ d)
 # never trigger it; vectors in the gradients' span always do.
-CANCELLATION = {"float32": 1e-12, "float64": 1e-2}
+CANCELLATION = {"float32": 1e-8, "float64": 1e-2}
+CORRECTION_STEPS = 2
 
 
 class CholeskyFactor:
@@ -93,7 +94,7 @@ class WoodburyGroup:
         """F⁻¹X for X (nb, B, k) float64: two passes over G plus O(m²k) per block.
 
         When x lies (nearly) in the span of the gradients, λ⁻¹(x − Gᵀc) cancels and its rounding
-        errors along the gradients are amplified by F. Then two more passes correct it
+        errors along the gradients are amplified by F. Then four more passes correct it
         (``_corrected``).
         """
         xp = self.xp
@@ -113,21 +114,28 @@ class WoodburyGroup:
         return self._spectral
 
     def _corrected(self, X, P):
-        """F⁻¹x for P = Gx without the cancellation. With c = K⁻¹p (spectral factor: no
-        amplified rounding along cancelling combinations) and r = x − Gᵀc as computed,
+        """F⁻¹x for P = Gx without the cancellation of λ⁻¹(x − Gᵀc).
+
+        c solves K c = Gx, equivalently G r = μc with r = x − Gᵀc. With the spectral factor (no
+        amplified rounding along cancelling combinations of gradients), c is refined
+        ``CORRECTION_STEPS − 1`` times by δc = K⁻¹(G r − μc), the residual taken through G itself
+        (not through the rounded Gram matrix). Then
 
             F⁻¹x = λ⁻¹ r + Gᵀ K⁻¹ λ⁻¹(μc − G r),
 
-        an identity (G r = μc exactly) whose second term removes the rounding error of r along
-        the gradients: zero in exact arithmetic, −λ⁻¹GᵀK⁻¹G·err(r) in floating point.
-        Three passes over G.
+        an identity whose second term is zero in exact arithmetic and, in floating point,
+        removes the rounding error of r along the gradients (−λ⁻¹GᵀK⁻¹G·err(r)).
+        2·CORRECTION_STEPS + 1 passes over G.
         """
         xp = self.xp
-        C = self.spectral.solve(P)
-        R = _passes.combine(xp, self.Gg, X, C, 1.0, -1.0, self.accumulate)
-        Q = _passes.project(xp, self.Gg, R, self.accumulate)
-        coef = self.spectral.solve((self.mu * C - Q) / self.damp)
-        return _passes.combine(xp, self.Gg, R, coef, 1.0 / self.damp, 1.0, self.accumulate)
+        solve = self.spectral.solve
+        C = solve(P)
+        for step in range(CORRECTION_STEPS):
+            R = _passes.combine(xp, self.Gg, X, C, 1.0, -1.0, self.accumulate)
+            E = _passes.project(xp, self.Gg, R, self.accumulate) - self.mu * C
+            if step + 1 < CORRECTION_STEPS:
+                C = C + solve(E)
+        return _passes.combine(xp, self.Gg, R, solve(-E / self.damp), 1.0 / self.damp, 1.0, self.accumulate)
 
     def _cancelled(self, remainder, total) -> bool:
         if self.accumulate == "native":
@@ -146,7 +154,7 @@ class WoodburyGroup:
 
         Uses F⁻¹Gᵀ = (1/s)·GᵀK⁻¹, one pass, no cancellation of λ⁻¹(x − Gᵀc) (DESIGN §3). If the
         coefficients K⁻¹E cancel among (nearly) dependent gradients, falls back to the corrected
-        form of ``apply`` (two more passes).
+        form of ``apply`` (five passes).
         """
         xp = self.xp
         C = self.factor.solve(E)

@@ -160,9 +160,9 @@ class DynamicInverse(InverseOperator):
 
     def push_apply(self, g):
         """Push g, then return F⁻¹g for the new window: shape (dim,), dtype of g promoted with
-        ``dtype``. Two passes over G in all (the Gram row, then Gᵀc) plus O(capacity²); two
-        more when g is (nearly) a combination of other stored gradients and the coefficients
-        cancel.
+        ``dtype``. Two passes over G in all (the Gram row, then Gᵀc) plus O(capacity²); five
+        instead of the second when g is (nearly) a combination of other stored gradients and
+        the coefficients cancel (an O(capacity³) eigendecomposition too).
 
         g lies in the window, so F⁻¹g = (1/s)·Gᵀ K⁻¹ e_slot exactly (K = GGᵀ + (λ/s)I); this
         avoids the cancellation of λ⁻¹(g − Gᵀc) for small λ. The result is for g rounded to

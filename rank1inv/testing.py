@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-FAMILIES = ("iid", "collinear", "lowrank", "duplicate", "zero_rows", "huge_row")
+FAMILIES = ("iid", "collinear", "lowrank", "clusters", "duplicate", "zero_rows", "huge_row")
 
 
 def gradients(family: str, m: int, d: int, *, scale: float = 1.0, seed: int = 0, dtype="float32") -> np.ndarray:
@@ -16,7 +16,8 @@ def gradients(family: str, m: int, d: int, *, scale: float = 1.0, seed: int = 0,
 
     iid: N(0, 1). collinear: one shared direction times N(0, 1) + 1e-2 noise. lowrank: rank 8
     (unit-variance entries) + 1e-3 noise. duplicate: iid with every other row a copy of the one
-    before. zero_rows: iid with a third of the rows zero. huge_row: iid with row 0 times 1e4.
+    before. clusters: 4 directions, each row one of them + 1e-3 noise (near-duplicates).
+    zero_rows: iid with a third of the rows zero. huge_row: iid with row 0 times 1e4.
     Everything is multiplied by ``scale``.
     """
     rng = np.random.default_rng(seed)
@@ -28,6 +29,8 @@ def gradients(family: str, m: int, d: int, *, scale: float = 1.0, seed: int = 0,
         r = 8
         G = rng.standard_normal((m, r)) @ rng.standard_normal((r, d)) / np.sqrt(r)
         G += 1e-3 * rng.standard_normal((m, d))
+    elif family == "clusters":
+        G = rng.standard_normal((4, d))[np.arange(m) % 4] + 1e-3 * rng.standard_normal((m, d))
     elif family == "duplicate":
         G = rng.standard_normal((m, d))
         G[1::2] = G[0 : m - 1 : 2][: G[1::2].shape[0]]

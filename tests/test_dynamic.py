@@ -209,6 +209,23 @@ def test_no_drift_after_10000_pushes(xp, dtype):
     np.testing.assert_allclose(host(w._gram)[np.ix_(w.slots(), w.slots())], Gw @ Gw.T, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("seed", range(6))
+def test_push_apply_near_duplicate_windows(xp, dtype, seed):
+    """Windows of exact and near duplicates (1e-5 relative), large gradients, λ = 1e-6: the
+    regime where the one-pass push_apply formula cancels and the corrected form takes over."""
+    rng = np.random.default_rng(seed)
+    dim, cap, damp = int(rng.integers(30, 120)), int(rng.integers(5, 20)), 1e-6
+    w = r1.DynamicInverse(dim, cap, damp, dtype=dtype, xp=xp)
+    base = 100 * rng.standard_normal((4, dim))
+    eta_tol, _ = tolerances(dtype)
+    for _ in range(30):
+        g = base[rng.integers(4)] + (0.0 if rng.random() < 0.3 else 1e-3) * rng.standard_normal(dim)
+        y = host(w.push_apply(xp.asarray(g)))
+        F = testing.dense_fisher(host(w.gradients()), damp, 1.0 / cap)
+        assert testing.backward_error(F, y, np.asarray(g, dtype=dtype).astype(np.float64)) <= eta_tol
+
+
 def test_agrees_with_paper_dynamic_algorithm_float64():
     from rank1inv import reference
 

@@ -143,8 +143,9 @@ class InverseOperator(_BlockOperator):
         return xp.astype(d, self.dtype)
 
     def entries(self, rows, cols):
-        """Vector of F⁻¹[rows[t], cols[t]], shape (n,), op.dtype. O(m) per entry (after the
-        cached whitening), zero across blocks."""
+        """Vector of F⁻¹[rows[t], cols[t]], shape (n,), op.dtype. O(m) per entry after the
+        cached whitening W = L⁻¹G (O(dm²) once, 8·d·m bytes; above 2 GiB no cache and O(m²) per
+        index instead), zero across blocks."""
         xp = self._xp
         r = _checks.indices(xp, rows, self._dim, "rows")
         c = _checks.indices(xp, cols, self._dim, "cols")

@@ -10,8 +10,9 @@ DynamicInverse uses M-FAC's D/B coefficients (``rank1inv._coef``). Products of v
 span of the gradients use a ``SpectralFactor`` instead (see ``WoodburyGroup._corrected``).
 
 Entries come from W = L⁻¹G_b: F⁻¹_ij = λ⁻¹(δ_ij − w_iᵀ w_j), O(m) each. W is computed on the
-first entry query (O(m²B) per block, BLAS-3) and cached as float64, 8·m·B bytes per block. The
-diagonal is computed tile by tile without storing W (same cost, O(tile) memory) and cached.
+first entry query (O(m²B) per block, BLAS-3) and cached as float64, 8·m·B bytes per block, when
+that is at most ``W_CACHE_BYTES``; above it, the needed columns are whitened on demand (O(m²)
+per index). The diagonal is computed tile by tile without storing W and cached.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import _backend, _passes
 # never trigger it; vectors in the gradients' span always do.
 CANCELLATION = {"float32": 1e-8, "float64": 1e-2}
 CORRECTION_STEPS = 2
+W_CACHE_BYTES = 1 << 31  # cache W = L⁻¹G (float64) for entry queries only up to 2 GiB
 
 
 class CholeskyFactor:
@@ -187,9 +189,20 @@ class WoodburyGroup:
         return self._diag
 
     def _rows(self, r):
-        """w_r for local offsets r: (len r, m)."""
-        B = self.Gg.shape[2]
-        return self.W[r // B, :, r % B]
+        """w_r for local offsets r: (len r, m). From the cached W when it fits in
+        ``W_CACHE_BYTES``, else whitened on demand from the gathered columns (O(m²) each)."""
+        nb, m, B = self.Gg.shape
+        if self._W is not None or 8 * nb * m * B <= W_CACHE_BYTES:
+            return self.W[r // B, :, r % B]
+        xp = self.xp
+        blocks = r // B
+        cols = xp.astype(self.Gg[blocks, :, r % B], xp.float64)  # (n, m)
+        out = xp.empty(cols.shape, dtype=xp.float64, device=_backend.device(cols))
+        for b in _backend.to_host(xp.unique_values(blocks)).tolist():
+            sel = xp.nonzero(blocks == b)[0]
+            part = xp.matrix_transpose(xp.take(cols, sel, axis=0))[None, ...]  # (1, m, k)
+            out[sel, :] = xp.matrix_transpose(self.factor.whiten(part, b, b + 1)[0, ...])
+        return out
 
     def pairs(self, r, c):
         """F⁻¹[r_t, c_t] for local offsets r, c in the same block: (n,) float64, O(m) each."""

@@ -120,6 +120,22 @@ def test_vectors_in_the_span(xp, family, dtype, rng):
             assert testing.backward_error(F, host(op @ xp.asarray(X)), X) <= eta_tol
 
 
+def test_entries_without_the_w_cache(xp, rng, monkeypatch):
+    """Large problems whiten the requested columns on demand instead of caching W."""
+    from rank1inv import _woodbury
+
+    monkeypatch.setattr(_woodbury, "W_CACHE_BYTES", 0)
+    G = xp.asarray(testing.gradients("lowrank", 12, 90, seed=2, dtype="float64"))
+    for blocks in (None, 30, [20, 70]):
+        op = r1.StaticInverse(G, 1e-3, block_size=blocks)
+        _, Finv, _ = dense_inverse(G, 1e-3, None, op.block_sizes)
+        rows, cols = rng.integers(0, 90, 50), rng.integers(0, 90, 50)
+        assert testing.entry_error(host(op.entries(xp.asarray(rows), xp.asarray(cols))), Finv, rows, cols) <= 1e-9
+        idx = np.unique(rng.integers(0, 90, 15))
+        np.testing.assert_allclose(host(op.submatrix(xp.asarray(idx))), Finv[np.ix_(idx, idx)], rtol=1e-8, atol=1e-8)
+        assert all(g._W is None for g in op._groups() if hasattr(g, "_W"))
+
+
 def test_symmetric_dot_test(xp, rng):
     G = xp.asarray(testing.gradients("collinear", 30, 200, seed=2))
     op = r1.StaticInverse(G, 1e-4)

@@ -1,11 +1,13 @@
 """rank1inv: the inverse of λI + s·Σ gᵢgᵢᵀ as a linear operator, without forming a d×d matrix.
 
 ``StaticInverse`` serves a fixed set of gradients (pruning), ``DynamicInverse`` a sliding
-window (the M-FAC optimizer). Both share one query API; see ``docs/guide.md``.
+window (the M-FAC optimizer). Both share one query API; ``obs`` is the pruning toolkit.
+See ``docs/guide.md``.
 """
 
+from . import obs
 from .dynamic import DynamicInverse
 from .static import StaticInverse
 
-__all__ = ["StaticInverse", "DynamicInverse"]
+__all__ = ["StaticInverse", "DynamicInverse", "obs"]
 __version__ = "0.1.0"

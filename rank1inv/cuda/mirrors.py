@@ -1,6 +1,9 @@
 """NumPy mirrors of the CUDA kernels' schedules, so the schedules are tested on CPU.
 
-The blocked B kernel (``mfac_b.cu``) is mirrored by ``rank1inv._coef.b_blocked``.
+The blocked B kernel (``mfac_b.cu``) is mirrored twice: ``rank1inv._coef.b_blocked`` (the
+schedule, vectorised, with a separate accumulator) and ``mfac_b`` below, a thread-block by
+thread-block transcription of the kernel itself (B doubles as the accumulator, edge tiles are
+masked, rows above ``start`` are kept).
 """
 
 from __future__ import annotations
@@ -42,3 +45,60 @@ def combine_f32(G, x, c, alpha: float, beta: float):
         for r in range(r0, min(m, r0 + COMBINE_THREADS)):
             acc += c[r] * G[r].astype(np.float64)
     return beta * acc if x is None else alpha * np.asarray(x, dtype=np.float64) + beta * acc
+
+
+TILE = 32
+
+
+def _ltilde_tile(D, n, i, k):
+    """L̃ tile (i, k) as the kernel builds it: D[c, r] / (n + D[c, c]) below the diagonal, 1 on
+    it, 0 above and outside the matrix (identity on the padded diagonal)."""
+    m = D.shape[0]
+    r = np.arange(i * TILE, (i + 1) * TILE)[:, None]
+    c = np.arange(k * TILE, (k + 1) * TILE)[None, :]
+    inside = (r < m) & (c < m) & (r > c)
+    rr, cc = np.minimum(r, m - 1), np.minimum(c, m - 1)
+    vals = np.where(inside, D[cc, rr] / (n + D[cc, cc]), 0.0)
+    return np.where(r == c, 1.0, vals)
+
+
+def _tile(B, i, j):
+    """Tile (i, j) of B, zero outside the matrix (the kernel's masked loads)."""
+    m = B.shape[0]
+    out = np.zeros((TILE, TILE))
+    r0, c0 = i * TILE, j * TILE
+    part = B[r0 : min(m, r0 + TILE), c0 : min(m, c0 + TILE)]
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
+
+
+def _store(B, i, j, tile):
+    m = B.shape[0]
+    r0, c0 = i * TILE, j * TILE
+    rows, cols = min(m, r0 + TILE) - r0, min(m, c0 + TILE) - c0
+    B[r0 : r0 + rows, c0 : c0 + cols] = tile[:rows, :cols]
+
+
+def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
+    """B = λ⁻¹L̃⁻¹ exactly as ``mfac_b.cu`` computes it, block by block (float64)."""
+    D = np.asarray(D, dtype=np.float64)
+    m = D.shape[0]
+    nt = -(-m // TILE)
+    t0 = start // TILE if (start > 0 and previous_B is not None) else 0
+    B = np.array(previous_B, dtype=np.float64) if t0 else np.empty((m, m))
+    B[t0 * TILE :, :] = 0.0
+    for t in range(t0, nt):  # mfac_b_diagonal: one block per diagonal tile
+        L = _ltilde_tile(D, n, t, t)
+        X = np.eye(TILE)
+        for r in range(1, TILE):
+            X[r, :r] = -(L[r, :r] @ np.tril(X[:r, :r]))
+        _store(B, t, t, np.tril(X) / damp)
+    for t in range(1, nt):  # mfac_b_sweep(t): blocks (i, j) with i - j >= t, i >= t0
+        for j in range(nt - t):
+            for i in range(max(t0, j + t), nt):
+                k = j + t - 1
+                acc = _tile(B, i, j) + _ltilde_tile(D, n, i, k) @ _tile(B, k, j)
+                if i - j == t:
+                    acc = -damp * (_tile(B, i, i) @ acc)
+                _store(B, i, j, acc)
+    return B

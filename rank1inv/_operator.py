@@ -36,6 +36,7 @@ class _BlockOperator:
 
     @property
     def ndim(self) -> int:
+        """2 (a matrix)."""
         return 2
 
     @property
@@ -230,7 +231,9 @@ class FisherOperator(_BlockOperator):
         return xp.astype(parts[0] if len(parts) == 1 else xp.concat(parts), self.dtype)
 
     def logdet(self) -> float:
+        """log det F (a Python float), as ``inverse().logdet()``."""
         return self._inverse_op.logdet()
 
     def inverse(self) -> InverseOperator:
+        """The operator for F⁻¹ this one was made from."""
         return self._inverse_op

@@ -15,15 +15,17 @@ import numpy as np
 from .mirrors import COMBINE_THREADS, PROJECT_CHUNK, PROJECT_THREADS
 
 _HERE = Path(__file__).parent
-_B_NAMES = [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep") for t in ("float", "double")]
+_NAMES = {
+    "mfac_b.cu": [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep") for t in ("float", "double")],
+    "forward_substitution.cu": [f"mfac_forward_substitution<{t}>" for t in ("float", "double")],
+}
 TILE = 32
 
 
 @cache
 def _module(name: str, device_id: int):
     source = (_HERE / name).read_text()
-    names = _B_NAMES if name == "mfac_b.cu" else None
-    return cupy.RawModule(code=source, options=("-std=c++14",), name_expressions=names)
+    return cupy.RawModule(code=source, options=("-std=c++14",), name_expressions=_NAMES.get(name))
 
 
 def _function(module: str, kernel: str):
@@ -85,3 +87,16 @@ def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
             (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t), np.int32(t0), np.int32(nt)),
         )
     return B
+
+
+def forward_substitution(D, n: float, b):
+    """q with (D + n·I)ᵀ q = b (M-FAC Algorithm 2's recursion) in one thread block, any m."""
+    m = D.shape[0]
+    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(D.dtype)]
+    scalar = np.float32 if ctype == "float" else np.float64
+    D = cupy.ascontiguousarray(D)
+    b = cupy.ascontiguousarray(b, dtype=D.dtype)
+    q = cupy.empty((m,), dtype=D.dtype)
+    kern = _module("forward_substitution.cu", cupy.cuda.Device().id).get_function(f"mfac_forward_substitution<{ctype}>")
+    kern((1,), (1024,), (D, b, q, np.int32(m), scalar(n)))
+    return q

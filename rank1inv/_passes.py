@@ -7,9 +7,10 @@ matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one
 in the storage dtype, the M-FAC reference behaviour).
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
-On CuPy with float32 storage, single-block single-vector passes (the IHVP and push_apply hot
-path) go to the RawKernels in ``rank1inv.cuda``; float64 storage needs no conversion and makes
-one BLAS call.
+With float32 storage, single-block single-vector passes (the IHVP and push_apply hot path) go
+to compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
+(``rank1inv.cpu``) on NumPy, the RawKernels (``rank1inv.cuda``) on CuPy. float64 storage needs
+no conversion and makes one BLAS call.
 """
 
 from __future__ import annotations

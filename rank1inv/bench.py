@@ -31,16 +31,27 @@ class Timer:
 
             cupy.cuda.Device().synchronize()
 
+    def _once(self, fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - t0
+
     def __call__(self, fn, repeat: int | None = None) -> float:
         fn()
         self._sync()
-        times = []
-        for _ in range(repeat or self.repeat):
-            t0 = time.perf_counter()
-            fn()
-            self._sync()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return statistics.median(self._once(fn) for _ in range(repeat or self.repeat))
+
+    def ratio(self, fn, reference, repeat: int | None = None) -> tuple[float, float, float]:
+        """Median of time(fn)/time(reference) over interleaved pairs (robust to a machine whose
+        speed drifts during the run), with the two times of the median pair."""
+        fn()
+        reference()
+        self._sync()
+        pairs = sorted(
+            ((a / b, a, b) for a, b in ((self._once(fn), self._once(reference)) for _ in range(repeat or self.repeat))),
+        )
+        return pairs[len(pairs) // 2]
 
 
 def _lowrank(xp, m, d, seed=0, dtype="float32"):
@@ -66,20 +77,20 @@ def cpu_static(rows, timer, xp, m=256, d=100_000):
     G = _lowrank(xp, m, d)
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
     c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
-    floor = timer(lambda: G @ x) + timer(lambda: c @ G)
+    floor = lambda: (G @ x, c @ G)  # noqa: E731
     op = StaticInverse(G, 1e-4)
-    ihvp = timer(lambda: op @ x)
     native = StaticInverse(G, 1e-4, accumulate="native")
-    ihvp_native = timer(lambda: native @ x)
-    _row(rows, f"floor: float32 G@x + c@G (m={m}, d={d})", floor * 1e3, "ms", "two float32 BLAS passes")
-    _row(rows, "StaticInverse IHVP / floor", ihvp / floor, "×", "target ≤ 2.5 (float64 accumulation)")
-    _row(rows, "StaticInverse IHVP, accumulate='native' / floor", ihvp_native / floor, "×", "")
-    ours = timer(lambda: StaticInverse(G, 1e-4).diag(), repeat=3)
-    paper = timer(lambda: reference.static_diag(*reference.static_precompute(G, 1e-4), 1e-4), repeat=3)
-    _row(rows, "precompute + full diagonal", ours * 1e3, "ms", "")
-    _row(rows, "paper Algorithm 3 + eq. 25 (float32)", paper * 1e3, "ms", "")
-    _row(rows, "speed-up over the paper (precompute + diag)", paper / ours, "×", "target ≥ 4")
-    return floor
+    ihvp, _, t_floor = timer.ratio(lambda: op @ x, floor)
+    ihvp_native, _, _ = timer.ratio(lambda: native @ x, floor)
+    _row(rows, f"floor: float32 G@x + c@G (m={m}, d={d})", t_floor * 1e3, "ms", "two float32 BLAS passes")
+    _row(rows, "StaticInverse IHVP / floor", ihvp, "×", "target ≤ 2.5 (float64 accumulation)")
+    _row(rows, "StaticInverse IHVP, accumulate='native' / floor", ihvp_native, "×", "")
+    ours = lambda: StaticInverse(G, 1e-4).diag()  # noqa: E731
+    paper = lambda: reference.static_diag(*reference.static_precompute(G, 1e-4), 1e-4)  # noqa: E731
+    slower, t_paper, t_ours = timer.ratio(paper, ours, repeat=5)
+    _row(rows, "precompute + full diagonal", t_ours * 1e3, "ms", "")
+    _row(rows, "paper Algorithm 3 + eq. 25 (float32)", t_paper * 1e3, "ms", "")
+    _row(rows, "speed-up over the paper (precompute + diag)", slower, "×", "target ≥ 4")
 
 
 def dynamic_push_apply(rows, timer, xp, m, d, label=""):
@@ -90,18 +101,18 @@ def dynamic_push_apply(rows, timer, xp, m, d, label=""):
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
     c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
     Gw = w._G
-    floor = timer(lambda: Gw @ x) + timer(lambda: c @ Gw)
+    floor = lambda: (Gw @ x, c @ Gw)  # noqa: E731
     it = iter(range(10**9))
-    pa = timer(lambda: w.push_apply(G[m + next(it) % 8]))
-    ihvp = timer(lambda: w @ x)
-    _row(rows, f"{label}floor: float32 G@x + c@G (m={m}, d={d})", floor * 1e3, "ms", "")
-    _row(rows, f"{label}DynamicInverse IHVP / floor", ihvp / floor, "×", "")
-    _row(rows, f"{label}DynamicInverse push_apply / floor", pa / floor, "×", "")
-    return floor, pa
+    pa, t_pa, t_floor = timer.ratio(lambda: w.push_apply(G[m + next(it) % 8]), floor)
+    ihvp, _, _ = timer.ratio(lambda: w @ x, floor)
+    _row(rows, f"{label}floor: float32 G@x + c@G (m={m}, d={d})", t_floor * 1e3, "ms", "")
+    _row(rows, f"{label}DynamicInverse IHVP / floor", ihvp, "×", "")
+    _row(rows, f"{label}DynamicInverse push_apply / floor", pa, "×", "target ≤ 3")
+    return t_floor, t_pa
 
 
 def cpu_dynamic(rows, timer, xp, m=256, d=100_000):
-    floor, pa = dynamic_push_apply(rows, timer, xp, m, d)
+    dynamic_push_apply(rows, timer, xp, m, d)
     G = _lowrank(xp, m, d)
     gram = _backend.to_host(G @ xp.matrix_transpose(G)).astype(np.float64)
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
@@ -110,8 +121,12 @@ def cpu_dynamic(rows, timer, xp, m=256, d=100_000):
         D, B = reference.dynamic_coefficients(xp.asarray(gram), 1e-4, m)
         reference.dynamic_apply(G, D, B, 1e-4, m, x)
 
-    paper = timer(paper_step, repeat=3)
-    _row(rows, "paper Algorithms 1 + 2 per step (float32) / our push_apply", paper / pa, "×", "")
+    w = DynamicInverse(d, m, 1e-4, xp=xp)
+    for i in range(m):
+        w.push(G[i])
+    it = iter(range(10**9))
+    slower, _, _ = timer.ratio(paper_step, lambda: w.push_apply(G[next(it) % m]), repeat=3)
+    _row(rows, "paper Algorithms 1 + 2 per step (float32) / our push_apply", slower, "×", "")
 
 
 def coefficient_update(rows, timer, xp, sizes):

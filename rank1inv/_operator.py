@@ -98,9 +98,11 @@ class _BlockOperator:
         return Y[:, 0] if was_1d else Y
 
     def __matmul__(self, x):
+        """``op @ x``: the product with x of shape (d,) or (d, k), as ``matvec``/``matmat``."""
         return self._product(x, "x")
 
-    def __rmatmul__(self, x):  # symmetric: xᵀ A = (A x)ᵀ
+    def __rmatmul__(self, x):
+        """``x @ op`` = (op @ xᵀ)ᵀ (the operator is symmetric)."""
         if getattr(x, "ndim", 1) == 2:
             return self._xp.matrix_transpose(self._product(self._xp.matrix_transpose(x), "x"))
         return self._product(x, "x")

@@ -18,18 +18,23 @@ def _ns(*arrays):
 
 
 # ------------------------------------------------------------------------- static (§3.1, App. C)
-def static_precompute(G, damp: float, n: float | None = None, dtype=np.float32):
+def static_precompute(G, damp: float, n: float | None = None, dtype=np.float32, overwrite: bool = False):
     """Algorithm 3: V (m×d) and q (m,) with v_i = F_{i-1}⁻¹ g_i and q_i = n + g_iᵀ v_i.
 
     Cost O(dm²) as m sequential matrix-vector passes. (The appendix prints q₁ ← V₁g; eq. 4 and
-    the loop body give q₁ = n + V₁g, used here.)
+    the loop body give q₁ = n + V₁g, used here.) ``overwrite=True`` reuses G's storage for V
+    (the paper's memory trick; G must already have ``dtype``), else G is left untouched.
     """
     xp = _ns(G)
-    G = xp.asarray(G, dtype=getattr(xp, np.dtype(dtype).name))
+    want = getattr(xp, np.dtype(dtype).name)
+    if overwrite and G.dtype == want:
+        V = G  # rows of G are read (copied) before being overwritten below
+    else:
+        G = xp.asarray(G, dtype=want)
+        V = xp.asarray(G, copy=True)
     m = G.shape[0]
     n = float(m) if n is None else float(n)
     lam_inv = 1.0 / damp
-    V = xp.asarray(G, copy=True)
     q = xp.empty((m,), dtype=G.dtype)
     g = xp.asarray(G[0], copy=True)
     V[0] = lam_inv * g

@@ -324,3 +324,14 @@ def test_inputs_never_modified(xp, rng):
         assert np.array_equal(host(idx), [3, 1, 2])
     assert np.array_equal(host(G), host(G0))
     assert np.array_equal(host(x), host(x0))
+
+
+def test_reference_overwrite_matches_copy():
+    from rank1inv import reference
+
+    G = testing.gradients("iid", 10, 40, seed=3)
+    V, q = reference.static_precompute(G, 0.1)
+    G2 = G.copy()
+    V2, q2 = reference.static_precompute(G2, 0.1, overwrite=True)
+    assert V2 is G2 and np.array_equal(V, V2) and np.array_equal(q, q2)
+    assert not np.array_equal(G, G2)  # the copy path left G alone; overwrite used its storage

@@ -193,16 +193,22 @@ class DynamicInverse(InverseOperator):
 
     # -- internals ----------------------------------------------------------------------------
     def _gradient(self, g):
-        """Validate g and return it rounded to the storage dtype (a new array)."""
+        """Validate g and return it rounded to the storage dtype (a new array). One scalar
+        read-back (max |g|) covers the non-finite and the overflow checks."""
         if not _backend.is_cupy(self._xp):
             g = _checks.as_array(g, "g")
         elif not _backend.is_array(g):
             raise TypeError(f"g must be a CuPy array for this window, not {type(g).__name__}")
-        xp = _checks.float_array(g, "g", (1,))
-        _checks.same_backend(self._xp, g, "g", "this window")
-        if g.shape[0] != self._dim:
+        xp = _checks.same_backend(self._xp, g, "g", "this window")
+        if g.ndim != 1 or g.shape[0] != self._dim:
             raise ValueError(f"g must have shape ({self._dim},), got {tuple(g.shape)}")
-        if g.shape[0] and float(xp.max(xp.abs(g))) > float(xp.finfo(self._G.dtype).max):
+        kind = _backend.dtype_name(g.dtype)
+        if kind not in _backend.FLOAT_DTYPES:
+            raise TypeError(f"g must be float32 or float64, got {kind}")
+        top = float(xp.max(xp.abs(g))) if g.shape[0] else 0.0
+        if not np.isfinite(top):
+            raise ValueError("g contains non-finite values (nan or inf)")
+        if top > float(xp.finfo(self._G.dtype).max):
             raise ValueError(f"g overflows the window dtype {self._dtype}")
         return xp.astype(g, self._G.dtype, copy=True)
 
@@ -227,8 +233,6 @@ class DynamicInverse(InverseOperator):
             row = xp.asarray(row[0, :, 0], copy=True)
             g64 = xp.astype(g_s, xp.float64)
             row[slot] = xp.sum(g64 * g64)
-        if not _backend.all_finite(xp, row):
-            raise ValueError("g is too large: its inner products overflow float64")
         gram = xp.asarray(self._gram, copy=True)
         gram[slot, :] = row
         gram[:, slot] = row
@@ -237,9 +241,13 @@ class DynamicInverse(InverseOperator):
         count = int(np.count_nonzero(ages >= 0))
         n_old, n_new = self._n(len(self)), self._n(count)
         start = slot if n_new == n_old else 0
-        D, B = _coef.coefficients(xp, gram, self._damp, n_new, start, (self._D, self._B))
-        if not (_backend.all_finite(xp, D) and _backend.all_finite(xp, B)):
-            raise ValueError("the coefficient update produced non-finite values (damp too small?)")
+        try:
+            D, B = _coef.coefficients(xp, gram, self._damp, n_new, start, (self._D, self._B))
+        except ValueError as err:
+            raise ValueError(f"this gradient cannot be stored: {err}") from err
+        ok = xp.all(xp.isfinite(row)) & xp.all(xp.isfinite(D)) & xp.all(xp.isfinite(B))
+        if not bool(ok):  # one scalar read-back for all three
+            raise ValueError("g is too large: its inner products or the coefficients overflow float64")
         # commit
         if g_s is None:
             self._G[slot, :] = 0

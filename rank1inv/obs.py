@@ -129,6 +129,8 @@ def prune(
     w64 = _vector(op, w, "w")
     scores = saliency(op, w64, method, grad)
     Q = _select(op, scores, sparsity, scope, prunable)
+    if update == "exact":  # chunks (if any) go lowest saliency first
+        Q = xp.take(Q, xp.argsort(xp.take(scores, Q), stable=True))
     new = _updated(op, w64, Q, update, grad)
     mask = xp.ones(op.shape[0], dtype=xp.bool)
     mask[Q] = False

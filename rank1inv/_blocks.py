@@ -67,10 +67,6 @@ class Layout:
             raise ValueError(f"block lengths sum to {sum(sizes)}, but the dimension is {dim}")
         return sizes
 
-    @property
-    def is_full(self) -> bool:
-        return len(self.runs) == 1 and self.runs[0].count == 1
-
     def locate(self, xp, idx):
         """For global indices: (run id, offset inside the run, block id inside the run)."""
         starts = xp.asarray(self.run_starts, device=_device_of(idx))

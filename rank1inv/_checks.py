@@ -26,12 +26,12 @@ def damp(value) -> float:
     return value
 
 
-def scale(value, *, allow_count: bool = True):
+def scale(value):
     """None, "count" or a positive finite float."""
     if value is None:
         return None
     if isinstance(value, str):
-        if value == "count" and allow_count:
+        if value == "count":
             return "count"
         raise ValueError(f"scale must be None, 'count' or a positive number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

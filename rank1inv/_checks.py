@@ -75,14 +75,20 @@ def as_array(x, name: str):
     raise TypeError(f"{name} must be an array (NumPy or CuPy), not {type(x).__name__}")
 
 
+def float_kind(x, name: str) -> str:
+    """'float32' or 'float64', the dtype of array ``x``; TypeError for any other dtype."""
+    kind = _backend.dtype_name(x.dtype)
+    if kind not in _backend.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {kind}")
+    return kind
+
+
 def float_array(x, name: str, ndims: tuple[int, ...]):
     """Namespace of ``x`` after checking it is a finite float32/float64 array of allowed ndim."""
     xp = _backend.namespace(x)
     if x.ndim not in ndims:
         raise ValueError(f"{name} must have ndim in {ndims}, got shape {tuple(x.shape)}")
-    kind = _backend.dtype_name(x.dtype)
-    if kind not in _backend.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {kind}")
+    float_kind(x, name)
     if not _backend.all_finite(xp, x):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
     return xp

@@ -9,7 +9,7 @@ With n = 1/s and the Gram matrix GGᵀ of the window (slot order):
 U and L̃ come from the Cholesky factor C of M: U = diag(C)·Cᵀ and L̃ = C·diag(C)⁻¹. A change at
 slot k leaves rows/columns < k of C, D and B untouched, so updates recompute only from k on.
 
-B is computed either by triangular solves (``b_direct``, the CPU path) or by the 32×32-tile
+B is computed either by a triangular inverse (``b_direct``, the CPU path) or by the 32×32-tile
 schedule of the GPU kernel (``b_blocked``, its NumPy mirror; appendix B, Figure 3):
 all diagonal tiles first, then one sweep per sub-diagonal of tiles.
 """
@@ -133,7 +133,7 @@ def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None,
     """(D, B) for the window's Gram matrix, recomputing only rows/columns ≥ ``start``.
 
     Cost O((m − start)·m²). ``previous`` is the (D, B) pair before the change at ``start``.
-    ``method``: "direct" (triangular solves), "blocked" (the kernel's NumPy mirror) or
+    ``method``: "direct" (LAPACK triangular inverse), "blocked" (the kernel's NumPy mirror) or
     "kernel" (the CUDA kernel); None picks "kernel" on CuPy and "direct" otherwise.
     """
     if method is None:

@@ -117,7 +117,7 @@ class DynamicInverse(InverseOperator):
 
     def gradients(self):
         """The stored gradients, oldest first: a new (len, dim) array of ``dtype``."""
-        order = self._slots_by_age()
+        order = self.slots()
         xp = self._xp
         if not order:
             return xp.zeros((0, self._dim), dtype=self._G.dtype)
@@ -125,21 +125,22 @@ class DynamicInverse(InverseOperator):
 
     def slots(self) -> list[int]:
         """Occupied slots, oldest first."""
-        return self._slots_by_age()
-
-    def _slots_by_age(self) -> list[int]:
         occ = np.flatnonzero(self._ages >= 0)
         return [int(i) for i in occ[np.argsort(self._ages[occ], kind="stable")]]
+
+    def _free_slot(self) -> int | None:
+        """The lowest empty slot, or None when the window is full."""
+        free = np.flatnonzero(self._ages < 0)
+        return int(free[0]) if free.size else None
 
     # -- updates ----------------------------------------------------------------------------
     def add(self, g) -> int:
         """Store g in a free slot and return the slot. ValueError when the window is full.
         Cost: one pass over G (O(d·capacity)) plus the coefficient refresh from that slot."""
         g_s = self._gradient(g)
-        free = np.flatnonzero(self._ages < 0)
-        if free.size == 0:
+        slot = self._free_slot()
+        if slot is None:
             raise ValueError(f"the window is full ({self._capacity} gradients); use push() or remove() first")
-        slot = int(free[0])
         self._update(slot, g_s, self._counter)
         return slot
 
@@ -183,11 +184,9 @@ class DynamicInverse(InverseOperator):
         return xp.astype(y[0, :, 0], out_dtype)
 
     def _push(self, g_s) -> int:
-        free = np.flatnonzero(self._ages < 0)
-        if free.size:
-            slot = int(free[0])
-        else:
-            slot = self._slots_by_age()[0]
+        slot = self._free_slot()
+        if slot is None:  # full: the oldest gradient makes way
+            slot = self.slots()[0]
         self._update(slot, g_s, self._counter)
         return slot
 
@@ -202,9 +201,7 @@ class DynamicInverse(InverseOperator):
         xp = _checks.same_backend(self._xp, g, "g", "this window")
         if g.ndim != 1 or g.shape[0] != self._dim:
             raise ValueError(f"g must have shape ({self._dim},), got {tuple(g.shape)}")
-        kind = _backend.dtype_name(g.dtype)
-        if kind not in _backend.FLOAT_DTYPES:
-            raise TypeError(f"g must be float32 or float64, got {kind}")
+        _checks.float_kind(g, "g")
         top = float(xp.max(xp.abs(g))) if g.shape[0] else 0.0
         if not np.isfinite(top):
             raise ValueError("g contains non-finite values (nan or inf)")
@@ -229,10 +226,10 @@ class DynamicInverse(InverseOperator):
         if g_s is None:
             row = xp.zeros((cap,), dtype=xp.float64, device=_backend.device(self._G))
         else:
-            row = _passes.project(xp, self._G[None, ...], xp.astype(g_s, xp.float64)[None, :, None], self._accumulate)
-            row = xp.asarray(row[0, :, 0], copy=True)
             g64 = xp.astype(g_s, xp.float64)
-            row[slot] = xp.sum(g64 * g64)
+            row = _passes.project(xp, self._G[None, ...], g64[None, :, None], self._accumulate)
+            row = xp.asarray(row[0, :, 0], copy=True)
+            row[slot] = xp.sum(g64 * g64)  # the slot's old row is still in G
         gram = xp.asarray(self._gram, copy=True)
         gram[slot, :] = row
         gram[:, slot] = row

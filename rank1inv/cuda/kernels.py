@@ -32,6 +32,11 @@ def _function(module: str, kernel: str):
     return _module(module, cupy.cuda.Device().id).get_function(kernel)
 
 
+def _template_type(dtype):
+    """(C++ type name, NumPy scalar type) for a float32/float64 template instantiation."""
+    return {np.dtype(np.float32): ("float", np.float32), np.dtype(np.float64): ("double", np.float64)}[np.dtype(dtype)]
+
+
 def usable(G, k: int) -> bool:
     """Whether the mixed-precision pass kernels serve G (m, d) with k right-hand sides."""
     return G.dtype == cupy.float32 and G.ndim == 2 and G.flags.c_contiguous and k == 1 and G.shape[0] < 2**31
@@ -69,8 +74,7 @@ def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
     from ``previous_B``."""
     m = D.shape[0]
     dtype = D.dtype
-    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(dtype)]
-    scalar = np.float32 if ctype == "float" else np.float64
+    ctype, scalar = _template_type(dtype)
     D = cupy.ascontiguousarray(D)
     nt = -(-m // TILE)
     t0 = start // TILE if (start > 0 and previous_B is not None) else 0
@@ -92,8 +96,7 @@ def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
 def forward_substitution(D, n: float, b):
     """q with (D + n·I)ᵀ q = b (M-FAC Algorithm 2's recursion) in one thread block, any m."""
     m = D.shape[0]
-    ctype = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}[np.dtype(D.dtype)]
-    scalar = np.float32 if ctype == "float" else np.float64
+    ctype, scalar = _template_type(D.dtype)
     D = cupy.ascontiguousarray(D)
     b = cupy.ascontiguousarray(b, dtype=D.dtype)
     q = cupy.empty((m,), dtype=D.dtype)

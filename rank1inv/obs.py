@@ -25,7 +25,7 @@ def _vector(op, x, name):
     if x.ndim != 1 or x.shape[0] != op.shape[0]:
         raise ValueError(f"{name} must have shape ({op.shape[0]},), got {tuple(x.shape)}")
     if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+        raise TypeError(f"{name} must be a real floating-point array, got {x.dtype}")
     if not _backend.all_finite(xp, x):
         raise ValueError(f"{name} contains non-finite values")
     return xp.astype(x, xp.float64)

@@ -123,6 +123,13 @@ def whiten(xp, c, t):
     return out
 
 
+def column_sumsq(xp, t):
+    """Σ_i t[b, i, j]² for t (nb, r, c): shape (nb, c), one pass (einsum on NumPy)."""
+    if is_cupy(xp):
+        return xp.sum(t * t, axis=1)
+    return np.einsum("bij,bij->bj", t, t)
+
+
 def triangular_inverse(xp, a, *, lower: bool = True, unit_diagonal: bool = False):
     """Inverse of a 2-D triangular matrix (LAPACK trtri on NumPy: a third of a trsm's flops)."""
     if is_cupy(xp):

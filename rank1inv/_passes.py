@@ -42,6 +42,28 @@ def _f64(xp, a):
     return xp.astype(a, xp.float64, copy=False)
 
 
+def float64_tiles(xp, Gg, budget: int = TILE_ELEMENTS, *, rows: bool = False):
+    """Yield (b0, b1, s0, s1, tile): the tiles of ``tiles`` as float64 arrays, along G's columns
+    (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows (Gg[b0:b1, s0:s1, :]).
+
+    Conversions go into one buffer reused from tile to tile (a fresh multi-MiB array per tile
+    costs page faults comparable to the conversion itself), so a tile is only valid until the
+    next one is yielded, and must not be written to (float64 storage yields views of G)."""
+    nb, m, B = Gg.shape
+    length, width = (m, B) if rows else (B, m)
+    buf = None
+    for b0, b1, s0, s1 in tiles(nb, length, width, budget):
+        src = Gg[b0:b1, s0:s1, :] if rows else Gg[b0:b1, :, s0:s1]
+        if Gg.dtype == xp.float64:
+            yield b0, b1, s0, s1, src
+            continue
+        if buf is None:  # the first tile is the largest
+            buf = xp.empty(src.shape, dtype=xp.float64, device=_backend.device(Gg))
+        t = buf[: b1 - b0, : s1 - s0, :] if rows else buf[: b1 - b0, :, : s1 - s0]
+        t[...] = src
+        yield b0, b1, s0, s1, t
+
+
 def _single_call(xp, Gg, accumulate: str) -> bool:
     """float64 storage accumulates in float64 anyway; "native" asks for the storage dtype."""
     return accumulate == "native" or Gg.dtype == xp.float64
@@ -56,8 +78,7 @@ def gram(xp, Gg, accumulate: str):
     if _single_call(xp, Gg, "float64"):
         return _f64(xp, Gg @ xp.matrix_transpose(Gg))
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1 in tiles(nb, B, m, BLAS3_TILE_ELEMENTS):
-        t = _f64(xp, Gg[b0:b1, :, c0:c1])
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, BLAS3_TILE_ELEMENTS):
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
     return out
 
@@ -68,8 +89,7 @@ def column_gram(xp, Gg, accumulate: str):
     if _single_call(xp, Gg, "float64"):
         return _f64(xp, xp.matrix_transpose(Gg) @ Gg)
     out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, r0, r1 in tiles(nb, m, B, BLAS3_TILE_ELEMENTS):
-        t = _f64(xp, Gg[b0:b1, r0:r1, :])
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, BLAS3_TILE_ELEMENTS, rows=True):
         out[b0:b1, ...] += xp.matrix_transpose(t) @ t
     return out
 
@@ -84,8 +104,8 @@ def project(xp, Gg, X, accumulate: str):
     if kern is not None and nb == 1 and kern.usable(Gg[0, ...], k):
         return kern.project(Gg[0, ...], X[0, ...])[None, ...]
     out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1 in tiles(nb, B, m):
-        out[b0:b1, ...] += _f64(xp, Gg[b0:b1, :, c0:c1]) @ X[b0:b1, c0:c1, :]
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
+        out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
     return out
 
 
@@ -104,8 +124,7 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str):
     if kern is not None and nb == 1 and kern.usable(Gg[0, ...], k):
         return kern.combine(Gg[0, ...], None if X is None else X[0, ...], C[0, ...], alpha, beta)[None, ...]
     out = xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1 in tiles(nb, B, m):
-        t = _f64(xp, Gg[b0:b1, :, c0:c1])
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
         part = beta * (xp.matrix_transpose(t) @ C[b0:b1, ...])
         out[b0:b1, c0:c1, :] = part if X is None else alpha * X[b0:b1, c0:c1, :] + part
     return out
@@ -115,20 +134,20 @@ def column_sumsq(xp, Gg):
     """Σ_i G[i, j]² per column: (nb, B) float64. Cost O(nb·m·B)."""
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1 in tiles(nb, B, m):
-        t = _f64(xp, Gg[b0:b1, :, c0:c1])
-        out[b0:b1, c0:c1] = xp.sum(t * t, axis=1)
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
+        out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t)
     return out
 
 
 def map_tiles(xp, Gg, fn):
     """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of Gg, assembled along
     the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m) or (b1-b0, c) (a per-column
-    reduction); the result is (nb, r, B) or (nb, B)."""
+    reduction); the result is (nb, r, B) or (nb, B). fn must not keep the tile (see
+    ``float64_tiles``)."""
     nb, m, B = Gg.shape
     out = None
-    for b0, b1, c0, c1 in tiles(nb, B, m, BLAS3_TILE_ELEMENTS):
-        part = fn(b0, b1, _f64(xp, Gg[b0:b1, :, c0:c1]))
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, BLAS3_TILE_ELEMENTS):
+        part = fn(b0, b1, t)
         if out is None:
             out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_backend.device(Gg))
         out[b0:b1, ..., c0:c1] = part

@@ -181,10 +181,10 @@ class WoodburyGroup:
         if self._diag is None:
             xp = self.xp
             if self._W is not None:
-                sq = xp.sum(self._W * self._W, axis=1)
+                sq = _backend.column_sumsq(xp, self._W)
             else:
                 sq = _passes.map_tiles(
-                    xp, self.Gg, lambda b0, b1, t: xp.sum(self.factor.whiten(t, b0, b1) ** 2, axis=1)
+                    xp, self.Gg, lambda b0, b1, t: _backend.column_sumsq(xp, self.factor.whiten(t, b0, b1))
                 )
             self._diag = xp.reshape((1.0 - sq) / self.damp, (-1,))
         return self._diag

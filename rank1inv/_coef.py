@@ -154,31 +154,30 @@ def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None,
     return D, B
 
 
-def check(gram, D, B, damp: float, n: float, tol: float = 1e-8) -> None:
-    """ValueError unless D and B are M-FAC coefficients of ``gram`` (host float64 arrays).
+def check(xp, gram, D, B, damp: float, n: float, tol: float = 1e-8) -> None:
+    """ValueError unless D and B (m, m) float64 are M-FAC coefficients of ``gram``. O(m³).
 
     The test is by residuals, not by comparison with a recomputation: D and B built by a
     history of partial updates differ from freshly computed ones by up to cond(M)·ε, while
     both satisfy, to rounding, ``UᵀU / diag(U) = M`` (D is a Cholesky factor of M, scaled) and
-    ``λB·L̃ = I`` (B is its triangular inverse). Cost O(m³).
+    ``λB·L̃ = I`` (B is its triangular inverse), componentwise.
     """
-    import numpy as np  # host check: the arrays come from a state dict
-
     m = gram.shape[0]
-    eye = np.eye(m)
-    if np.any(np.tril(D, -1) != 0) or np.any(np.triu(B, 1) != 0):
+    eye = xp.eye(m, dtype=xp.float64, device=_backend.device(gram))
+    if xp.any(xp.tril(D, k=-1) != 0) or xp.any(xp.triu(B, k=1) != 0):
         raise ValueError("state['D'] must be upper and state['B'] lower triangular")
     U = D + n * eye
-    dU = np.diagonal(U)
-    if not np.all(dU > 0):
+    dU = xp.linalg.diagonal(U)
+    if not xp.all(dU > 0):
         raise ValueError("state['D'] has a non-positive pivot n + D[i, i]")
     M = gram / damp + n * eye
-    scale = np.abs(U.T) @ (np.abs(U) / dU[:, None])  # componentwise size of the product's terms
-    if np.any(np.abs(U.T @ (U / dU[:, None]) - M) > tol * scale + tol * np.max(np.abs(M)) * eye):
+    Ut = xp.matrix_transpose(U)
+    size = xp.abs(Ut) @ (xp.abs(U) / dU[:, None]) + xp.max(xp.abs(M)) * eye  # of the product's terms
+    if xp.any(xp.abs(Ut @ (U / dU[:, None]) - M) > tol * size):
         raise ValueError("state['D'] is inconsistent with state['gram']")
-    L = unit_lower(np, D, n)
+    L = unit_lower(xp, D, n)
     X = damp * B
-    if np.any(np.abs(X @ L - eye) > tol * (np.abs(X) @ np.abs(L))):
+    if xp.any(xp.abs(X @ L - eye) > tol * (xp.abs(X) @ xp.abs(L))):
         raise ValueError("state['B'] is inconsistent with state['D']")
 
 

@@ -342,7 +342,7 @@ class DynamicInverse(InverseOperator):
         norms = np.sqrt(np.diagonal(fresh))
         if np.any(np.abs(gram - fresh) > 1e-8 * np.outer(norms, norms)):
             raise ValueError("state['gram'] is inconsistent with state['gradients']")
-        _coef.check(gram, D, B, damp, n)
+        _coef.check(_backend.namespace(gram), gram, D, B, damp, n)
         # commit
         self._damp, self._scale_mode, self._accumulate = damp, scale_mode, accumulate
         self._G = G_dev

@@ -279,8 +279,8 @@ class DynamicInverse(InverseOperator):
         """Load a ``state_dict()``. dim, capacity and dtype must match this window; damp, scale
         and accumulate are taken from the state. Every field is validated: the stored Gram against
         a recomputation from the gradients (O(d·capacity²)), D and B by their residuals
-        (O(capacity³));
-        a malformed state raises ValueError/TypeError and leaves the window unchanged."""
+        (O(capacity³)); a malformed state raises ValueError/TypeError and leaves the window
+        unchanged."""
         if not isinstance(state, dict):
             raise TypeError("state must be a dict from state_dict()")
         need = {

@@ -69,8 +69,9 @@ def test_pass_mirrors_match_float64(d):
     np.testing.assert_allclose(mirrors.combine_f32(G, None, c, 0.0, 3.0), 3.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("schedule", ["sweeps", "columns"])
 @pytest.mark.parametrize("m", [1, 5, 31, 32, 33, 64, 70, 100])
-def test_b_kernel_transcription_matches_direct(m):
+def test_b_kernel_transcription_matches_direct(m, schedule):
     """The kernel's own block-by-block logic (in-place accumulators, masked edges, partial
     refresh) reproduces B on CPU, for any m."""
     xp = _backend.namespace_from_argument(None)
@@ -79,17 +80,20 @@ def test_b_kernel_transcription_matches_direct(m):
     damp, n = 0.05, float(m)
     D, B = _coef.coefficients(xp, A @ A.T, damp, n, method="direct")
     tol = 1e-10 * np.abs(B).max()
-    np.testing.assert_allclose(mirrors.mfac_b(D, n, damp), B, rtol=1e-10, atol=tol)
+    np.testing.assert_allclose(mirrors.mfac_b(D, n, damp, schedule=schedule), B, rtol=1e-10, atol=tol)
     A[m // 2] = rng.standard_normal(m + 20)
     D2, B2 = _coef.coefficients(xp, A @ A.T, damp, n, method="direct")
-    np.testing.assert_allclose(mirrors.mfac_b(D2, n, damp, m // 2, B), B2, rtol=1e-10, atol=tol)
+    np.testing.assert_allclose(mirrors.mfac_b(D2, n, damp, m // 2, B, schedule=schedule), B2, rtol=1e-10, atol=tol)
+    # the two schedules perform the same floating-point operations in the same order
+    np.testing.assert_array_equal(mirrors.mfac_b(D, n, damp, schedule=schedule), mirrors.mfac_b(D, n, damp))
 
 
 # ----------------------------------------------------------------------------------- GPU only
 @pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["sweeps", "columns"])
 @pytest.mark.parametrize("m", [1, 31, 32, 33, 1000, 1024, 1025, 4097])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_b_kernel_matches_mirror(m, dtype):
+def test_b_kernel_matches_mirror(m, dtype, schedule):
     import cupy
 
     xp = _backend.namespace_from_argument(cupy)
@@ -99,7 +103,7 @@ def test_b_kernel_matches_mirror(m, dtype):
     damp, n = 0.1, float(m)
     D, B_direct = _coef.coefficients(_backend.namespace_from_argument(None), gram, damp, n, method="direct")
     Dd = cupy.asarray(D, dtype=dtype)
-    B = _backend.kernels(xp).mfac_b(Dd, n, damp)
+    B = _backend.kernels(xp).mfac_b(Dd, n, damp, schedule=schedule)
     tol = 1e-4 if dtype == "float32" else 1e-10
     if m <= 1100:
         B_mirror = _coef.b_blocked(_backend.namespace_from_argument(None), D, n, damp)
@@ -107,7 +111,7 @@ def test_b_kernel_matches_mirror(m, dtype):
     np.testing.assert_allclose(host(B), B_direct, rtol=tol, atol=tol * np.abs(B_direct).max())
     # partial refresh from a slot in the middle
     k = m // 2
-    B2 = _backend.kernels(xp).mfac_b(Dd, n, damp, k, cupy.asarray(B_direct, dtype=dtype))
+    B2 = _backend.kernels(xp).mfac_b(Dd, n, damp, k, cupy.asarray(B_direct, dtype=dtype), schedule=schedule)
     np.testing.assert_allclose(host(B2), B_direct, rtol=tol, atol=tol * np.abs(B_direct).max())
 
 

@@ -16,10 +16,14 @@ from .mirrors import COMBINE_THREADS, PROJECT_CHUNK, PROJECT_THREADS
 
 _HERE = Path(__file__).parent
 _NAMES = {
-    "mfac_b.cu": [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep") for t in ("float", "double")],
+    "mfac_b.cu": [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep", "columns") for t in ("float", "double")],
     "forward_substitution.cu": [f"mfac_forward_substitution<{t}>" for t in ("float", "double")],
 }
 TILE = 32
+# Up to this many tile rows B uses the column schedule (2 launches); beyond, the sweeps (nt
+# launches, more blocks in flight). Chosen without a GPU at hand: to be set from
+# `python -m rank1inv bench --device gpu`, which times both.
+COLUMN_SCHEDULE_MAX_TILES = 64
 
 
 @cache
@@ -69,21 +73,30 @@ def combine(G, X, C, alpha: float, beta: float):
     return y[:, None]
 
 
-def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
-    """B = λ⁻¹L̃⁻¹ from D (m, m) by the tiled kernel; whole tile rows above ``start`` are kept
-    from ``previous_B``."""
+def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: str | None = None):
+    """B = λ⁻¹L̃⁻¹ from D (m, m) by the tiled kernels; whole tile rows above ``start`` are kept
+    from ``previous_B``. ``schedule``: "sweeps", "columns" or None (by size, see
+    ``COLUMN_SCHEDULE_MAX_TILES``); both give the same floating-point operations."""
     m = D.shape[0]
     dtype = D.dtype
     ctype, scalar = _template_type(dtype)
     D = cupy.ascontiguousarray(D)
     nt = -(-m // TILE)
+    if schedule is None:
+        schedule = "columns" if nt <= COLUMN_SCHEDULE_MAX_TILES else "sweeps"
+    if schedule not in ("sweeps", "columns"):
+        raise ValueError(f"schedule must be 'sweeps' or 'columns', got {schedule!r}")
     t0 = start // TILE if (start > 0 and previous_B is not None) else 0
     B = cupy.array(previous_B, dtype=dtype, order="C") if t0 else cupy.empty((m, m), dtype=dtype)
     B[t0 * TILE :, :] = 0
     mod = _module("mfac_b.cu", cupy.cuda.Device().id)
     diag = mod.get_function(f"mfac_b_diagonal<{ctype}>")
-    sweep = mod.get_function(f"mfac_b_sweep<{ctype}>")
     diag((nt - t0,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t0)))
+    if schedule == "columns":
+        columns = mod.get_function(f"mfac_b_columns<{ctype}>")
+        columns((nt,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t0), np.int32(nt)))
+        return B
+    sweep = mod.get_function(f"mfac_b_sweep<{ctype}>")
     for t in range(1, nt):
         sweep(
             (nt - t, nt - t),

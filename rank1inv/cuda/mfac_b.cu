@@ -10,6 +10,10 @@
 //      L̃[i, k] · B[k, j] for k = j + t - 1 (the sub-diagonal finished in step t - 1) to its
 //      accumulator, which lives in B's own (zeroed) tile; tiles with i - j == t then complete
 //      B[i, j] = -λ · B[i, i] · acc. No tile written in a step is read by another in that step.
+//   2'. mfac_b_columns (instead of the sweeps, for small m): one thread block per tile column j
+//      walks down it, tile (i, j) for i = max(t0, j + 1) .. nt-1, accumulating the same terms
+//      k = j .. i-1 in the same order in a register instead of in B: the same floating-point
+//      operations as the sweeps, in 2 launches instead of nt, but only nt blocks in flight.
 // Partial tiles at the bottom/right edge are masked: out-of-range entries read as the identity.
 // Rows below t0 * 32 are left as they are (a change at slot k recomputes only rows >= k).
 
@@ -77,7 +81,41 @@ __global__ void mfac_b_sweep(const T* __restrict__ D, T* __restrict__ B, int m, 
     if (r < m && c < m) B[(size_t)r * m + c] = -damp * out;
 }
 
+template <typename T>
+__global__ void mfac_b_columns(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int t0, int nt) {
+    const int j = blockIdx.x;
+    __shared__ T Ls[TILE][TILE + 1];
+    __shared__ T Xs[TILE][TILE + 1];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c = j * TILE + tx;
+    for (int i = max(t0, j + 1); i < nt; ++i) {  // uniform across the block: barriers are safe
+        const int r = i * TILE + ty;
+        T acc = T(0);
+        for (int k = j; k < i; ++k) {  // tiles (k, j), k < i, are final: earlier i, or kept rows
+            Ls[ty][tx] = ltilde(D, m, n, r, k * TILE + tx);
+            const int kr = k * TILE + ty;
+            Xs[ty][tx] = (kr < m && c < m) ? B[(size_t)kr * m + c] : T(0);
+            __syncthreads();
+#pragma unroll 8
+            for (int q = 0; q < TILE; ++q) acc += Ls[ty][q] * Xs[q][tx];
+            __syncthreads();
+        }
+        // complete: B[i, j] = -λ · B[i, i] · acc
+        Xs[ty][tx] = acc;
+        const int dc = i * TILE + tx;
+        Ls[ty][tx] = (r < m && dc < m) ? B[(size_t)r * m + dc] : T(0);
+        __syncthreads();
+        T out = T(0);
+#pragma unroll 8
+        for (int q = 0; q < TILE; ++q) out += Ls[ty][q] * Xs[q][tx];
+        if (r < m && c < m) B[(size_t)r * m + c] = -damp * out;
+        __syncthreads();  // tile (i, j) is read as a (k, j) tile for the next i
+    }
+}
+
 template __global__ void mfac_b_diagonal<float>(const float*, float*, int, float, float, int);
 template __global__ void mfac_b_diagonal<double>(const double*, double*, int, double, double, int);
 template __global__ void mfac_b_sweep<float>(const float*, float*, int, float, float, int, int, int);
 template __global__ void mfac_b_sweep<double>(const double*, double*, int, double, double, int, int, int);
+template __global__ void mfac_b_columns<float>(const float*, float*, int, float, float, int, int);
+template __global__ void mfac_b_columns<double>(const double*, double*, int, double, double, int, int);

@@ -1,9 +1,9 @@
 """NumPy mirrors of the CUDA kernels' schedules, so the schedules are tested on CPU.
 
-The blocked B kernel (``mfac_b.cu``) is mirrored twice: ``rank1inv._coef.b_blocked`` (the
+The blocked B kernels (``mfac_b.cu``) are mirrored twice: ``rank1inv._coef.b_blocked`` (the
 schedule, vectorised, with a separate accumulator) and ``mfac_b`` below, a thread-block by
-thread-block transcription of the kernel itself (B doubles as the accumulator, edge tiles are
-masked, rows above ``start`` are kept).
+thread-block transcription of the kernels themselves (edge tiles masked, rows above ``start``
+kept; in the sweeps B doubles as the accumulator).
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ def _store(B, i, j, tile):
     B[r0 : r0 + rows, c0 : c0 + cols] = tile[:rows, :cols]
 
 
-def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
-    """B = λ⁻¹L̃⁻¹ exactly as ``mfac_b.cu`` computes it, block by block (float64)."""
+def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: str = "sweeps"):
+    """B = λ⁻¹L̃⁻¹ exactly as ``mfac_b.cu`` computes it, block by block (float64), with the
+    sweeps (``mfac_b_sweep``, B doubling as accumulator) or the columns (``mfac_b_columns``,
+    the accumulator in a register)."""
     D = np.asarray(D, dtype=np.float64)
     m = D.shape[0]
     nt = -(-m // TILE)
@@ -93,6 +95,14 @@ def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None):
         for r in range(1, TILE):
             X[r, :r] = -(L[r, :r] @ np.tril(X[:r, :r]))
         _store(B, t, t, np.tril(X) / damp)
+    if schedule == "columns":
+        for j in range(nt):  # mfac_b_columns: block j walks down tile column j
+            for i in range(max(t0, j + 1), nt):
+                acc = np.zeros((TILE, TILE))
+                for k in range(j, i):
+                    acc = acc + _ltilde_tile(D, n, i, k) @ _tile(B, k, j)
+                _store(B, i, j, -damp * (_tile(B, i, i) @ acc))
+        return B
     for t in range(1, nt):  # mfac_b_sweep(t): blocks (i, j) with i - j >= t, i >= t0
         for j in range(nt - t):
             for i in range(max(t0, j + t), nt):

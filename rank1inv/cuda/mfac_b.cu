@@ -26,6 +26,24 @@ __device__ __forceinline__ T ltilde(const T* __restrict__ D, int m, T n, int r, 
     return D[(size_t)c * m + r] / (n + D[(size_t)c * m + c]);
 }
 
+// This thread's entry of B[i, i] · A, where A is the tile whose entry this thread holds in acc
+// (the completion B[i, j] = -λ · B[i, i] · acc of both schedules). Stages both tiles through
+// the block's shared tiles, after a barrier: the caller may still be reading them.
+template <typename T>
+__device__ __forceinline__ T diagonal_times(const T* __restrict__ B, int m, int i, T acc, T (*Ls)[TILE + 1],
+                                            T (*Xs)[TILE + 1]) {
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int r = i * TILE + ty, dc = i * TILE + tx;
+    __syncthreads();
+    Xs[ty][tx] = acc;
+    Ls[ty][tx] = (r < m && dc < m) ? B[(size_t)r * m + dc] : T(0);
+    __syncthreads();
+    T out = T(0);
+#pragma unroll 8
+    for (int q = 0; q < TILE; ++q) out += Ls[ty][q] * Xs[q][tx];
+    return out;
+}
+
 template <typename T>
 __global__ void mfac_b_diagonal(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int t0) {
     __shared__ T L[TILE][TILE + 1];
@@ -69,15 +87,7 @@ __global__ void mfac_b_sweep(const T* __restrict__ D, T* __restrict__ B, int m, 
         if (r < m && c < m) B[(size_t)r * m + c] = acc;
         return;
     }
-    // complete: B[i, j] = -λ · B[i, i] · acc
-    __syncthreads();
-    Xs[ty][tx] = acc;
-    const int dc = i * TILE + tx;
-    Ls[ty][tx] = (r < m && dc < m) ? B[(size_t)r * m + dc] : T(0);
-    __syncthreads();
-    T out = T(0);
-#pragma unroll 8
-    for (int q = 0; q < TILE; ++q) out += Ls[ty][q] * Xs[q][tx];
+    const T out = diagonal_times(B, m, i, acc, Ls, Xs);
     if (r < m && c < m) B[(size_t)r * m + c] = -damp * out;
 }
 
@@ -100,14 +110,7 @@ __global__ void mfac_b_columns(const T* __restrict__ D, T* __restrict__ B, int m
             for (int q = 0; q < TILE; ++q) acc += Ls[ty][q] * Xs[q][tx];
             __syncthreads();
         }
-        // complete: B[i, j] = -λ · B[i, i] · acc
-        Xs[ty][tx] = acc;
-        const int dc = i * TILE + tx;
-        Ls[ty][tx] = (r < m && dc < m) ? B[(size_t)r * m + dc] : T(0);
-        __syncthreads();
-        T out = T(0);
-#pragma unroll 8
-        for (int q = 0; q < TILE; ++q) out += Ls[ty][q] * Xs[q][tx];
+        const T out = diagonal_times(B, m, i, acc, Ls, Xs);
         if (r < m && c < m) B[(size_t)r * m + c] = -damp * out;
         __syncthreads();  // tile (i, j) is read as a (k, j) tile for the next i
     }

@@ -9,7 +9,7 @@ it never touches the gradients itself.
 from __future__ import annotations
 
 from . import _backend, _checks
-from ._passes import TILE_ELEMENTS
+from ._passes import tile_budget
 
 DENSE_LIMIT = 4096
 
@@ -166,7 +166,7 @@ class InverseOperator(_BlockOperator):
         run_r, off_r, blk_r = self._layout.locate(xp, r)
         run_c, off_c, blk_c = self._layout.locate(xp, c)
         same = (run_r == run_c) & (blk_r == blk_c)
-        chunk = max(1, TILE_ELEMENTS // max(1, self._width()))
+        chunk = max(1, tile_budget(xp) // max(1, self._width()))
         for g, grp in enumerate(groups):
             pos = xp.nonzero(same & (run_r == g))[0]
             for p0 in range(0, pos.shape[0], chunk):

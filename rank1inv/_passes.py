@@ -17,8 +17,16 @@ from __future__ import annotations
 
 from . import _backend
 
-TILE_ELEMENTS = 1 << 18  # float64 elements converted per tile for matrix-vector work (2 MiB, ~L2)
-BLAS3_TILE_ELEMENTS = 1 << 22  # for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
+TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
+BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
+GPU_TILE_ELEMENTS = 1 << 25  # on CuPy for all work (256 MiB): each tile costs kernel launches
+
+
+def tile_budget(xp, matrix: bool = False) -> int:
+    """float64 elements per tile: cache-sized on CPU, launch-amortising on a GPU."""
+    if _backend.is_cupy(xp):
+        return GPU_TILE_ELEMENTS
+    return BLAS3_TILE_ELEMENTS if matrix else TILE_ELEMENTS
 
 
 def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
@@ -42,9 +50,10 @@ def _f64(xp, a):
     return xp.astype(a, xp.float64, copy=False)
 
 
-def float64_tiles(xp, Gg, budget: int = TILE_ELEMENTS, *, rows: bool = False):
+def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False):
     """Yield (b0, b1, s0, s1, tile): the tiles of ``tiles`` as float64 arrays, along G's columns
-    (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows (Gg[b0:b1, s0:s1, :]).
+    (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows (Gg[b0:b1, s0:s1, :]), of
+    ``tile_budget(xp, matrix)`` elements.
 
     Conversions go into one buffer reused from tile to tile (a fresh multi-MiB array per tile
     costs page faults comparable to the conversion itself), so a tile is only valid until the
@@ -52,7 +61,7 @@ def float64_tiles(xp, Gg, budget: int = TILE_ELEMENTS, *, rows: bool = False):
     nb, m, B = Gg.shape
     length, width = (m, B) if rows else (B, m)
     buf = None
-    for b0, b1, s0, s1 in tiles(nb, length, width, budget):
+    for b0, b1, s0, s1 in tiles(nb, length, width, tile_budget(xp, matrix)):
         src = Gg[b0:b1, s0:s1, :] if rows else Gg[b0:b1, :, s0:s1]
         if Gg.dtype == xp.float64:
             yield b0, b1, s0, s1, src
@@ -78,7 +87,7 @@ def gram(xp, Gg, accumulate: str):
     if _single_call(xp, Gg, "float64"):
         return _f64(xp, Gg @ xp.matrix_transpose(Gg))
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, BLAS3_TILE_ELEMENTS):
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True):
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
     return out
 
@@ -89,7 +98,7 @@ def column_gram(xp, Gg, accumulate: str):
     if _single_call(xp, Gg, "float64"):
         return _f64(xp, xp.matrix_transpose(Gg) @ Gg)
     out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, BLAS3_TILE_ELEMENTS, rows=True):
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True):
         out[b0:b1, ...] += xp.matrix_transpose(t) @ t
     return out
 
@@ -146,7 +155,7 @@ def map_tiles(xp, Gg, fn):
     ``float64_tiles``)."""
     nb, m, B = Gg.shape
     out = None
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, BLAS3_TILE_ELEMENTS):
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True):
         part = fn(b0, b1, t)
         if out is None:
             out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_backend.device(Gg))

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from helpers import host
 
 from rank1inv import _backend, _passes, cpu
 
@@ -49,24 +50,31 @@ def test_parallel_split_matches_serial(monkeypatch):
 
 
 @pytest.mark.parametrize("accumulate", ["float64", "native"])
-def test_group_passes_tile_fallback(monkeypatch, accumulate):
-    """The tiled float64 conversion (used without compiled kernels) on batched block groups."""
+def test_group_passes_tile_fallback(monkeypatch, accumulate, xp):
+    """The tiled float64 conversion (used without compiled kernels) on batched block groups,
+    with budgets small enough for many tiles and a partial last one in every pass."""
     monkeypatch.setattr(_backend, "kernels", lambda xp: None)
-    monkeypatch.setattr(_passes, "TILE_ELEMENTS", 64)  # force many tiles
+    for name in ("TILE_ELEMENTS", "BLAS3_TILE_ELEMENTS", "GPU_TILE_ELEMENTS"):
+        monkeypatch.setattr(_passes, name, 64)
+    ns = _backend.namespace_from_argument(xp)
     rng = np.random.default_rng(1)
-    Gg = rng.standard_normal((3, 5, 40)).astype(np.float32)
-    X = rng.standard_normal((3, 40, 2))
+    G64 = rng.standard_normal((3, 5, 43)).astype(np.float32).astype(np.float64)
+    X = rng.standard_normal((3, 43, 2))
     C = rng.standard_normal((3, 5, 2))
-    G64 = Gg.astype(np.float64)
+    Gg, Xd, Cd = (xp.asarray(a) for a in (G64.astype(np.float32), X, C))
     tol = 1e-12 if accumulate == "float64" else 1e-5
-    np.testing.assert_allclose(_passes.gram(xp, Gg, accumulate), G64 @ G64.transpose(0, 2, 1), rtol=tol, atol=tol)
-    np.testing.assert_allclose(
-        _passes.column_gram(xp, Gg, accumulate), G64.transpose(0, 2, 1) @ G64, rtol=tol, atol=tol
-    )
-    np.testing.assert_allclose(_passes.project(xp, Gg, X, accumulate), G64 @ X, rtol=tol, atol=tol)
-    ref = 2.0 * X - 0.5 * (G64.transpose(0, 2, 1) @ C)
-    np.testing.assert_allclose(_passes.combine(xp, Gg, X, C, 2.0, -0.5, accumulate), ref, rtol=tol, atol=tol)
-    np.testing.assert_allclose(_passes.column_sumsq(xp, Gg), (G64**2).sum(axis=1), rtol=1e-12)
+
+    def close(a, ref, rtol=tol):
+        np.testing.assert_allclose(host(a), ref, rtol=rtol, atol=tol)
+
+    close(_passes.gram(ns, Gg, accumulate), G64 @ G64.transpose(0, 2, 1))
+    close(_passes.column_gram(ns, Gg, accumulate), G64.transpose(0, 2, 1) @ G64)
+    close(_passes.project(ns, Gg, Xd, accumulate), G64 @ X)
+    close(_passes.combine(ns, Gg, Xd, Cd, 2.0, -0.5, accumulate), 2.0 * X - 0.5 * (G64.transpose(0, 2, 1) @ C))
+    close(_passes.column_sumsq(ns, Gg), (G64**2).sum(axis=1), rtol=1e-12)
+    L = np.linalg.cholesky(G64 @ G64.transpose(0, 2, 1) + np.eye(5))
+    W = _passes.map_tiles(ns, Gg, lambda b0, b1, t: _backend.whiten(ns, xp.asarray(L[b0:b1]), t))
+    close(W, np.linalg.solve(L, G64), rtol=1e-12)
 
 
 def test_tiles_cover_everything():

@@ -95,7 +95,13 @@ def cholesky(xp, a):
 
 
 def solve_triangular(xp, a, b, *, lower: bool, trans: bool = False, unit_diagonal: bool = False):
-    """Solve ``a x = b`` (or ``aᵀ x = b``) for triangular ``a``; leading batch dims allowed."""
+    """Solve ``a x = b`` (or ``aᵀ x = b``) for triangular ``a``; leading batch dims allowed.
+
+    A batch of more systems than each has unknowns (block-diagonal layouts with many small
+    blocks) is solved by substitution across the whole batch, m array steps instead of one
+    library call per system."""
+    if a.ndim == 3 and a.shape[0] > a.shape[-1]:
+        return _substitution(xp, a, b, lower=lower != trans, trans=trans, unit_diagonal=unit_diagonal)
     if is_cupy(xp):
         from cupyx.scipy.linalg import solve_triangular as st
 
@@ -108,6 +114,20 @@ def solve_triangular(xp, a, b, *, lower: bool, trans: bool = False, unit_diagona
     return scipy.linalg.solve_triangular(
         a, b, lower=lower, trans=int(trans), unit_diagonal=unit_diagonal, check_finite=False
     )
+
+
+def _substitution(xp, a, b, *, lower: bool, trans: bool, unit_diagonal: bool):
+    """x with op(a) x = b for a batch a (nb, m, m), b (nb, m, k), op(a) = aᵀ if ``trans``;
+    ``lower`` says whether op(a) is lower triangular. Row by row (dot-product form), the same
+    operations as LAPACK's unblocked substitution, for all systems at once."""
+    t = xp.matrix_transpose(a) if trans else a
+    m = t.shape[-1]
+    x = xp.zeros(b.shape, dtype=xp.result_type(t.dtype, b.dtype), device=device(b))
+    for i in range(m) if lower else range(m - 1, -1, -1):
+        done = slice(0, i) if lower else slice(i + 1, m)
+        xi = b[:, i : i + 1, :] - t[:, i : i + 1, done] @ x[:, done, :]
+        x[:, i : i + 1, :] = xi if unit_diagonal else xi / t[:, i : i + 1, i : i + 1]
+    return x
 
 
 def whiten(xp, c, t):
@@ -167,7 +187,8 @@ def linear_operator(xp, shape, dtype, matvec, matmat):
 # --------------------------------------------------------------------------- kernels
 def kernels(xp):
     """The compiled pass kernels for ``xp``: the CuPy RawKernels, the optional CPU extension for
-    NumPy, or None. Each offers ``usable(G, k)``, ``project(G, X)`` and ``combine(G, X, C, a, b)``."""
+    NumPy, or None. Each offers ``usable(Gg, k)``, ``project(Gg, X)`` and ``combine(Gg, X, C, a, b)``
+    on groups Gg (nb, m, B) (see ``_passes``)."""
     if is_cupy(xp):
         from .cuda import kernels as k
 

@@ -146,10 +146,11 @@ def test_pass_kernels_match_mirrors(m, d):
     G = rng.standard_normal((m, d)).astype(np.float32)
     x = rng.standard_normal(d)
     c = rng.standard_normal(m)
-    Gd = cupy.asarray(G)
-    p = host(kern.project(Gd, cupy.asarray(x)[:, None]))[:, 0]
+    Gd = cupy.asarray(G)[None]
+    assert kern.usable(Gd, 1)
+    p = host(kern.project(Gd, cupy.asarray(x)[None, :, None]))[0, :, 0]
     np.testing.assert_allclose(p, mirrors.project_f32(G, x), rtol=1e-12, atol=1e-10)
-    y = host(kern.combine(Gd, cupy.asarray(x)[:, None], cupy.asarray(c)[:, None], 0.5, -2.0))[:, 0]
+    y = host(kern.combine(Gd, cupy.asarray(x)[None, :, None], cupy.asarray(c)[None, :, None], 0.5, -2.0))[0, :, 0]
     np.testing.assert_allclose(y, mirrors.combine_f32(G, x, c, 0.5, -2.0), rtol=1e-12, atol=1e-10)
 
 

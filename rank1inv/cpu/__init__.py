@@ -27,27 +27,28 @@ except ImportError:  # not built (no compiler at install time)
 _lib = None
 if _ext is not None:
     _lib = ctypes.CDLL(_ext.__file__)
-    _i64, _p = ctypes.c_int64, ctypes.c_void_p
+    _i64, _p, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     _lib.rank1inv_project_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p]
-    _lib.rank1inv_project_f32.restype = None
-    _lib.rank1inv_combine_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, ctypes.c_double, ctypes.c_double, _p]
-    _lib.rank1inv_combine_f32.restype = None
+    _lib.rank1inv_combine_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, _f64, _f64, _p]
+    _lib.rank1inv_project_blocks_f32.argtypes = [_p, _i64, _i64, _i64, _i64, _i64, _p, _p]
+    _lib.rank1inv_combine_blocks_f32.argtypes = [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _f64, _f64, _p]
+    for _f in ("project_f32", "combine_f32", "project_blocks_f32", "combine_blocks_f32"):
+        getattr(_lib, "rank1inv_" + _f).restype = None
 
 
 def available() -> bool:
     return _lib is not None
 
 
-def usable(G, k: int) -> bool:
-    """float32 rows with unit column stride, one right-hand side."""
+def usable(Gg, k: int) -> bool:
+    """A group Gg (nb, m, B) of float32 rows with unit column stride, one right-hand side."""
     return (
         _lib is not None
         and k == 1
-        and G.dtype == np.float32
-        and G.ndim == 2
-        and G.strides[1] == 4
-        and G.strides[0] % 4 == 0
-        and G.strides[0] >= 0
+        and Gg.dtype == np.float32
+        and Gg.ndim == 3
+        and Gg.strides[2] == 4
+        and all(s % 4 == 0 and s >= 0 for s in Gg.strides[:2])
     )
 
 
@@ -83,38 +84,70 @@ def _split(n: int, size: int, align: int = 1):
     return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
 
 
-def project(G, X):
-    """G·X for float32 G (m, d) and float64 X (d, 1) → (m, 1) float64. Rows split over workers."""
-    m, d = G.shape
-    x = np.ascontiguousarray(X[:, 0], dtype=np.float64)
-    p = np.empty(m)
-    ld = G.strides[0] // 4
+def project(Gg, X):
+    """Gg·X per block for float32 Gg (nb, m, B) and float64 X (nb, B, 1) → (nb, m, 1) float64.
+    One block: rows split over workers; several: blocks split over workers."""
+    nb, m, d = Gg.shape
+    x = np.ascontiguousarray(X[..., 0], dtype=np.float64)
+    p = np.empty((nb, m))
+    sb, ld = Gg.strides[0] // 4, Gg.strides[1] // 4
+    G0 = Gg.ctypes.data
 
-    def run(rows):
-        a, b = rows
+    def rows(part):
+        a, b = part
         if b > a:
-            _lib.rank1inv_project_f32(G.ctypes.data + 4 * a * ld, b - a, d, ld, x.ctypes.data, p.ctypes.data + 8 * a)
+            _lib.rank1inv_project_f32(G0 + 4 * a * ld, b - a, d, ld, x.ctypes.data, p.ctypes.data + 8 * a)
 
-    _map(run, _split(m, m * d))
-    return p[:, None]
-
-
-def combine(G, X, C, alpha: float, beta: float):
-    """α·X + β·GᵀC for float32 G (m, d), X (d, 1) float64 or None, C (m, 1) → (d, 1) float64.
-    Columns split over workers."""
-    m, d = G.shape
-    c = np.ascontiguousarray(C[:, 0], dtype=np.float64)
-    x = None if X is None else np.ascontiguousarray(X[:, 0], dtype=np.float64)
-    y = np.empty(d)
-    ld = G.strides[0] // 4
-
-    def run(cols):
-        a, b = cols
+    def blocks(part):
+        a, b = part
         if b > a:
-            xa = None if x is None else x.ctypes.data + 8 * a
-            _lib.rank1inv_combine_f32(
-                G.ctypes.data + 4 * a, m, b - a, ld, c.ctypes.data, xa, alpha, beta, y.ctypes.data + 8 * a
+            _lib.rank1inv_project_blocks_f32(
+                G0 + 4 * a * sb, b - a, sb, m, d, ld, x.ctypes.data + 8 * a * d, p.ctypes.data + 8 * a * m
             )
 
-    _map(run, _split(d, m * d, align=8192))
-    return y[:, None]
+    if nb == 1:
+        _map(rows, _split(m, m * d))
+    else:
+        _map(blocks, _split(nb, nb * m * d))
+    return p[..., None]
+
+
+def combine(Gg, X, C, alpha: float, beta: float):
+    """α·X + β·GgᵀC per block for float32 Gg (nb, m, B), X (nb, B, 1) float64 or None, C (nb, m, 1)
+    → (nb, B, 1) float64. One block: columns split over workers; several: blocks."""
+    nb, m, d = Gg.shape
+    c = np.ascontiguousarray(C[..., 0], dtype=np.float64)
+    x = None if X is None else np.ascontiguousarray(X[..., 0], dtype=np.float64)
+    y = np.empty((nb, d))
+    sb, ld = Gg.strides[0] // 4, Gg.strides[1] // 4
+    G0 = Gg.ctypes.data
+
+    def cols(part):
+        a, b = part
+        if b > a:
+            xa = None if x is None else x.ctypes.data + 8 * a
+            _lib.rank1inv_combine_f32(G0 + 4 * a, m, b - a, ld, c.ctypes.data, xa, alpha, beta, y.ctypes.data + 8 * a)
+
+    def blocks(part):
+        a, b = part
+        if b > a:
+            xa = None if x is None else x.ctypes.data + 8 * a * d
+            _lib.rank1inv_combine_blocks_f32(
+                G0 + 4 * a * sb,
+                b - a,
+                sb,
+                m,
+                d,
+                ld,
+                c.ctypes.data + 8 * a * m,
+                xa,
+                alpha,
+                beta,
+                y.ctypes.data + 8 * a * d,
+            )
+
+    if nb == 1:
+        _map(cols, _split(d, m * d, align=8192))
+    else:
+        _map(blocks, _split(nb, nb * m * d))
+    return y[..., None]

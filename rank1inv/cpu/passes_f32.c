@@ -6,8 +6,10 @@
  * combine_f32:  y[j] = α·x[j] + β·Σ_i c[i] · G[i, j]
  *     Columns in chunks of 8192 (accumulators stay in L2), rows added 8 at a time in order.
  *
- * Single-threaded; rank1inv/cpu/__init__.py splits rows (project) or columns (combine) over a
- * few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld (a block
+ * *_blocks_f32: the same over a batch of equal column blocks (block-diagonal layouts).
+ *
+ * Single-threaded; rank1inv/cpu/__init__.py splits rows (project), columns (combine) or blocks
+ * over a few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld (a block
  * of a wider matrix is allowed). Built as an optional extension module and called through
  * ctypes; without it rank1inv/_passes.py converts tiles to float64 instead.
  */
@@ -97,6 +99,19 @@ void rank1inv_combine_f32(const float *G, int64_t m, int64_t d, int64_t ld, cons
         for (int64_t i = 0; i < m; i += 8) combine_rows(G + i * ld + j0, (m - i < 8) ? m - i : 8, ld, n, c + i, acc);
         for (int64_t j = 0; j < n; ++j) y[j0 + j] = (x ? alpha * x[j0 + j] : 0.0) + beta * acc[j];
     }
+}
+
+/* The same passes over nb equal blocks G_b = G + b·sb (m × d each, leading dimension ld), with
+ * x, c, p, y laid out block after block: p[b·m + i], y[b·d + j]. */
+void rank1inv_project_blocks_f32(const float *G, int64_t nb, int64_t sb, int64_t m, int64_t d, int64_t ld,
+                                 const double *x, double *p) {
+    for (int64_t b = 0; b < nb; ++b) rank1inv_project_f32(G + b * sb, m, d, ld, x + b * d, p + b * m);
+}
+
+void rank1inv_combine_blocks_f32(const float *G, int64_t nb, int64_t sb, int64_t m, int64_t d, int64_t ld,
+                                 const double *c, const double *x, double alpha, double beta, double *y) {
+    for (int64_t b = 0; b < nb; ++b)
+        rank1inv_combine_f32(G + b * sb, m, d, ld, c + b * m, x ? x + b * d : 0, alpha, beta, y + b * d);
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_passes_f32", "float32 passes with float64 accumulation (call via ctypes)", -1, NULL};

@@ -41,28 +41,38 @@ def _template_type(dtype):
     return {np.dtype(np.float32): ("float", np.float32), np.dtype(np.float64): ("double", np.float64)}[np.dtype(dtype)]
 
 
-def usable(G, k: int) -> bool:
-    """Whether the mixed-precision pass kernels serve G (m, d) with k right-hand sides."""
-    return G.dtype == cupy.float32 and G.ndim == 2 and G.flags.c_contiguous and k == 1 and G.shape[0] < 2**31
+def usable(Gg, k: int) -> bool:
+    """Whether the mixed-precision pass kernels serve the group Gg (nb, m, B) with k right-hand
+    sides: one contiguous float32 block, one right-hand side."""
+    return (
+        Gg.dtype == cupy.float32
+        and Gg.ndim == 3
+        and Gg.shape[0] == 1
+        and Gg[0].flags.c_contiguous
+        and k == 1
+        and Gg.shape[1] < 2**31
+    )
 
 
-def project(G, X):
-    """G·X for float32 G (m, d) and float64 X (d, 1), float64 accumulation → (m, 1) float64."""
+def project(Gg, X):
+    """G·X for float32 Gg (1, m, d) and float64 X (1, d, 1), float64 accumulation → (1, m, 1)."""
+    G = Gg[0]
     m, d = G.shape
-    x = cupy.ascontiguousarray(X[:, 0], dtype=cupy.float64)
+    x = cupy.ascontiguousarray(X[0, :, 0], dtype=cupy.float64)
     chunks = -(-d // PROJECT_CHUNK)
     part = cupy.empty((chunks, m), dtype=cupy.float64)
     _function("passes.cu", "project_f32")((chunks,), (PROJECT_THREADS,), (G, x, part, np.int32(m), np.int64(d)))
     p = cupy.empty((m,), dtype=cupy.float64)
     _function("passes.cu", "reduce_parts")((-(-m // 256),), (256,), (part, p, np.int32(m), np.int32(chunks)))
-    return p[:, None]
+    return p[None, :, None]
 
 
-def combine(G, X, C, alpha: float, beta: float):
-    """α·X + β·GᵀC for float32 G (m, d), X (d, 1) float64 or None, C (m, 1) → (d, 1) float64."""
+def combine(Gg, X, C, alpha: float, beta: float):
+    """α·X + β·GᵀC for float32 Gg (1, m, d), X (1, d, 1) float64 or None, C (1, m, 1) → (1, d, 1)."""
+    G = Gg[0]
     m, d = G.shape
-    x = cupy.zeros((1,), dtype=cupy.float64) if X is None else cupy.ascontiguousarray(X[:, 0], dtype=cupy.float64)
-    c = cupy.ascontiguousarray(C[:, 0], dtype=cupy.float64)
+    x = cupy.zeros((1,), dtype=cupy.float64) if X is None else cupy.ascontiguousarray(X[0, :, 0], dtype=cupy.float64)
+    c = cupy.ascontiguousarray(C[0, :, 0], dtype=cupy.float64)
     y = cupy.empty((d,), dtype=cupy.float64)
     per_block = COMBINE_THREADS * 4
     _function("passes.cu", "combine_f32")(
@@ -70,7 +80,7 @@ def combine(G, X, C, alpha: float, beta: float):
         (COMBINE_THREADS,),
         (G, x, np.int32(X is not None), c, np.float64(alpha), np.float64(beta), y, np.int32(m), np.int64(d)),
     )
-    return y[:, None]
+    return y[None, :, None]
 
 
 def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: str | None = None):

@@ -9,8 +9,8 @@ in the storage dtype, the M-FAC reference behaviour).
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
 With float32 storage, single-vector passes (the IHVP and push_apply hot path) go to compiled
 kernels when ``_backend.kernels`` has them: the optional CPU extension (``rank1inv.cpu``, any
-number of blocks) on NumPy, the RawKernels (``rank1inv.cuda``, one block) on CuPy. float64 storage needs
-no conversion and makes one BLAS call.
+number of blocks) on NumPy, the RawKernels (``rank1inv.cuda``, one block) on CuPy. float64
+storage needs no conversion and makes one BLAS call.
 """
 
 from __future__ import annotations

@@ -97,10 +97,10 @@ def cholesky(xp, a):
 def solve_triangular(xp, a, b, *, lower: bool, trans: bool = False, unit_diagonal: bool = False):
     """Solve ``a x = b`` (or ``aᵀ x = b``) for triangular ``a``; leading batch dims allowed.
 
-    A batch of more systems than each has unknowns (block-diagonal layouts with many small
-    blocks) is solved by substitution across the whole batch, m array steps instead of one
-    library call per system."""
-    if a.ndim == 3 and a.shape[0] > a.shape[-1]:
+    A batch of at least 4× more systems than each has unknowns (block-diagonal layouts with
+    many small blocks) is solved by substitution across the whole batch, m array steps instead
+    of one library call per system (measured faster on NumPy from about that ratio on)."""
+    if a.ndim == 3 and a.shape[0] >= 4 * a.shape[-1]:
         return _substitution(xp, a, b, lower=lower != trans, trans=trans, unit_diagonal=unit_diagonal)
     if is_cupy(xp):
         from cupyx.scipy.linalg import solve_triangular as st

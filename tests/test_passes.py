@@ -1,5 +1,9 @@
 """Passes over G with float64 accumulation: compiled CPU kernel, tile fallback, native mode."""
 
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 from helpers import host
@@ -98,3 +102,29 @@ def test_tiles_cover_everything():
         for b0, b1, c0, c1 in _passes.tiles(count, length, width, budget=512):
             seen[b0:b1, c0:c1] += 1
         assert np.all(seen == 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python ≥ 3.12 on threaded parents
+def test_passes_work_in_a_forked_child():
+    """The worker pool started by the parent does not exist in a forked child (it used to
+    deadlock there): the child must start its own."""
+    if not cpu.available():
+        pytest.skip("CPU extension not built")
+    rng = np.random.default_rng(2)
+    Gg = rng.standard_normal((1, 8, 1 << 18)).astype(np.float32)  # above PARALLEL_MIN: uses the pool
+    x = rng.standard_normal((1, 1 << 18, 1))
+    expected = cpu.project(Gg, x)
+    pid = os.fork()
+    if pid == 0:  # child: exit code says whether the pass ran and agreed
+        os._exit(0 if np.array_equal(cpu.project(Gg, x), expected) else 3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's pass did not finish within 30 s")

@@ -64,6 +64,16 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
+def _forget_pool():
+    """In a forked child the parent's worker threads do not exist: start a new pool on demand."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _map(fn, parts):
     """Run fn over parts on the private pool (created on first use)."""
     global _pool

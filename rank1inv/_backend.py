@@ -11,7 +11,6 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 import scipy.linalg
-from scipy.linalg import blas as _blas
 from scipy.linalg import lapack as _lapack
 
 FLOAT_DTYPES = ("float32", "float64")
@@ -128,19 +127,6 @@ def _substitution(xp, a, b, *, lower: bool, trans: bool, unit_diagonal: bool):
         xi = b[:, i : i + 1, :] - t[:, i : i + 1, done] @ x[:, done, :]
         x[:, i : i + 1, :] = xi if unit_diagonal else xi / t[:, i : i + 1, i : i + 1]
     return x
-
-
-def whiten(xp, c, t):
-    """c⁻¹ t for lower-triangular c (nb, m, m) and t (nb, m, k): shape (nb, m, k).
-
-    On NumPy this is BLAS trsm from the right on tᵀ (t C-contiguous, no transposing copies)."""
-    if is_cupy(xp):
-        return solve_triangular(xp, c, t, lower=True)
-    trsm = _blas.dtrsm if c.dtype == np.float64 else _blas.strsm
-    out = np.empty(t.shape, dtype=t.dtype)
-    for i in range(t.shape[0]):  # X cᵀ = tᵀ  →  Xᵀ = c⁻¹ t
-        out[i] = trsm(1.0, c[i], t[i].T, side=1, lower=1, trans_a=1).T
-    return out
 
 
 def column_sumsq(xp, t):

@@ -94,14 +94,17 @@ def _split(n: int, size: int, align: int = 1):
     return [(a, min(n, a + step)) for a in range(0, n, step)] or [(0, 0)]
 
 
+def _geometry(Gg):
+    """(nb, m, B, block stride, row stride, address) of a float32 group; strides in elements."""
+    return (*Gg.shape, Gg.strides[0] // 4, Gg.strides[1] // 4, Gg.ctypes.data)
+
+
 def project(Gg, X):
     """Gg·X per block for float32 Gg (nb, m, B) and float64 X (nb, B, 1) → (nb, m, 1) float64.
     One block: rows split over workers; several: blocks split over workers."""
-    nb, m, d = Gg.shape
+    nb, m, d, sb, ld, G0 = _geometry(Gg)
     x = np.ascontiguousarray(X[..., 0], dtype=np.float64)
     p = np.empty((nb, m))
-    sb, ld = Gg.strides[0] // 4, Gg.strides[1] // 4
-    G0 = Gg.ctypes.data
 
     def rows(part):
         a, b = part
@@ -125,12 +128,10 @@ def project(Gg, X):
 def combine(Gg, X, C, alpha: float, beta: float):
     """α·X + β·GgᵀC per block for float32 Gg (nb, m, B), X (nb, B, 1) float64 or None, C (nb, m, 1)
     → (nb, B, 1) float64. One block: columns split over workers; several: blocks."""
-    nb, m, d = Gg.shape
+    nb, m, d, sb, ld, G0 = _geometry(Gg)
     c = np.ascontiguousarray(C[..., 0], dtype=np.float64)
     x = None if X is None else np.ascontiguousarray(X[..., 0], dtype=np.float64)
     y = np.empty((nb, d))
-    sb, ld = Gg.strides[0] // 4, Gg.strides[1] // 4
-    G0 = Gg.ctypes.data
 
     def cols(part):
         a, b = part

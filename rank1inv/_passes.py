@@ -7,7 +7,7 @@ matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one
 in the storage dtype, the M-FAC reference behaviour).
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
-With float32 storage, passes with at most ``KERNEL_COLUMNS`` vectors (the IHVP and push_apply
+With float32 storage, passes with at most ``kernels.COLUMNS`` vectors (the IHVP and push_apply
 hot path has one) go to compiled single-vector kernels, once per vector, when
 ``_backend.kernels`` has them: the optional CPU extension (``rank1inv.cpu``, any number of
 blocks) on NumPy, the RawKernels (``rank1inv.cuda``, one block) on CuPy. float64 storage needs
@@ -21,10 +21,6 @@ from . import _backend
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
 BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
 GPU_TILE_ELEMENTS = 1 << 25  # on CuPy for all work (256 MiB): each tile costs kernel launches
-# Up to this many right-hand sides the compiled single-vector kernels run once per column (k
-# passes over G) rather than the tiled float64 conversion: measured faster on CPU up to k ≈ 8-16
-# (m = 256, d = 1e5: k = 4 in 21 ms against 94 ms).
-KERNEL_COLUMNS = 8
 
 
 def tile_budget(xp, matrix: bool = False) -> int:
@@ -115,7 +111,7 @@ def project(xp, Gg, X, accumulate: str):
     if _single_call(xp, Gg, accumulate):
         return _f64(xp, Gg @ xp.astype(X, Gg.dtype))
     kern = _backend.kernels(xp)
-    if kern is not None and k <= KERNEL_COLUMNS and kern.usable(Gg, 1):
+    if kern is not None and k <= kern.COLUMNS and kern.usable(Gg, 1):
         if k == 1:
             return kern.project(Gg, X)
         return xp.concat([kern.project(Gg, X[..., q : q + 1]) for q in range(k)], axis=-1)
@@ -137,7 +133,7 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str):
         low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
         return low if X is None else alpha * X + low
     kern = _backend.kernels(xp)
-    if kern is not None and k <= KERNEL_COLUMNS and kern.usable(Gg, 1):
+    if kern is not None and k <= kern.COLUMNS and kern.usable(Gg, 1):
         if k == 1:
             return kern.combine(Gg, X, C, alpha, beta)
         parts = [

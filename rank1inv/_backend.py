@@ -174,8 +174,7 @@ def linear_operator(xp, shape, dtype, matvec, matmat):
 def kernels(xp):
     """The compiled pass kernels for ``xp``: the CuPy RawKernels, the optional CPU extension for
     NumPy, or None. Each offers ``usable(Gg, k)``, ``project(Gg, X)`` and ``combine(Gg, X, C, a, b)``
-    on groups Gg (nb, m, B) (see ``_passes``), and ``COLUMNS``, the most right-hand sides worth
-    serving one by one."""
+    on groups Gg (nb, m, B) (see ``_passes``)."""
     if is_cupy(xp):
         from .cuda import kernels as k
 

@@ -81,8 +81,8 @@ class _BlockOperator:
         return Y
 
     def matmat(self, X):
-        """Operator times X of shape (d, k) → (d, k). O(dmk): passes over G shared by all k
-        columns (for float32 G and k ≤ 8 the compiled CPU passes run once per column instead)."""
+        """Operator times X of shape (d, k) → (d, k). O(dmk): passes over G are shared by all k
+        columns."""
         if getattr(X, "ndim", 2) != 2:
             raise ValueError(f"matmat expects a 2-D array, got shape {tuple(X.shape)}")
         return self._product(X, "X")

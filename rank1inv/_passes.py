@@ -7,10 +7,10 @@ matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one
 in the storage dtype, the M-FAC reference behaviour).
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
-With float32 storage, passes with at most ``kernels.COLUMNS`` vectors (the IHVP and push_apply
-hot path has one) go to compiled single-vector kernels, once per vector, when
-``_backend.kernels`` has them: the optional CPU extension (``rank1inv.cpu``, any number of
-blocks) on NumPy, the RawKernels (``rank1inv.cuda``, one block) on CuPy. float64 storage needs
+With float32 storage, passes with few vectors (the IHVP and push_apply hot path has one) go to
+compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
+(``rank1inv.cpu``, up to 8 vectors, any number of blocks) on NumPy, the RawKernels
+(``rank1inv.cuda``, one vector, one block) on CuPy. float64 storage needs
 no conversion and makes one BLAS call.
 """
 
@@ -111,10 +111,8 @@ def project(xp, Gg, X, accumulate: str):
     if _single_call(xp, Gg, accumulate):
         return _f64(xp, Gg @ xp.astype(X, Gg.dtype))
     kern = _backend.kernels(xp)
-    if kern is not None and k <= kern.COLUMNS and kern.usable(Gg, 1):
-        if k == 1:
-            return kern.project(Gg, X)
-        return xp.concat([kern.project(Gg, X[..., q : q + 1]) for q in range(k)], axis=-1)
+    if kern is not None and kern.usable(Gg, k):
+        return kern.project(Gg, X)
     out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
         out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
@@ -133,13 +131,8 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str):
         low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
         return low if X is None else alpha * X + low
     kern = _backend.kernels(xp)
-    if kern is not None and k <= kern.COLUMNS and kern.usable(Gg, 1):
-        if k == 1:
-            return kern.combine(Gg, X, C, alpha, beta)
-        parts = [
-            kern.combine(Gg, None if X is None else X[..., q : q + 1], C[..., q : q + 1], alpha, beta) for q in range(k)
-        ]
-        return xp.concat(parts, axis=-1)
+    if kern is not None and kern.usable(Gg, k):
+        return kern.combine(Gg, X, C, alpha, beta)
     out = xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
         part = beta * (xp.matrix_transpose(t) @ C[b0:b1, ...])

@@ -13,52 +13,53 @@ from rank1inv import _backend, _passes, cpu
 xp = _backend.namespace_from_argument(None)
 
 
+@pytest.mark.parametrize("k", [1, 3, 8])
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 17])
-@pytest.mark.parametrize("d", [1, 7, 8, 9, 8191, 8193, 20000])
-def test_cpu_kernel_matches_float64(m, d):
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 513, 2049, 8193, 20000])
+def test_cpu_kernel_matches_float64(m, d, k):
+    """Single-vector and multi-vector passes (column chunks, row blocks and tails) against float64."""
     if not cpu.available():
         pytest.skip("CPU extension not built")
-    rng = np.random.default_rng(m * d)
+    rng = np.random.default_rng(m * d * k)
     wide = rng.standard_normal((m, d + 5)).astype(np.float32)
     G = wide[None, :, 2 : 2 + d]  # a strided block view (leading dimension d + 5)
-    x = rng.standard_normal((1, d, 1))
-    c = rng.standard_normal((1, m, 1))
+    x = rng.standard_normal((1, d, k))
+    c = rng.standard_normal((1, m, k))
     G64 = G.astype(np.float64)
-    assert cpu.usable(G, 1)
+    assert cpu.usable(G, k) and not cpu.usable(G, cpu.MAX_COLUMNS + 1)
     np.testing.assert_allclose(cpu.project(G, x), G64 @ x, rtol=1e-12, atol=1e-12 * np.sqrt(d))
-    Gt = G64.transpose(0, 2, 1)
-    np.testing.assert_allclose(
-        cpu.combine(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (Gt @ c), rtol=1e-12, atol=1e-12 * np.sqrt(m)
-    )
-    np.testing.assert_allclose(cpu.combine(G, None, c, 0.0, 3.0), 3.0 * (Gt @ c), rtol=1e-12, atol=1e-12 * np.sqrt(m))
+    Gt, tol = G64.transpose(0, 2, 1), 1e-12 * np.sqrt(m)
+    np.testing.assert_allclose(cpu.combine(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (Gt @ c), rtol=1e-12, atol=tol)
+    np.testing.assert_allclose(cpu.combine(G, None, c, 0.0, 3.0), 3.0 * (Gt @ c), rtol=1e-12, atol=tol)
 
 
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("nb,m,B", [(2, 1, 9), (3, 5, 8193), (40, 17, 100), (300, 4, 30)])
-def test_cpu_kernel_on_blocks(nb, m, B):
+def test_cpu_kernel_on_blocks(nb, m, B, k):
     """Batched equal blocks as StaticInverse lays them out: column blocks of one G (m, d)."""
     if not cpu.available():
         pytest.skip("CPU extension not built")
     rng = np.random.default_rng(nb * m * B)
     G = rng.standard_normal((m, nb * B + 3)).astype(np.float32)
     Gg = np.transpose(G[:, 3:].reshape(m, nb, B), (1, 0, 2))  # strides (B, d + 3, 1) elements
-    x = rng.standard_normal((nb, B, 1))
-    c = rng.standard_normal((nb, m, 1))
+    x = rng.standard_normal((nb, B, k))
+    c = rng.standard_normal((nb, m, k))
     G64 = Gg.astype(np.float64)
-    assert cpu.usable(Gg, 1) and not cpu.usable(Gg, 2)
+    assert cpu.usable(Gg, k)
     np.testing.assert_allclose(cpu.project(Gg, x), G64 @ x, rtol=1e-12, atol=1e-12 * np.sqrt(B))
     ref = 0.5 * x - 2.0 * (G64.transpose(0, 2, 1) @ c)
     np.testing.assert_allclose(cpu.combine(Gg, x, c, 0.5, -2.0), ref, rtol=1e-12, atol=1e-12 * np.sqrt(m))
 
 
-@pytest.mark.parametrize("nb", [1, 7])
-def test_parallel_split_matches_serial(monkeypatch, nb):
+@pytest.mark.parametrize("nb,k", [(1, 1), (1, 3), (7, 1)])
+def test_parallel_split_matches_serial(monkeypatch, nb, k):
     if not cpu.available():
         pytest.skip("CPU extension not built")
     rng = np.random.default_rng(0)
     G = rng.standard_normal((37, 40000)).astype(np.float32)
     Gg = np.transpose(G[:, : 40000 // nb * nb].reshape(37, nb, -1), (1, 0, 2))
-    x = rng.standard_normal((nb, Gg.shape[2], 1))
-    c = rng.standard_normal((nb, 37, 1))
+    x = rng.standard_normal((nb, Gg.shape[2], k))
+    c = rng.standard_normal((nb, 37, k))
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 1)
     monkeypatch.setattr(cpu, "_workers", lambda: 3)
     par = cpu.project(Gg, x), cpu.combine(Gg, x, c, 1.0, -1.0)

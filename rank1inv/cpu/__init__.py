@@ -17,10 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 MAX_WORKERS = 8
-# Up to this many right-hand sides rank1inv._passes calls these single-vector kernels once per
-# column (k passes over G) rather than converting tiles to float64: measured faster up to
-# k ≈ 8-16 (m = 256, d = 1e5: k = 4 in 31 ms against 94 ms).
-COLUMNS = 8
+MAX_COLUMNS = 8  # right-hand sides per pass (MULTI in passes_f32.c); more: rank1inv._passes' tiles
 PARALLEL_MIN = 1 << 20  # elements of G below which one thread does the pass
 
 try:
@@ -36,8 +33,10 @@ if _ext is not None:
     _lib.rank1inv_combine_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, _f64, _f64, _p]
     _lib.rank1inv_project_blocks_f32.argtypes = [_p, _i64, _i64, _i64, _i64, _i64, _p, _p]
     _lib.rank1inv_combine_blocks_f32.argtypes = [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _f64, _f64, _p]
-    for _f in ("project_f32", "combine_f32", "project_blocks_f32", "combine_blocks_f32"):
-        getattr(_lib, "rank1inv_" + _f).restype = None
+    _lib.rank1inv_project_multi_f32.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64]
+    _lib.rank1inv_combine_multi_f32.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _f64, _f64, _p, _i64]
+    for _f in ("project", "combine", "project_blocks", "combine_blocks", "project_multi", "combine_multi"):
+        getattr(_lib, f"rank1inv_{_f}_f32").restype = None
 
 
 def available() -> bool:
@@ -45,10 +44,11 @@ def available() -> bool:
 
 
 def usable(Gg, k: int) -> bool:
-    """A group Gg (nb, m, B) of float32 rows with unit column stride, one right-hand side."""
+    """A group Gg (nb, m, B) of float32 rows with unit column stride, 1 to MAX_COLUMNS
+    right-hand sides."""
     return (
         _lib is not None
-        and k == 1
+        and 1 <= k <= MAX_COLUMNS
         and Gg.dtype == np.float32
         and Gg.ndim == 3
         and Gg.strides[2] == 4
@@ -104,16 +104,24 @@ def _geometry(Gg):
 
 
 def project(Gg, X):
-    """Gg·X per block for float32 Gg (nb, m, B) and float64 X (nb, B, 1) → (nb, m, 1) float64.
-    One block: rows split over workers; several: blocks split over workers."""
+    """Gg·X per block for float32 Gg (nb, m, B) and float64 X (nb, B, k) → (nb, m, k) float64.
+    One block: rows split over workers (all k vectors in one pass over G); several blocks:
+    blocks split over workers, one pass per vector."""
     nb, m, d, sb, ld, G0 = _geometry(Gg)
-    x = np.ascontiguousarray(X[..., 0], dtype=np.float64)
-    p = np.empty((nb, m))
+    k = X.shape[-1]
+    if k > 1 and nb > 1:
+        return np.concatenate([project(Gg, X[..., q : q + 1]) for q in range(k)], axis=-1)
+    x = np.ascontiguousarray(np.moveaxis(X, -1, 1), dtype=np.float64)  # (nb, k, B): vector by vector
+    p = np.empty((nb, k, m))
 
     def rows(part):
         a, b = part
-        if b > a:
+        if b > a and k == 1:
             _lib.rank1inv_project_f32(G0 + 4 * a * ld, b - a, d, ld, x.ctypes.data, p.ctypes.data + 8 * a)
+        elif b > a:
+            _lib.rank1inv_project_multi_f32(
+                G0 + 4 * a * ld, b - a, d, ld, x.ctypes.data, d, k, p.ctypes.data + 8 * a, m
+            )
 
     def blocks(part):
         a, b = part
@@ -123,46 +131,46 @@ def project(Gg, X):
             )
 
     if nb == 1:
-        _map(rows, _split(m, m * d))
+        _map(rows, _split(m, k * m * d))
     else:
         _map(blocks, _split(nb, nb * m * d))
-    return p[..., None]
+    return np.moveaxis(p, 1, -1)
 
 
 def combine(Gg, X, C, alpha: float, beta: float):
-    """α·X + β·GgᵀC per block for float32 Gg (nb, m, B), X (nb, B, 1) float64 or None, C (nb, m, 1)
-    → (nb, B, 1) float64. One block: columns split over workers; several: blocks."""
+    """α·X + β·GgᵀC per block for float32 Gg (nb, m, B), X (nb, B, k) float64 or None, C (nb, m, k)
+    → (nb, B, k) float64. One block: columns split over workers (all k vectors in one pass over
+    G); several blocks: blocks split over workers, one pass per vector."""
     nb, m, d, sb, ld, G0 = _geometry(Gg)
-    c = np.ascontiguousarray(C[..., 0], dtype=np.float64)
-    x = None if X is None else np.ascontiguousarray(X[..., 0], dtype=np.float64)
-    y = np.empty((nb, d))
+    k = C.shape[-1]
+    if k > 1 and nb > 1:
+        cols = [(None if X is None else X[..., q : q + 1], C[..., q : q + 1]) for q in range(k)]
+        return np.concatenate([combine(Gg, x, c, alpha, beta) for x, c in cols], axis=-1)
+    c = np.ascontiguousarray(np.moveaxis(C, -1, 1), dtype=np.float64)  # (nb, k, m)
+    x = None if X is None else np.ascontiguousarray(np.moveaxis(X, -1, 1), dtype=np.float64)  # (nb, k, B)
+    y = np.empty((nb, k, d))
 
     def cols(part):
         a, b = part
-        if b > a:
-            xa = None if x is None else x.ctypes.data + 8 * a
+        if b <= a:
+            return
+        xa = None if x is None else x.ctypes.data + 8 * a
+        if k == 1:
             _lib.rank1inv_combine_f32(G0 + 4 * a, m, b - a, ld, c.ctypes.data, xa, alpha, beta, y.ctypes.data + 8 * a)
+        else:
+            _lib.rank1inv_combine_multi_f32(
+                G0 + 4 * a, m, b - a, ld, c.ctypes.data, m, xa, d, k, alpha, beta, y.ctypes.data + 8 * a, d
+            )
 
     def blocks(part):
         a, b = part
         if b > a:
             xa = None if x is None else x.ctypes.data + 8 * a * d
-            _lib.rank1inv_combine_blocks_f32(
-                G0 + 4 * a * sb,
-                b - a,
-                sb,
-                m,
-                d,
-                ld,
-                c.ctypes.data + 8 * a * m,
-                xa,
-                alpha,
-                beta,
-                y.ctypes.data + 8 * a * d,
-            )
+            ca, ya = c.ctypes.data + 8 * a * m, y.ctypes.data + 8 * a * d
+            _lib.rank1inv_combine_blocks_f32(G0 + 4 * a * sb, b - a, sb, m, d, ld, ca, xa, alpha, beta, ya)
 
     if nb == 1:
-        _map(cols, _split(d, m * d, align=8192))
+        _map(cols, _split(d, k * m * d, align=8192))
     else:
         _map(blocks, _split(nb, nb * m * d))
-    return y[..., None]
+    return np.moveaxis(y, 1, -1)

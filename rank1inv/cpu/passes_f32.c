@@ -6,6 +6,7 @@
  * combine_f32:  y[j] = α·x[j] + β·Σ_i c[i] · G[i, j]
  *     Columns in chunks of 8192 (accumulators stay in L2), rows added 8 at a time in order.
  *
+ * *_multi_f32: the same for up to 8 vectors in one pass over G.
  * *_blocks_f32: the same over a batch of equal column blocks (block-diagonal layouts).
  *
  * Single-threaded; rank1inv/cpu/__init__.py splits rows (project), columns (combine) or blocks
@@ -98,6 +99,49 @@ void rank1inv_combine_f32(const float *G, int64_t m, int64_t d, int64_t ld, cons
         for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;
         for (int64_t i = 0; i < m; i += 8) combine_rows(G + i * ld + j0, (m - i < 8) ? m - i : 8, ld, n, c + i, acc);
         for (int64_t j = 0; j < n; ++j) y[j0 + j] = (x ? alpha * x[j0 + j] : 0.0) + beta * acc[j];
+    }
+}
+
+/* k ≤ MULTI right-hand sides in one pass over G, each vector a row of X (d long, ldx apart):
+ * P[q·ldp + i] = Σ_j G[i, j] · X[q·ldx + j]. Columns in chunks of PCHUNK, rows 4 at a time: each
+ * 4 × PCHUNK piece of G (8 KiB) is read from memory once and from L1 for the other vectors. */
+#define MULTI 8
+#define PCHUNK 512
+void rank1inv_project_multi_f32(const float *G, int64_t m, int64_t d, int64_t ld, const double *X, int64_t ldx,
+                                int64_t k, double *P, int64_t ldp) {
+    double part[4];
+    for (int64_t q = 0; q < k; ++q)
+        for (int64_t i = 0; i < m; ++i) P[q * ldp + i] = 0.0;
+    for (int64_t j0 = 0; j0 < d; j0 += PCHUNK) {
+        int64_t n = (d - j0 < PCHUNK) ? d - j0 : PCHUNK;
+        for (int64_t i = 0; i < m; i += 4) {
+            int64_t rows = (m - i < 4) ? m - i : 4;
+            for (int64_t q = 0; q < k; ++q) {
+                project_rows(G + i * ld + j0, rows, ld, n, X + q * ldx + j0, part);
+                for (int64_t r = 0; r < rows; ++r) P[q * ldp + i + r] += part[r];
+            }
+        }
+    }
+}
+
+/* Y[q·ldy + j] = α·X[q·ldx + j] + β·Σ_i C[q·ldc + i] · G[i, j] for k ≤ MULTI vectors (X may be
+ * NULL). Columns in chunks of MCHUNK with k accumulators in L2: each 8 × MCHUNK piece of G
+ * (64 KiB) is read from memory once and from L2 for the other vectors. */
+#define MCHUNK 2048
+void rank1inv_combine_multi_f32(const float *G, int64_t m, int64_t d, int64_t ld, const double *C, int64_t ldc,
+                                const double *X, int64_t ldx, int64_t k, double alpha, double beta, double *Y,
+                                int64_t ldy) {
+    static __thread double acc[MULTI * MCHUNK];
+    if (k > MULTI) return;
+    for (int64_t j0 = 0; j0 < d; j0 += MCHUNK) {
+        int64_t n = (d - j0 < MCHUNK) ? d - j0 : MCHUNK;
+        for (int64_t t = 0; t < k * MCHUNK; ++t) acc[t] = 0.0;
+        for (int64_t i = 0; i < m; i += 8)
+            for (int64_t q = 0; q < k; ++q)
+                combine_rows(G + i * ld + j0, (m - i < 8) ? m - i : 8, ld, n, C + q * ldc + i, acc + q * MCHUNK);
+        for (int64_t q = 0; q < k; ++q)
+            for (int64_t j = 0; j < n; ++j)
+                Y[q * ldy + j0 + j] = (X ? alpha * X[q * ldx + j0 + j] : 0.0) + beta * acc[q * MCHUNK + j];
     }
 }
 

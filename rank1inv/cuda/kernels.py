@@ -20,7 +20,6 @@ _NAMES = {
     "forward_substitution.cu": [f"mfac_forward_substitution<{t}>" for t in ("float", "double")],
 }
 TILE = 32
-COLUMNS = 1  # right-hand sides served by the pass kernels (more: rank1inv._passes' float64 tiles)
 # Up to this many tile rows B uses the column schedule (2 launches); beyond, the sweeps (nt
 # launches, more blocks in flight). Chosen without a GPU at hand: to be set from
 # `python -m rank1inv bench --device gpu`, which times both.

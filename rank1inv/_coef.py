@@ -9,7 +9,7 @@ With n = 1/s and the Gram matrix GGᵀ of the window (slot order):
 U and L̃ come from the Cholesky factor C of M: U = diag(C)·Cᵀ and L̃ = C·diag(C)⁻¹. A change at
 slot k leaves rows/columns < k of C, D and B untouched, so updates recompute only from k on.
 
-B is computed either by a triangular inverse (``b_direct``, the CPU path) or by the 32×32-tile
+B is computed either by a recursive triangular inverse (``b_direct``, the CPU path) or by the 32×32-tile
 schedule of the GPU kernel (``b_blocked``, its NumPy mirror; appendix B, Figure 3):
 all diagonal tiles first, then one sweep per sub-diagonal of tiles.
 """
@@ -23,16 +23,20 @@ from . import _backend
 TILE = 32
 
 
-def cholesky_of_M(xp, gram, damp: float, n: float, start: int = 0, previous_D=None):
-    """Lower Cholesky factor C of M = gram/λ + n·I, reusing rows < ``start`` of ``previous_D``."""
+def cholesky_of_M(xp, gram, damp: float, n: float, start: int = 0, previous=None):
+    """Lower Cholesky factor C of M = gram/λ + n·I, reusing rows < ``start`` of the previous
+    coefficients ``previous`` = (D, B)."""
     m = gram.shape[0]
     M = gram / damp + n * xp.eye(m, dtype=xp.float64, device=_backend.device(gram))
-    if start <= 0 or previous_D is None:
+    if start <= 0 or previous is None:
         return _backend.cholesky(xp, M)
     k = start
-    C11 = factor_from_D(xp, previous_D[:k, :k], n)
-    # C21ᵀ = C11⁻¹ M[:k, k:];  C22 = chol(M22 − C21 C21ᵀ)
-    C21t = _backend.solve_triangular(xp, C11, M[:k, k:], lower=True)
+    prev_D, prev_B = previous
+    C11 = factor_from_D(xp, prev_D[:k, :k], n)
+    # C21ᵀ = C11⁻¹ M[:k, k:] with C11⁻¹ = diag(U11)^(-1/2)·λ·B11 (C = L̃·diag(U)^(1/2), B = λ⁻¹L̃⁻¹):
+    # a product with the kept B instead of a triangular solve; C22 = chol(M22 − C21 C21ᵀ)
+    dU1 = n + xp.linalg.diagonal(prev_D[:k, :k])
+    C21t = (damp * (prev_B[:k, :k] @ M[:k, k:])) / xp.sqrt(dU1)[:, None]
     C22 = _backend.cholesky(xp, M[k:, k:] - xp.matrix_transpose(C21t) @ C21t)
     C = xp.zeros((m, m), dtype=xp.float64, device=_backend.device(gram))
     C[:k, :k] = C11
@@ -61,14 +65,45 @@ def unit_lower(xp, D, n: float):
     return xp.matrix_transpose(U / xp.linalg.diagonal(U)[:, None])
 
 
+def unit_lower_inverse(xp, L, leaf: int = TILE):
+    """L⁻¹ for a unit lower-triangular L (m, m) float64, by products only. O(m³/3).
+
+    The diagonal tiles (leaf × leaf) are inverted all at once by their row recurrence
+    X[r, :r] = −L[r, :r]·X[:r, :r]; then pairs of finished blocks are joined, smallest first:
+    [[X11, 0], [X21, X22]] with X21 = −X22·L21·X11. (No LAPACK call: with multi-threaded
+    OpenBLAS a trtri after the Cholesky factorization stalled for milliseconds.)"""
+    m = L.shape[0]
+    nt = -(-m // leaf)
+    size = nt * leaf
+    dev = _backend.device(L)
+    P = xp.eye(size, dtype=xp.float64, device=dev)  # padded with the identity
+    P[:m, :m] = L
+    diag = xp.stack([P[t * leaf : (t + 1) * leaf, t * leaf : (t + 1) * leaf] for t in range(nt)])
+    X = xp.asarray(xp.broadcast_to(xp.eye(leaf, dtype=xp.float64, device=dev), diag.shape), copy=True)
+    for r in range(1, leaf):
+        X[:, r : r + 1, :r] = -(diag[:, r : r + 1, :r] @ X[:, :r, :r])
+    out = xp.zeros((size, size), dtype=xp.float64, device=dev)
+    for t in range(nt):
+        out[t * leaf : (t + 1) * leaf, t * leaf : (t + 1) * leaf] = X[t, ...]
+    s = leaf
+    while s < size:
+        for a in range(0, size - s, 2 * s):
+            b = min(size, a + 2 * s)
+            out[a + s : b, a : a + s] = -(
+                out[a + s : b, a + s : b] @ (P[a + s : b, a : a + s] @ out[a : a + s, a : a + s])
+            )
+        s *= 2
+    return out[:m, :m]
+
+
 def b_direct(xp, D, n: float, damp: float, start: int = 0, previous_B=None):
-    """B = λ⁻¹L̃⁻¹ by a triangular inverse; rows < ``start`` copied from ``previous_B``."""
+    """B = λ⁻¹L̃⁻¹ by ``unit_lower_inverse``; rows < ``start`` copied from ``previous_B``."""
     L = unit_lower(xp, D, n)
     if start <= 0 or previous_B is None:
-        return _backend.triangular_inverse(xp, L, unit_diagonal=True) / damp
+        return unit_lower_inverse(xp, L) / damp
     k = start
     # rows k: of L̃⁻¹ are [−X22 L̃21 L̃11⁻¹, X22] with X22 = L̃22⁻¹ (and λ·B11 = L̃11⁻¹)
-    X22 = _backend.triangular_inverse(xp, L[k:, k:], unit_diagonal=True)
+    X22 = unit_lower_inverse(xp, L[k:, k:])
     B = xp.asarray(previous_B, copy=True)
     B[k:, :k] = -(X22 @ (L[k:, :k] @ previous_B[:k, :k]))
     B[k:, k:] = X22 / damp
@@ -133,13 +168,13 @@ def coefficients(xp, gram, damp: float, n: float, start: int = 0, previous=None,
     """(D, B) for the window's Gram matrix, recomputing only rows/columns ≥ ``start``.
 
     Cost O((m − start)·m²). ``previous`` is the (D, B) pair before the change at ``start``.
-    ``method``: "direct" (LAPACK triangular inverse), "blocked" (the kernel's NumPy mirror) or
+    ``method``: "direct" (``unit_lower_inverse``), "blocked" (the kernel's NumPy mirror) or
     "kernel" (the CUDA kernel); None picks "kernel" on CuPy and "direct" otherwise.
     """
     if method is None:
         method = "kernel" if _backend.is_cupy(xp) else "direct"
     prev_D, prev_B = previous if previous is not None else (None, None)
-    C = cholesky_of_M(xp, gram, damp, n, start, prev_D)
+    C = cholesky_of_M(xp, gram, damp, n, start, previous)
     D = D_from_factor(xp, C, n)
     if start > 0 and prev_D is not None:  # columns < start are unchanged: keep them bit for bit
         D = xp.concat([prev_D[:, :start], D[:, start:]], axis=1)

@@ -109,7 +109,7 @@ class DynamicInverse(InverseOperator):
             if self._uses_dense:
                 self._group = DenseGroup(xp, Gg, self._damp, s, self._accumulate)
             else:
-                factor = _coef.MfacFactor(xp, self._D, self._B, 1.0 / s, self._damp)
+                factor = _coef.MfacFactor(xp, self._D, self._B, 1.0 / s, self._damp, gram=self._gram)
                 self._group = WoodburyGroup(
                     xp, Gg, self._damp, s, self._accumulate, factor=factor, gram=self._gram[None]
                 )

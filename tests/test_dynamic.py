@@ -226,6 +226,20 @@ def test_push_apply_near_duplicate_windows(xp, dtype, seed):
         assert testing.backward_error(F, y, np.asarray(g, dtype=dtype).astype(np.float64)) <= eta_tol
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_ihvp_of_near_duplicate_float64_windows(xp, seed):
+    """Random vectors against windows of clustered large gradients (float64 storage): M-FAC's
+    explicit inverse alone left η near 2e-11 here; the m-space refinement step meets 5e-12."""
+    rng = np.random.default_rng(seed)
+    pool = testing.gradients("clusters", 60, 40, scale=100.0, seed=seed, dtype="float64")
+    w = r1.DynamicInverse(40, 16, 1e-4, dtype="float64", xp=xp)
+    for _ in range(48):
+        w.push(xp.asarray(pool[rng.integers(60)]))
+    F = testing.dense_fisher(host(w.gradients()), 1e-4, 1.0 / 16)
+    X = rng.standard_normal((40, 4))
+    assert testing.backward_error(F, host(w @ xp.asarray(X)), X) <= tolerances("float64")[0]
+
+
 def test_agrees_with_paper_dynamic_algorithm_float64():
     from rank1inv import reference
 

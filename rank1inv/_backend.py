@@ -11,7 +11,6 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 import scipy.linalg
-from scipy.linalg import lapack as _lapack
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -134,17 +133,6 @@ def column_sumsq(xp, t):
     if is_cupy(xp):
         return xp.sum(t * t, axis=1)
     return np.einsum("bij,bij->bj", t, t)
-
-
-def triangular_inverse(xp, a, *, lower: bool = True, unit_diagonal: bool = False):
-    """Inverse of a 2-D triangular matrix (LAPACK trtri on NumPy: a third of a trsm's flops)."""
-    if is_cupy(xp):
-        eye = xp.eye(a.shape[0], dtype=a.dtype)
-        return solve_triangular(xp, a, eye, lower=lower, unit_diagonal=unit_diagonal)
-    inv, info = _lapack.dtrtri(a, lower=int(lower), unitdiag=int(unit_diagonal))
-    if info != 0:
-        raise ValueError(f"singular triangular matrix (trtri info={info})")
-    return np.tril(inv) if lower else np.triu(inv)
 
 
 def cho_solve(xp, c, b):

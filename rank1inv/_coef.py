@@ -9,8 +9,8 @@ With n = 1/s and the Gram matrix GGᵀ of the window (slot order):
 U and L̃ come from the Cholesky factor C of M: U = diag(C)·Cᵀ and L̃ = C·diag(C)⁻¹. A change at
 slot k leaves rows/columns < k of C, D and B untouched, so updates recompute only from k on.
 
-B is computed either by a recursive triangular inverse (``b_direct``, the CPU path) or by the 32×32-tile
-schedule of the GPU kernel (``b_blocked``, its NumPy mirror; appendix B, Figure 3):
+B is computed either by a recursive triangular inverse (``b_direct``, the CPU path) or by the
+32×32-tile schedule of the GPU kernel (``b_blocked``, its NumPy mirror; appendix B, Figure 3):
 all diagonal tiles first, then one sweep per sub-diagonal of tiles.
 """
 

@@ -10,8 +10,8 @@ A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B 
 With float32 storage, passes with few vectors (the IHVP and push_apply hot path has one) go to
 compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
 (``rank1inv.cpu``, up to 8 vectors, any number of blocks) on NumPy, the RawKernels
-(``rank1inv.cuda``, one vector, one block) on CuPy. float64 storage needs
-no conversion and makes one BLAS call.
+(``rank1inv.cuda``, one vector, one block) on CuPy. float64 storage needs no conversion and
+makes one BLAS call.
 """
 
 from __future__ import annotations

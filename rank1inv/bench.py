@@ -118,8 +118,8 @@ FRESH = 32  # gradients pushed by the dynamic benchmarks, none of them already i
 
 
 def dynamic_push_apply(rows, timer, xp, m, d):
-    """push_apply and IHVP of a full window against the floor; returns (window, gradients,
-    iterator over the fresh gradients not used yet)."""
+    """push_apply and IHVP of a full window against the floor; returns the window, the
+    gradients, an iterator over the indices of fresh gradients not used yet, and the floor."""
     G = _lowrank(xp, m + FRESH, d)
     w = DynamicInverse(d, m, 1e-4, xp=xp)
     for i in range(m):

@@ -10,9 +10,9 @@
  * *_blocks_f32: the same over a batch of equal column blocks (block-diagonal layouts).
  *
  * Single-threaded; rank1inv/cpu/__init__.py splits rows (project), columns (combine) or blocks
- * over a few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld (a block
- * of a wider matrix is allowed). Built as an optional extension module and called through
- * ctypes; without it rank1inv/_passes.py converts tiles to float64 instead.
+ * over a few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld
+ * (a block of a wider matrix is allowed). Built as an optional extension module and called
+ * through ctypes; without it rank1inv/_passes.py converts tiles to float64 instead.
  */
 #include <Python.h>
 #include <stdint.h>

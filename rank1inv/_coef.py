@@ -65,11 +65,21 @@ def unit_lower(xp, D, n: float):
     return xp.matrix_transpose(U / xp.linalg.diagonal(U)[:, None])
 
 
+def invert_unit_tiles(xp, tiles):
+    """Inverses of a stack of unit lower-triangular tiles (k, T, T) float64, all at once, by the
+    row recurrence X[r, :r] = −L[r, :r]·X[:r, :r] (the kernels' diagonal-tile step). O(kT³/3)."""
+    T = tiles.shape[-1]
+    X = xp.asarray(xp.broadcast_to(xp.eye(T, dtype=xp.float64, device=_backend.device(tiles)), tiles.shape), copy=True)
+    for r in range(1, T):
+        X[:, r : r + 1, :r] = -(tiles[:, r : r + 1, :r] @ X[:, :r, :r])
+    return X
+
+
 def unit_lower_inverse(xp, L, leaf: int = TILE):
     """L⁻¹ for a unit lower-triangular L (m, m) float64, by products only. O(m³/3).
 
-    The diagonal tiles (leaf × leaf) are inverted all at once by their row recurrence
-    X[r, :r] = −L[r, :r]·X[:r, :r]; then pairs of finished blocks are joined, smallest first:
+    The diagonal tiles (leaf × leaf) are inverted by ``invert_unit_tiles``; then pairs of
+    finished blocks are joined, smallest first:
     [[X11, 0], [X21, X22]] with X21 = −X22·L21·X11. (No LAPACK call: with multi-threaded
     OpenBLAS a trtri after the Cholesky factorization stalled for milliseconds.)"""
     m = L.shape[0]
@@ -78,10 +88,7 @@ def unit_lower_inverse(xp, L, leaf: int = TILE):
     dev = _backend.device(L)
     P = xp.eye(size, dtype=xp.float64, device=dev)  # padded with the identity
     P[:m, :m] = L
-    diag = xp.stack([P[t * leaf : (t + 1) * leaf, t * leaf : (t + 1) * leaf] for t in range(nt)])
-    X = xp.asarray(xp.broadcast_to(xp.eye(leaf, dtype=xp.float64, device=dev), diag.shape), copy=True)
-    for r in range(1, leaf):
-        X[:, r : r + 1, :r] = -(diag[:, r : r + 1, :r] @ X[:, :r, :r])
+    X = invert_unit_tiles(xp, xp.stack([P[t * leaf : (t + 1) * leaf, t * leaf : (t + 1) * leaf] for t in range(nt)]))
     out = xp.zeros((size, size), dtype=xp.float64, device=dev)
     for t in range(nt):
         out[t * leaf : (t + 1) * leaf, t * leaf : (t + 1) * leaf] = X[t, ...]
@@ -137,12 +144,7 @@ def b_blocked(xp, D, n: float, damp: float, start: int = 0, previous_B=None, til
 
     # step 1: diagonal tiles t0..nt-1, row recurrence X[r, :r] = −L[r, :r]·X[:r, :r]
     rows = list(range(t0, nt))
-    Ld = L4[rows, rows, ...]
-    Xd = xp.broadcast_to(xp.eye(T, dtype=xp.float64, device=dev), Ld.shape)
-    Xd = xp.asarray(Xd, copy=True)
-    for r in range(1, T):
-        Xd[:, r, :r] = -(Ld[:, r : r + 1, :r] @ Xd[:, :r, :r])[:, 0, :]
-    X4[rows, rows, ...] = Xd
+    X4[rows, rows, ...] = invert_unit_tiles(xp, L4[rows, rows, ...])
 
     # steps t = 1..nt-1: one sweep per sub-diagonal of tiles
     acc = xp.zeros((nt, nt, T, T), dtype=xp.float64, device=dev)

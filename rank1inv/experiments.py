@@ -149,7 +149,8 @@ def pruning_report(plot: str | None = None, **kw) -> str:
     dense, damp, results = pruning_table(**kw)
     head = f"{'method':32}" + "".join(f"{s:>8.0%}" for s in SPARSITIES)
     lines = [
-        "Part 2 — pruning the weight matrices (2368 of 2410 parameters) of a 64-32-10 MLP trained on UCI",
+        f"Part 2 — pruning the weight matrices ({int(weight_mask().sum())} of {num_params()} parameters) of a "
+        f"{'-'.join(map(str, SIZES))} MLP trained on UCI",
         f"digits; 256 mini-batch gradients, λ = {damp:.2e}; test accuracy of the dense model {dense:.1%}.",
         "Test accuracy after pruning to each sparsity:",
         "",

@@ -6,8 +6,9 @@ See ``docs/guide.md``.
 """
 
 from . import obs
+from ._precision import AccuracyWarning
 from .dynamic import DynamicInverse
 from .static import StaticInverse
 
-__all__ = ["StaticInverse", "DynamicInverse", "obs"]
+__all__ = ["StaticInverse", "DynamicInverse", "AccuracyWarning", "obs"]
 __version__ = "0.1.0"

@@ -1,9 +1,13 @@
-"""The backend line: the only module that names NumPy, SciPy or CuPy.
+"""The backend line: the only module that dispatches on the array library (NumPy/SciPy or
+CuPy) for what the array API standard lacks.
 
-Everything above it is written against the array API standard through
-``array_api_compat``. What the standard lacks lives here, once per backend:
-triangular solves, the LinearOperator class, host transfers of small values and
-the CuPy RawKernel dispatch.
+Everything above it is written against the array API standard through ``array_api_compat``
+(``rank1inv.cpu``/``rank1inv.cuda`` hold the compiled kernels, ``_precision`` the dtype
+policy; both are below this line too). What the standard lacks lives here, once per backend:
+triangular solves, the LinearOperator class, host transfers of small values, decoding of
+16-bit storage and the kernel dispatch. Arrays of other libraries (torch, JAX, Dask) are
+refused at the public entry points with a TypeError that names the adapter to use
+(``foreign_array_message``); see docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -12,33 +16,79 @@ import array_api_compat
 import numpy as np
 import scipy.linalg
 
-FLOAT_DTYPES = ("float32", "float64")
+from . import _precision
+
+_ADAPTERS = {
+    "torch": "rank1inv.adapters.torch.to_array(tensor)",
+    "jax": "rank1inv.adapters.jax.to_array(array)",
+}
+
+
+def _numpy_namespace():
+    return array_api_compat.array_namespace(np.empty(0))
+
+
+def _cupy_namespace():
+    import cupy
+
+    return array_api_compat.array_namespace(cupy.empty(0))
+
+
+def _is_cupy_array(x) -> bool:
+    return array_api_compat.is_cupy_array(x)
 
 
 def namespace(*arrays):
-    """The array namespace shared by ``arrays``; TypeError if they mix backends."""
-    try:
-        return array_api_compat.array_namespace(*arrays)
-    except TypeError as err:
+    """The array namespace shared by ``arrays`` (NumPy or CuPy); TypeError if they mix
+    libraries or come from another one. Works for every storage dtype (array_api_compat
+    itself refuses ml_dtypes' bfloat16)."""
+    kinds = set()
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            kinds.add("numpy")
+        elif _is_cupy_array(a):
+            kinds.add("cupy")
+        else:
+            raise TypeError(foreign_array_message(a, "array"))
+    if len(kinds) > 1:
         raise TypeError(
-            "arrays from different array libraries were mixed "
-            f"({', '.join(sorted({type(a).__module__ + '.' + type(a).__name__ for a in arrays}))}); "
-            "pass all arrays from one library (NumPy or CuPy)"
-        ) from err
+            "arrays from different array libraries were mixed (NumPy and CuPy); pass all arrays from one library"
+        )
+    return _cupy_namespace() if kinds == {"cupy"} else _numpy_namespace()
+
+
+def foreign_array_message(x, name: str) -> str:
+    """The TypeError text for an argument that is not a NumPy/CuPy array or a list."""
+    lib = type(x).__module__.split(".")[0]
+    where = f"{type(x).__module__}.{type(x).__name__}"
+    if array_api_compat.is_torch_array(x):
+        lib = "torch"
+    elif array_api_compat.is_jax_array(x):
+        lib = "jax"
+    hint = _ADAPTERS.get(lib)
+    if hint:
+        return (
+            f"{name} is a {where}; rank1inv operates on NumPy and CuPy arrays: convert it with {hint} "
+            "(zero-copy through DLPack)"
+        )
+    return f"{name} must be a NumPy or CuPy array (or a nested list), not {where}"
 
 
 def namespace_from_argument(xp):
     """Resolve the ``xp=`` argument (None, a module, or a compat namespace)."""
     if xp is None:
-        return array_api_compat.array_namespace(np.empty(0))
+        return _numpy_namespace()
     name = getattr(xp, "__name__", "")
     if name in ("numpy", "array_api_compat.numpy"):
-        return array_api_compat.array_namespace(np.empty(0))
+        return _numpy_namespace()
     if name in ("cupy", "array_api_compat.cupy"):
-        import cupy
-
-        return array_api_compat.array_namespace(cupy.empty(0))
+        return _cupy_namespace()
     raise TypeError(f"xp must be None, numpy or cupy, not {xp!r}")
+
+
+def namespace_name(xp) -> str:
+    """ "numpy" or "cupy" (what pickled objects keep instead of the namespace module)."""
+    return "cupy" if is_cupy(xp) else "numpy"
 
 
 def is_cupy(xp) -> bool:
@@ -46,7 +96,13 @@ def is_cupy(xp) -> bool:
 
 
 def is_array(x) -> bool:
-    return array_api_compat.is_array_api_obj(x) and not isinstance(x, (int, float))
+    """A NumPy or CuPy array (any dtype)."""
+    return isinstance(x, np.ndarray) or _is_cupy_array(x)
+
+
+def is_foreign_array(x) -> bool:
+    """An array of another library (torch, JAX, Dask, ...), which the public API refuses."""
+    return not is_array(x) and (array_api_compat.is_array_api_obj(x) or hasattr(x, "__dlpack__"))
 
 
 def device(x):
@@ -54,11 +110,38 @@ def device(x):
 
 
 def dtype_name(dtype) -> str:
-    """'float32', 'float64', ... for a NumPy/CuPy dtype, scalar type or string."""
+    """'float32', 'float64', 'bfloat16', ... for a NumPy/CuPy dtype, scalar type or string."""
+    name = _precision.name_of(dtype)
+    if name is not None:
+        return name
     try:
         return np.dtype(dtype).name
     except TypeError:
         return np.dtype(str(dtype).rsplit(".", 1)[-1]).name
+
+
+def plain_float(xp, x) -> bool:
+    """float32 or float64 (BLAS-able) storage, as opposed to 16-bit storage."""
+    return x.dtype in (xp.float32, xp.float64)
+
+
+def decode_into(xp, out, src):
+    """out[...] = src as float64, for every storage dtype (bfloat16 bit patterns on CuPy are
+    widened to float32 by a shift, which is exact)."""
+    if is_cupy(xp) and src.dtype == xp.uint16:
+        out[...] = (src.astype(xp.uint32) << 16).view(xp.float32)
+    else:
+        out[...] = src
+
+
+def decoded(xp, a):
+    """``a`` as an array of a standard float dtype: itself, or bfloat16 bits decoded (CuPy),
+    or ml_dtypes values widened to float32 (NumPy). For small pieces (checks, reductions)."""
+    if plain_float(xp, a) or a.dtype == xp.float16:
+        return a
+    if is_cupy(xp) and a.dtype == xp.uint16:
+        return (a.astype(xp.uint32) << 16).view(xp.float32)
+    return a.astype(np.float32)
 
 
 def to_host(x) -> np.ndarray:
@@ -76,20 +159,39 @@ def all_finite(xp, x) -> bool:
 
 # --------------------------------------------------------------------------- linear algebra
 def cholesky(xp, a):
-    """Lower Cholesky factor of a (batched) SPD float64 matrix; ValueError if not SPD."""
+    """Lower Cholesky factor of a (batched) SPD float64 matrix; ValueError if not SPD.
+
+    On CuPy, cuSOLVER's failure code is checked (``cupyx.errstate(linalg="raise")``): with
+    CuPy's default it is ignored and a failed factorisation can return a finite partial factor."""
     try:
-        c = xp.linalg.cholesky(a)
+        if is_cupy(xp):
+            import cupyx
+
+            with cupyx.errstate(linalg="raise"):
+                c = xp.linalg.cholesky(a)
+        else:
+            c = xp.linalg.cholesky(a)
     except Exception as err:  # numpy.linalg.LinAlgError, cupy's
         raise ValueError(
             "the damped Gram matrix is not numerically positive definite "
             "(damp too small for the scale of the gradients?)"
         ) from err
-    if not all_finite(xp, c):  # cuSOLVER reports failure as NaNs; inf input gives NaNs too
+    if not all_finite(xp, c):  # inf input gives NaNs
         raise ValueError(
             "the damped Gram matrix is not numerically positive definite or not finite "
             "(gradients so large that their inner products overflow float64?)"
         )
     return c
+
+
+def eigh(xp, a):
+    """Eigenvalues (ascending) and eigenvectors of symmetric float64 matrices (nb, m, m). A batch
+    of one goes to the 2-D solver: CuPy sends stacks to cuSOLVER's batched Jacobi method, slow
+    beyond small m."""
+    if a.ndim == 3 and a.shape[0] == 1:
+        lam, Q = xp.linalg.eigh(a[0, ...])
+        return lam[None, ...], Q[None, ...]
+    return xp.linalg.eigh(a)
 
 
 def solve_triangular(xp, a, b, *, lower: bool, trans: bool = False, unit_diagonal: bool = False):
@@ -170,3 +272,85 @@ def kernels(xp):
     from . import cpu
 
     return cpu if cpu.available() else None
+
+
+# --------------------------------------------------------------------------- pickling
+class HoldsNamespace:
+    """Base of every object that keeps an array namespace (a module, which pickle refuses):
+    pickling and ``copy.deepcopy`` store the namespace by name and restore it on load, so
+    operators can be saved, copied and sent to worker processes. Arrays are pickled by their
+    own library (CuPy arrays come back on the current device)."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for key, value in state.items():
+            if isinstance(value, type(np)) and (
+                array_api_compat.is_numpy_namespace(value) or array_api_compat.is_cupy_namespace(value)
+            ):
+                state[key] = _NamespaceName(namespace_name(value))
+        return state
+
+    def __setstate__(self, state):
+        for key, value in state.items():
+            if isinstance(value, _NamespaceName):
+                state[key] = namespace_from_argument(__import__(value.name))
+        self.__dict__.update(state)
+
+
+class _NamespaceName:
+    """A namespace, pickled by name."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+# --------------------------------------------------------------------------- powers of two
+def frexp_exponent(xp, a):
+    """The integer exponents e of a = f·2^e (0.5 ≤ |f| < 1; 0 for a = 0), elementwise, on a's
+    device (NumPy/CuPy ``frexp``; the array API has none)."""
+    lib = _library(xp)
+    return lib.frexp(a)[1]
+
+
+def ldexp(xp, a, e):
+    """a·2^e elementwise (one rounding, exact unless the result is subnormal)."""
+    lib = _library(xp)
+    return lib.ldexp(a, e)
+
+
+def _library(xp):
+    if is_cupy(xp):
+        import cupy
+
+        return cupy
+    return np
+
+
+def cast_result(xp, y, dtype, what: str):
+    """``y`` (float64) as ``dtype``; OverflowError when a value does not fit (a silent inf would
+    be a wrong answer). One scalar read back."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = xp.astype(y, dtype)
+    if not all_finite(xp, out):
+        name = dtype_name(dtype)
+        if all_finite(xp, y):
+            raise OverflowError(
+                f"{what} exceeds the {name} range of the result; pass float64 input for a float64 result"
+            )
+        raise OverflowError(f"{what} is not representable in {name} (its entries exceed the float64 range)")
+    return out
+
+
+def encode(xp, x, storage: str):
+    """x rounded to the storage dtype ``storage`` (a new array), round to nearest even. float64
+    values go to the 16-bit dtypes through float32 (two roundings, on every backend alike);
+    bfloat16 on CuPy becomes bit patterns (uint16)."""
+    target = _precision.storage_dtype(xp, storage, is_cupy(xp))
+    if storage in ("bfloat16", "float16") and x.dtype == xp.float64:
+        x = x.astype(xp.float32)
+    if is_cupy(xp) and storage == "bfloat16":
+        if x.dtype == xp.uint16:
+            return x.copy()
+        bits = x.astype(xp.float32).view(xp.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(xp.uint16)
+    return x.astype(target, copy=True)

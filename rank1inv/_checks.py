@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from . import _backend
+from . import _backend, _passes, _precision
 
 ACCUMULATE = ("float64", "native")
 
@@ -57,41 +57,47 @@ def positive_int(value, name: str) -> int:
 
 
 def float_dtype(value) -> str:
+    """A storage dtype name for ``dtype=`` arguments (float64, float32, bfloat16, float16)."""
     try:
-        name = _backend.dtype_name(value)
+        return _precision.of(value).name
     except TypeError as err:
-        raise TypeError(f"dtype must be float32 or float64, got {value!r}") from err
-    if name not in _backend.FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {name}")
-    return name
+        raise TypeError(f"dtype must be {_precision.STORAGE_TEXT}, got {value!r}") from err
 
 
-def as_array(x, name: str):
-    """``x`` itself if it is a NumPy/CuPy array; a NumPy array for nested lists/tuples."""
+def as_array(x, name: str, xp=None):
+    """``x`` itself if it is a NumPy/CuPy array; an array of namespace ``xp`` (NumPy by default)
+    for nested lists/tuples and Python scalars; TypeError naming the adapter for torch/JAX
+    arrays and others."""
     if _backend.is_array(x):
         return x
-    if isinstance(x, (list, tuple)):
-        return _backend.namespace_from_argument(None).asarray(x)
-    raise TypeError(f"{name} must be an array (NumPy or CuPy), not {type(x).__name__}")
+    if isinstance(x, (list, tuple)) or (isinstance(x, numbers.Number) and not isinstance(x, bool)):
+        ns = xp if xp is not None else _backend.namespace_from_argument(None)
+        try:
+            return ns.asarray(x)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{name} must be a rectangular array of numbers") from err
+    raise TypeError(_backend.foreign_array_message(x, name))
 
 
-def float_kind(x, name: str) -> str:
-    """'float32' or 'float64', the dtype of array ``x``; TypeError for any other dtype."""
-    kind = _backend.dtype_name(x.dtype)
-    if kind not in _backend.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {kind}")
-    return kind
+def float_kind(x, name: str, cupy: bool = False) -> str:
+    """The storage dtype name of array ``x``; TypeError for any other dtype."""
+    try:
+        return _precision.of_array(x, cupy).name
+    except TypeError as err:
+        raise TypeError(f"{name} must be {_precision.STORAGE_TEXT}, got {x.dtype}") from err
 
 
 def float_array(x, name: str, ndims: tuple[int, ...]):
-    """Namespace of ``x`` after checking it is a finite float32/float64 array of allowed ndim."""
+    """(namespace, max|x|) after checking that ``x`` is a finite array of a storage dtype with an
+    allowed ndim. The finiteness check runs in tiles (no boolean m·d mask)."""
     xp = _backend.namespace(x)
     if x.ndim not in ndims:
         raise ValueError(f"{name} must have ndim in {ndims}, got shape {tuple(x.shape)}")
     float_kind(x, name)
-    if not _backend.all_finite(xp, x):
+    top = _passes.max_abs(xp, x)
+    if not math.isfinite(top):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
-    return xp
+    return xp, top
 
 
 def same_backend(xp, x, name: str, where: str):
@@ -110,6 +116,8 @@ def indices(xp, idx, dim: int, name: str):
     if _backend.is_array(idx):
         same_backend(xp, idx, name, "the operator")
         arr = idx
+    elif _backend.is_foreign_array(idx):
+        raise TypeError(_backend.foreign_array_message(idx, name))
     else:
         try:
             arr = xp.asarray(idx)
@@ -119,8 +127,12 @@ def indices(xp, idx, dim: int, name: str):
         arr = xp.reshape(arr, (1,))
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
-    if arr.shape[0] and not xp.isdtype(arr.dtype, "integral"):
+    if arr.shape[0] and (arr.dtype == xp.bool or not xp.isdtype(arr.dtype, "integral")):
         raise TypeError(f"{name} must be integers, got {arr.dtype}")
+    if arr.shape[0] and arr.dtype == xp.uint64:  # values ≥ 2^63 would wrap to negative int64
+        hi = int(xp.max(arr))
+        if hi >= dim:
+            raise IndexError(f"{name} out of range for dimension {dim}: max {hi}")
     arr = xp.astype(arr, xp.int64)
     if arr.shape[0]:
         lo, hi = int(xp.min(arr)), int(xp.max(arr))

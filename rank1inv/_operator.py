@@ -1,32 +1,43 @@
 """The shared query API of StaticInverse and DynamicInverse, and the LinearOperator exports.
 
 An operator is a block-diagonal layout (``rank1inv._blocks``) whose runs of equal blocks are
-each served by a *group* object (``_woodbury.WoodburyGroup`` or ``_dense.DenseGroup``). This
-module maps the public queries (products, diagonal, entries, submatrices) onto the groups;
-it never touches the gradients itself.
+each served by a *group* (``rank1inv._protocols.Group``: ``_woodbury.WoodburyGroup`` or
+``_dense.DenseGroup``). This module maps the public queries (products, diagonal, entries,
+submatrices) onto the groups; it never touches the gradients itself.
+
+Every right-hand side is normalized block by block and column by column (max|x| in
+[0.5, 1)) before it reaches a group, and every value a group returns is scaled back by a
+power of two at the end (docs/design.md §4): results are invariant under scaling of the inputs
+by powers of two over the whole floating-point range, and a result that does not fit the
+output dtype raises OverflowError instead of returning inf.
 """
 
 from __future__ import annotations
 
-from . import _backend, _checks
+from . import _backend, _checks, _precision
 from ._passes import tile_budget
 
 DENSE_LIMIT = 4096
 
 
-class _BlockOperator:
+class _BlockOperator(_backend.HoldsNamespace):
     """Products with a symmetric block-diagonal operator, shape (d, d). Subclasses define
-    ``_groups()`` and ``_group_method`` (the group method that applies the operator)."""
+    ``_groups()`` and ``_group_product``."""
 
-    _group_method = "apply"
+    # NumPy defers ``ndarray @ op`` to ``op.__rmatmul__`` (as for scipy's LinearOperator)
+    __array_ufunc__ = None
 
     # set by subclasses
     _xp = None
     _dim = 0
-    _dtype = "float32"
+    _dtype = "float32"  # the output dtype name (the policy's output for the storage dtype)
     _layout = None
 
     def _groups(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _group_product(self, group, X):  # pragma: no cover - abstract
+        """(values, exponent) of the operator's product with X for one group."""
         raise NotImplementedError
 
     @property
@@ -41,7 +52,8 @@ class _BlockOperator:
 
     @property
     def dtype(self):
-        """Storage dtype of the gradients (float32 or float64); the dtype of query results."""
+        """dtype of query results: float64 for float64 storage, float32 otherwise (float32 and
+        16-bit storage); a float64 x promotes its product to float64."""
         return getattr(self._xp, self._dtype)
 
     @property
@@ -49,40 +61,50 @@ class _BlockOperator:
         """λ in F = λI + s·GᵀG."""
         return self._damp
 
+    @property
+    def namespace(self):
+        """The array-API namespace of the operator's data (``array_api_compat`` NumPy or CuPy)."""
+        return self._xp
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        """Lengths of the diagonal blocks (one entry, d, for the full matrix)."""
+        return self._layout.block_sizes
+
     def _rhs(self, x, name: str):
         """x as a (d, k) float64 array, plus whether it was 1-D and the output dtype."""
         xp = self._xp
-        if not _backend.is_array(x):
-            x = xp.asarray(x)
+        x = _checks.as_array(x, name, xp)
         _checks.same_backend(xp, x, name, "this operator")
         if x.ndim not in (1, 2) or x.shape[0] != self._dim:
             raise ValueError(f"{name} must have shape ({self._dim},) or ({self._dim}, k), got {tuple(x.shape)}")
-        if xp.isdtype(x.dtype, "complex floating"):
-            raise TypeError(f"{name} must be real, got {x.dtype}")
-        out_dtype = xp.result_type(x.dtype, self.dtype) if xp.isdtype(x.dtype, "real floating") else self.dtype
-        if not _backend.all_finite(xp, x):
+        kind = _precision.name_of(x.dtype)
+        if kind is None and x.dtype != xp.bool and not xp.isdtype(x.dtype, "integral"):
+            raise TypeError(f"{name} must be real floating point or integer, got {x.dtype}")
+        out_dtype = xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
+        X = xp.empty(tuple(x.shape), dtype=xp.float64, device=_backend.device(x))
+        _backend.decode_into(xp, X, x)
+        if not _backend.all_finite(xp, X):
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
-        X = xp.astype(x, xp.float64)
         return (X[:, None] if x.ndim == 1 else X), x.ndim == 1, out_dtype
 
     def _apply64(self, X):
-        """Operator times X (d, k) float64 → (d, k) float64, one batch per run of blocks."""
+        """Operator times X (d, k) float64 → (d, k) float64, one batch per run of blocks, each
+        block and column normalized by a power of two on the way in and scaled back on the way
+        out."""
         xp = self._xp
-        groups = self._groups()
         k = X.shape[1]
-        if len(groups) == 1:
-            run = self._layout.runs[0]
-            Y = getattr(groups[0], self._group_method)(xp.reshape(X, (run.count, run.size, k)))
-            return xp.reshape(Y, (self._dim, k))
         Y = xp.empty_like(X)
-        for run, grp in zip(self._layout.runs, groups):
+        for run, grp in zip(self._layout.runs, self._groups()):
             part = xp.reshape(X[run.start : run.stop, :], (run.count, run.size, k))
-            Y[run.start : run.stop, :] = xp.reshape(getattr(grp, self._group_method)(part), (run.stop - run.start, k))
+            e = _backend.frexp_exponent(xp, xp.max(xp.abs(part), axis=1))[:, None, :]  # (count, 1, k)
+            values, exponent = self._group_product(grp, _backend.ldexp(xp, part, -e))
+            Y[run.start : run.stop, :] = xp.reshape(_backend.ldexp(xp, values, e + exponent), (-1, k))
         return Y
 
     def matmat(self, X):
         """Operator times X of shape (d, k) → (d, k). O(dmk): passes over G are shared by all k
-        columns."""
+        columns (up to 8 per pass in the compiled CPU kernels)."""
         if getattr(X, "ndim", 2) != 2:
             raise ValueError(f"matmat expects a 2-D array, got shape {tuple(X.shape)}")
         return self._product(X, "X")
@@ -95,7 +117,7 @@ class _BlockOperator:
 
     def _product(self, x, name):
         X, was_1d, out_dtype = self._rhs(x, name)
-        Y = self._xp.astype(self._apply64(X), out_dtype)
+        Y = _backend.cast_result(self._xp, self._apply64(X), out_dtype, "the product")
         return Y[:, 0] if was_1d else Y
 
     def __matmul__(self, x):
@@ -103,9 +125,11 @@ class _BlockOperator:
         return self._product(x, "x")
 
     def __rmatmul__(self, x):
-        """``x @ op`` = (op @ xᵀ)ᵀ (the operator is symmetric)."""
-        if getattr(x, "ndim", 1) == 2:
-            return self._xp.matrix_transpose(self._product(self._xp.matrix_transpose(x), "x"))
+        """``x @ op`` = (op @ xᵀ)ᵀ (the operator is symmetric), for x of shape (d,) or (k, d)."""
+        xp = self._xp
+        x = _checks.as_array(x, "x", xp)
+        if x.ndim == 2:
+            return xp.matrix_transpose(self._product(xp.matrix_transpose(x), "x"))
         return self._product(x, "x")
 
     def aslinearoperator(self):
@@ -122,7 +146,7 @@ class _BlockOperator:
             )
         xp = self._xp
         eye = xp.eye(self._dim, dtype=xp.float64, device=_backend.device(self._anchor()))
-        return xp.astype(self._apply64(eye), self.dtype)
+        return _backend.cast_result(xp, self._apply64(eye), self.dtype, "the matrix")
 
     def _anchor(self):
         """An array on the operator's device (for allocations)."""
@@ -131,6 +155,9 @@ class _BlockOperator:
 
 class InverseOperator(_BlockOperator):
     """F⁻¹ for F = λI + s·GᵀG (block-diagonal if a block layout is set). Shared query API."""
+
+    def _group_product(self, group, X):
+        return group.apply(X), group.inverse_exponent
 
     def diag(self, indices=None):
         """Diagonal of F⁻¹: shape (d,), or (len(indices),) for selected indices; op.dtype.
@@ -142,9 +169,9 @@ class InverseOperator(_BlockOperator):
         if indices is not None:
             idx = _checks.indices(xp, indices, self._dim, "indices")
             return self._entries64(idx, idx, out_dtype=self.dtype)
-        parts = [grp.diag() for grp in self._groups()]
+        parts = [_backend.ldexp(xp, grp.diag(), grp.inverse_exponent) for grp in self._groups()]
         d = parts[0] if len(parts) == 1 else xp.concat(parts)
-        return xp.astype(d, self.dtype)
+        return _backend.cast_result(xp, d, self.dtype, "the diagonal")
 
     def entries(self, rows, cols):
         """Vector of F⁻¹[rows[t], cols[t]], shape (n,), op.dtype. O(m) per entry after the
@@ -172,8 +199,8 @@ class InverseOperator(_BlockOperator):
             pos = xp.nonzero(same & (run_r == g))[0]
             for p0 in range(0, pos.shape[0], chunk):
                 p = pos[p0 : p0 + chunk]
-                out[p] = grp.pairs(xp.take(off_r, p), xp.take(off_c, p))
-        return xp.astype(out, out_dtype)
+                out[p] = _backend.ldexp(xp, grp.pairs(xp.take(off_r, p), xp.take(off_c, p)), grp.inverse_exponent)
+        return _backend.cast_result(xp, out, out_dtype, "the entries")
 
     def column(self, j):
         """F⁻¹e_j, shape (d,), op.dtype. Cost of one product, O(dm)."""
@@ -183,7 +210,7 @@ class InverseOperator(_BlockOperator):
             raise ValueError("column takes a single index")
         e = xp.zeros((self._dim, 1), dtype=xp.float64, device=_backend.device(idx))
         e[idx, :] = 1.0
-        return xp.astype(self._apply64(e)[:, 0], self.dtype)
+        return _backend.cast_result(xp, self._apply64(e)[:, 0], self.dtype, "the column")
 
     def submatrix(self, indices):
         """Dense F⁻¹[indices][:, indices], shape (k, k), op.dtype. O(k²m) after the cached whitening."""
@@ -196,8 +223,8 @@ class InverseOperator(_BlockOperator):
             pos = xp.nonzero(run == g)[0]
             if pos.shape[0]:
                 o = xp.take(off, pos)
-                out[pos[:, None], pos[None, :]] = grp.cross(o, o)
-        return xp.astype(out, self.dtype)
+                out[pos[:, None], pos[None, :]] = _backend.ldexp(xp, grp.cross(o, o), grp.inverse_exponent)
+        return _backend.cast_result(xp, out, self.dtype, "the submatrix")
 
     def logdet(self) -> float:
         """log det F (a Python float), from the factors: O(m) per block after construction."""
@@ -214,8 +241,6 @@ class InverseOperator(_BlockOperator):
 class FisherOperator(_BlockOperator):
     """F = λI + s·GᵀG as an operator, sharing the factors of its InverseOperator."""
 
-    _group_method = "apply_fisher"
-
     def __init__(self, inverse: InverseOperator):
         self._inverse_op = inverse
         self._xp, self._dim, self._dtype = inverse._xp, inverse._dim, inverse._dtype
@@ -224,14 +249,17 @@ class FisherOperator(_BlockOperator):
     def _groups(self):
         return self._inverse_op._groups()
 
+    def _group_product(self, group, X):
+        return group.apply_fisher(X), group.fisher_exponent
+
     def _anchor(self):
         return self._inverse_op._anchor()
 
     def diag(self):
         """Diagonal of F: λ + s·Σ_i G[i, j]², shape (d,), op.dtype. O(dm)."""
         xp = self._xp
-        parts = [grp.fisher_diag() for grp in self._groups()]
-        return xp.astype(parts[0] if len(parts) == 1 else xp.concat(parts), self.dtype)
+        parts = [_backend.ldexp(xp, grp.fisher_diag(), grp.fisher_exponent) for grp in self._groups()]
+        return _backend.cast_result(xp, parts[0] if len(parts) == 1 else xp.concat(parts), self.dtype, "the diagonal")
 
     def logdet(self) -> float:
         """log det F (a Python float), as ``inverse().logdet()``."""

@@ -6,6 +6,11 @@ of G to float64 and handing them to BLAS, so memory stays O(tile) and the work i
 matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one BLAS call
 in the storage dtype, the M-FAC reference behaviour).
 
+Every pass takes ``scale``, a power of two σ applied to G (the frame of ``rank1inv._scaling``):
+it computes with σG. Where float64 products of stored values are exact and cannot overflow
+(float32 and 16-bit storage) σ is folded into the vectors or results, exactly; float64
+storage with σ ≠ 1 (only for gradients beyond 2^±256) is scaled tile by tile.
+
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
 With float32 storage, passes with few vectors (the IHVP and push_apply hot path has one) go to
 compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
@@ -16,7 +21,7 @@ makes one BLAS call.
 
 from __future__ import annotations
 
-from . import _backend
+from . import _backend, _precision
 
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
 BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
@@ -47,118 +52,155 @@ def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
                 yield b, b + 1, c0, min(length, c0 + step)
 
 
-def _f64(xp, a):
-    return xp.astype(a, xp.float64, copy=False)
-
-
-def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False):
-    """Yield (b0, b1, s0, s1, tile): the tiles of ``tiles`` as float64 arrays, along G's columns
-    (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows (Gg[b0:b1, s0:s1, :]), of
-    ``tile_budget(xp, matrix)`` elements.
+def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale: float = 1.0):
+    """Yield (b0, b1, s0, s1, tile): the tiles of ``tiles`` as float64 arrays of σG (σ =
+    ``scale``), along G's columns (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows
+    (Gg[b0:b1, s0:s1, :]), of ``tile_budget(xp, matrix)`` elements.
 
     Conversions go into one buffer reused from tile to tile (a fresh multi-MiB array per tile
     costs page faults comparable to the conversion itself), so a tile is only valid until the
-    next one is yielded, and must not be written to (float64 storage yields views of G)."""
+    next one is yielded, and must not be written to (float64 storage with σ = 1 yields views
+    of G)."""
     nb, m, B = Gg.shape
     length, width = (m, B) if rows else (B, m)
     buf = None
     for b0, b1, s0, s1 in tiles(nb, length, width, tile_budget(xp, matrix)):
         src = Gg[b0:b1, s0:s1, :] if rows else Gg[b0:b1, :, s0:s1]
-        if Gg.dtype == xp.float64:
+        if Gg.dtype == xp.float64 and scale == 1.0:
             yield b0, b1, s0, s1, src
             continue
         if buf is None:  # the first tile is the largest
             buf = xp.empty(src.shape, dtype=xp.float64, device=_backend.device(Gg))
         t = buf[: b1 - b0, : s1 - s0, :] if rows else buf[: b1 - b0, :, : s1 - s0]
-        t[...] = src
+        _backend.decode_into(xp, t, src)
+        if scale != 1.0:
+            t *= scale
         yield b0, b1, s0, s1, t
+
+
+def _f64(xp, a):
+    return xp.astype(a, xp.float64, copy=False)
+
+
+def _scaled_tiles(xp, Gg, scale: float) -> bool:
+    """Whether σ must be applied tile by tile: float64 storage, whose products can overflow."""
+    return scale != 1.0 and not _precision.of_array(Gg, _backend.is_cupy(xp)).exact_products
 
 
 def _single_call(xp, Gg, accumulate: str) -> bool:
     """float64 storage accumulates in float64 anyway; "native" asks for the storage dtype."""
-    return accumulate == "native" or Gg.dtype == xp.float64
+    return (accumulate == "native" or Gg.dtype == xp.float64) and _backend.plain_float(xp, Gg)
 
 
-def gram(xp, Gg, accumulate: str):
-    """Gg Ggᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B).
+def gram(xp, Gg, accumulate: str, scale: float = 1.0):
+    """(σGg)(σGg)ᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B).
 
     Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
     nearly dependent gradients is often not even positive definite."""
     nb, m, B = Gg.shape
-    if _single_call(xp, Gg, "float64"):
-        return _f64(xp, Gg @ xp.matrix_transpose(Gg))
+    if Gg.dtype == xp.float64 and scale == 1.0:
+        return Gg @ xp.matrix_transpose(Gg)
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True):
+    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, scale=tile_scale):
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
-    return out
+    return out if tile_scale == scale else out * (scale * scale)
 
 
-def column_gram(xp, Gg, accumulate: str):
-    """Ggᵀ Gg per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
+def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
+    """(σGg)ᵀ(σGg) per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
     nb, m, B = Gg.shape
-    if _single_call(xp, Gg, "float64"):
-        return _f64(xp, xp.matrix_transpose(Gg) @ Gg)
+    if Gg.dtype == xp.float64 and scale == 1.0:
+        return xp.matrix_transpose(Gg) @ Gg
     out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True):
+    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True, scale=tile_scale):
         out[b0:b1, ...] += xp.matrix_transpose(t) @ t
-    return out
+    return out if tile_scale == scale else out * (scale * scale)
 
 
-def project(xp, Gg, X, accumulate: str):
-    """Gg X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
+def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
+    """(σGg) X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
     nb, m, B = Gg.shape
     k = X.shape[-1]
+    if _scaled_tiles(xp, Gg, scale):
+        out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
+        for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale):
+            out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
+        return out
     if _single_call(xp, Gg, accumulate):
-        return _f64(xp, Gg @ xp.astype(X, Gg.dtype))
-    kern = _backend.kernels(xp)
-    if kern is not None and kern.usable(Gg, k):
-        return kern.project(Gg, X)
-    out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
-        out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
-    return out
+        out = _f64(xp, Gg @ xp.astype(X, Gg.dtype))
+    else:
+        kern = _backend.kernels(xp)
+        if kern is not None and kern.usable(Gg, k):
+            out = kern.project(Gg, X)
+        else:
+            out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
+            for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
+                out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
+    return out if scale == 1.0 else out * scale
 
 
-def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str):
-    """alpha·X + beta·Ggᵀ C per block: (nb, B, k) float64. Cost O(nb·m·B·k).
+def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: float = 1.0):
+    """alpha·X + beta·(σGg)ᵀ C per block: (nb, B, k) float64. Cost O(nb·m·B·k).
 
     X is (nb, B, k) float64 or None (no alpha term), C is (nb, m, k) float64. This is the
     output pass of an inverse-vector product (alpha = 1/λ, beta = -1/λ) and of a Fisher product.
     """
     nb, m, B = Gg.shape
     k = C.shape[-1]
-    if _single_call(xp, Gg, accumulate):
-        low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
-        return low if X is None else alpha * X + low
-    kern = _backend.kernels(xp)
-    if kern is not None and kern.usable(Gg, k):
-        return kern.combine(Gg, X, C, alpha, beta)
+    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
+    beta = beta * (scale / tile_scale)  # σ folded into beta where products are exact
+    if tile_scale == 1.0:
+        if _single_call(xp, Gg, accumulate):
+            low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
+            return low if X is None else alpha * X + low
+        kern = _backend.kernels(xp)
+        if kern is not None and kern.usable(Gg, k):
+            return kern.combine(Gg, X, C, alpha, beta)
     out = xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
         part = beta * (xp.matrix_transpose(t) @ C[b0:b1, ...])
         out[b0:b1, c0:c1, :] = part if X is None else alpha * X[b0:b1, c0:c1, :] + part
     return out
 
 
-def column_sumsq(xp, Gg):
-    """Σ_i G[i, j]² per column: (nb, B) float64. Cost O(nb·m·B)."""
+def column_sumsq(xp, Gg, scale: float = 1.0):
+    """Σ_i (σG[i, j])² per column: (nb, B) float64. Cost O(nb·m·B)."""
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
+    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
         out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t)
-    return out
+    return out if tile_scale == scale else out * (scale * scale)
 
 
-def map_tiles(xp, Gg, fn):
-    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of Gg, assembled along
+def map_tiles(xp, Gg, fn, scale: float = 1.0):
+    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of σGg, assembled along
     the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m) or (b1-b0, c) (a per-column
     reduction); the result is (nb, r, B) or (nb, B). fn must not keep the tile (see
     ``float64_tiles``)."""
     nb, m, B = Gg.shape
     out = None
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True):
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
         part = fn(b0, b1, t)
         if out is None:
             out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_backend.device(Gg))
         out[b0:b1, ..., c0:c1] = part
     return out
+
+
+def max_abs(xp, Gg) -> float:
+    """max |Gg| for a group (nb, m, B), a matrix (m, d) or a vector (d,) of any storage dtype, as
+    a host float (nan or inf if there is a non-finite value; 0.0 if empty). In tiles of about
+    ``TILE_ELEMENTS`` values, so the check costs no m·d temporary; one scalar read back."""
+    if Gg.ndim < 3:
+        Gg = xp.reshape(Gg, (1,) * (3 - Gg.ndim) + tuple(Gg.shape))
+    nb, m, B = Gg.shape
+    if nb * m * B == 0:
+        return 0.0
+    top = None
+    for b0, b1, c0, c1 in tiles(nb, B, m, tile_budget(xp)):
+        part = xp.astype(xp.max(xp.abs(_backend.decoded(xp, Gg[b0:b1, :, c0:c1]))), xp.float64)
+        top = part if top is None else xp.maximum(top, part)  # nan propagates
+    return float(top)

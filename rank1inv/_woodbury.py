@@ -1,15 +1,21 @@
 """Blocks wider than the number of gradients, handled in gradient space (Woodbury).
 
-For one block with gradients G_b (m×B, B > m), damping λ and scale s:
+For one block with gradients G_b (m×B, B > m), damping λ and scale s, in the frame G' = σG
+(σ = 2^-E, ``rank1inv._scaling``):
 
-    F_b⁻¹ = λ⁻¹ (I − G_bᵀ K⁻¹ G_b),        K = G_b G_bᵀ + (λ/s) I      (m×m, SPD)
+    F_b⁻¹ = λ⁻¹ (I − G'ᵀ K'⁻¹ G'),        K' = G'G'ᵀ + μ'I,   μ' = σ²λ/s      (m×m, SPD)
 
-``factor`` supplies the m×m algebra: ``solve(P) = K⁻¹P``, ``whiten(P) = L⁻¹P`` for some square
-root K = L Lᵀ, and ``logdet()`` = Σ log det K_b. StaticInverse uses a Cholesky factor;
-DynamicInverse uses M-FAC's D/B coefficients (``rank1inv._coef``). Products of vectors in the
-span of the gradients use a ``SpectralFactor`` instead (see ``WoodburyGroup._corrected``).
+``factor`` (a ``_protocols.Factor``) supplies the m×m algebra: ``solve(P) = K'⁻¹P``,
+``whiten(P) = L⁻¹P`` for some square root K' = L Lᵀ, and ``logdet()`` = Σ log det K'_b.
+StaticInverse uses a Cholesky factor; DynamicInverse the age-ordered factor of its window
+(``rank1inv._window``). Products of vectors in the span of the gradients use a
+``SpectralFactor`` instead (see ``WoodburyGroup._corrected``).
 
-Entries come from W = L⁻¹G_b: F⁻¹_ij = λ⁻¹(δ_ij − w_iᵀ w_j), O(m) each. W is computed on the
+Values are returned in the frame of docs/design.md §4: products and entries of F⁻¹ multiplied
+by 2^λ_e (λ = λ_f·2^λ_e, 0.5 ≤ λ_f < 1), e.g. (x − G'ᵀc)/λ_f, which is bounded by 2‖x‖ since
+‖λF⁻¹‖ ≤ 1; the operator scales them back by 2^(e_x − λ_e) (``inverse_exponent``).
+
+Entries come from W = L⁻¹G'_b: F⁻¹_ij = λ⁻¹(δ_ij − w_iᵀ w_j), O(m) each. W is computed on the
 first entry query (O(m²B) per block, BLAS-3) and cached as float64, 8·m·B bytes per block, when
 that is at most ``W_CACHE_BYTES``; above it, the needed columns are whitened on demand (O(m²)
 per index). The diagonal is computed tile by tile without storing W and cached.
@@ -18,20 +24,15 @@ per index). The diagonal is computed tile by tile without storing W and cached.
 from __future__ import annotations
 
 import math
+import warnings
 
-from . import _backend, _passes
+from . import _backend, _passes, _precision, _scaling
 
-# Correct a product when less than this fraction of ‖x‖² survives the subtraction (for
-# push_apply: when ‖Gᵀc‖² is this small against (Σ|c_i|‖g_i‖)²). Calibrated on randomized
-# windows of (near-)duplicate and low-rank gradients: above 1e-9 the one-pass float32 result
-# stayed below η = 4e-9 (target 1e-7); float64 storage (target 5e-12) needs 1e-2. Generic
-# vectors (m ≪ d) never trigger it; vectors in the gradients' span usually do.
-CANCELLATION = {"float32": 1e-9, "float64": 1e-2}
 CORRECTION_STEPS = 2
 W_CACHE_BYTES = 1 << 31  # cache W = L⁻¹G (float64) for entry queries only up to 2 GiB
 
 
-class CholeskyFactor:
+class CholeskyFactor(_backend.HoldsNamespace):
     """K = L Lᵀ for a batch of SPD matrices K (nb, m, m), float64."""
 
     def __init__(self, xp, K):
@@ -62,144 +63,215 @@ class CholeskyFactor:
         return 2.0 * float(xp.sum(xp.log(xp.linalg.diagonal(self.L))))
 
 
-class SpectralFactor:
+class SpectralFactor(_backend.HoldsNamespace):
     """K = Q(Λ + μ)Qᵀ from the eigendecomposition of the Gram matrix K₀ = GGᵀ = QΛQᵀ, with the
     numerically null directions (Λ ≤ m·ε·max Λ) dropped from solves.
 
     Those directions are combinations of gradients that cancel (duplicates, dependent rows):
     Gᵀq ≈ 0 for them, so K⁻¹'s 1/μ along them only feeds rounding errors into Gᵀ(K⁻¹P).
     Dropping them inverts F exactly for gradients within m·ε·‖G‖ of the stored ones (a
-    backward-stable choice). Used by the corrected products; O(m³) per block, built on demand.
+    backward-stable choice). Used by the corrected products, and as the factor itself when K is
+    numerically singular (duplicate gradients with μ below rounding of GGᵀ); O(m³) per block,
+    built on demand. ``log_mu`` is log μ computed without underflow (for ``logdet``).
     """
 
-    def __init__(self, xp, K0, mu: float):
+    def __init__(self, xp, K0, mu: float, log_mu: float | None = None):
         self.xp = xp
-        lam, Q = xp.linalg.eigh(K0)
+        lam, Q = _backend.eigh(xp, K0)
         m = K0.shape[-1]
         top = xp.max(lam, axis=-1, keepdims=True)
         keep = lam > m * 2.2e-16 * xp.where(top > 0, top, 1.0)
-        self.Q = Q
+        self.Q, self.keep, self.lam, self.mu = Q, keep, lam, mu
+        self.log_mu = math.log(mu) if log_mu is None else log_mu
         self.inv = xp.where(keep, 1.0 / (lam + mu), 0.0)  # (nb, m)
 
     def solve(self, P, b0=0, b1=None):
         Q = self.Q[b0:b1, ...]
         return Q @ ((self.xp.matrix_transpose(Q) @ P) * self.inv[b0:b1, :, None])
 
+    def whiten(self, P, b0=0, b1=None):
+        """(Λ + μ)^(-1/2)QᵀP over the kept directions (zero along the dropped ones)."""
+        Q = self.Q[b0:b1, ...]
+        return (self.xp.matrix_transpose(Q) @ P) * self.xp.sqrt(self.inv[b0:b1, :, None])
 
-class WoodburyGroup:
-    """``nb`` equal blocks of width B (> m), as one batch. Gg has shape (nb, m, B)."""
+    def logdet(self) -> float:
+        """Σ log(Λ + μ) over the kept directions, log μ for each dropped one (Λ = 0 there)."""
+        xp = self.xp
+        kept = float(xp.sum(xp.where(self.keep, xp.log(xp.where(self.keep, self.lam + self.mu, 1.0)), 0.0)))
+        return kept + self.log_mu * float(xp.sum(xp.astype(~self.keep, xp.float64)))
 
-    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, factor=None, gram=None):
-        """``factor`` and ``gram`` (GGᵀ, (nb, m, m)) come together or not at all."""
+
+class WoodburyGroup(_backend.HoldsNamespace):
+    """``nb`` equal blocks of width B (> m), as one batch. Gg has shape (nb, m, B).
+
+    ``frame`` is E (σ = 2^-E). ``factor`` and ``gram`` (G'G'ᵀ in the frame, (nb, m, m)) come
+    together or not at all; without them the group computes both (O(nb·m²·B + nb·m³))."""
+
+    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame: int = 0, factor=None,
+                 gram=None):  # fmt: skip
         self.xp, self.Gg, self.damp, self.scale, self.accumulate = xp, Gg, damp, scale, accumulate
-        nb, m, B = Gg.shape
-        self.mu = damp / scale  # K = GGᵀ + μI
+        self.count, m, self.size = Gg.shape
+        self.sigma = _scaling.pow2(-frame)
+        self.mu = _scaling.frame_damping(damp, scale, frame)  # K' = G'G'ᵀ + μ'I
+        self.damp_f, damp_e = _scaling.split(damp)
+        self.scale_f, self.scale_e = _scaling.split(scale)
+        self.inverse_exponent = -damp_e
+        self.fisher_exponent = self.scale_e + 2 * frame
+        self.frame = frame
+        self.log_mu = math.log(damp) - math.log(scale) - 2 * frame * math.log(2.0)
         if factor is None:
-            gram = _passes.gram(xp, Gg, accumulate)
-            factor = CholeskyFactor(xp, gram + self.mu * xp.eye(m, dtype=xp.float64, device=_backend.device(Gg)))
+            gram = _passes.gram(xp, Gg, accumulate, self.sigma)
+            eye = xp.eye(m, dtype=xp.float64, device=_backend.device(gram))
+            try:
+                factor = CholeskyFactor(xp, gram + self.mu * eye)
+            except ValueError:  # numerically singular K' (duplicates, μ' below rounding)
+                if not _backend.all_finite(xp, gram):
+                    raise
+                factor = SpectralFactor(xp, gram, self.mu, self.log_mu)
+                self._spectral = factor
         self.factor = factor
-        self._K0 = gram  # GGᵀ per block (nb·m² floats), for the spectral factor of corrected products
-        self._spectral = None
-        self.sq_norms = xp.linalg.diagonal(gram)  # (nb, m): ‖g_i‖²
+        self._K0 = gram  # G'G'ᵀ per block (nb·m² floats), for the spectral factor of corrected products
+        if not isinstance(factor, SpectralFactor):
+            self._spectral = None
+        self.sq_norms = xp.linalg.diagonal(gram)  # (nb, m): ‖g'_i‖²
+        self._cancellation = _precision.of_array(Gg, _backend.is_cupy(xp)).cancellation
         self._W = None
         self._diag = None
 
+    def _project(self, X):
+        return _passes.project(self.xp, self.Gg, X, self.accumulate, self.sigma)
+
+    def _combine(self, X, C, alpha, beta):
+        return _passes.combine(self.xp, self.Gg, X, C, alpha, beta, self.accumulate, self.sigma)
+
     # -- products ---------------------------------------------------------------------
     def apply(self, X):
-        """F⁻¹X for X (nb, B, k) float64: two passes over G plus O(m²k) per block.
+        """F⁻¹X in the frame, (X − G'ᵀc)/λ_f, for X (nb, B, k) float64 (normalized): two passes
+        over G plus O(m²k) per block.
 
         When x lies (nearly) in the span of the gradients, λ⁻¹(x − Gᵀc) cancels and its rounding
         errors along the gradients are amplified by F. Then four more passes correct it
         (``_corrected``).
         """
         xp = self.xp
-        P = _passes.project(xp, self.Gg, X, self.accumulate)
+        P = self._project(X)
         C = self.factor.solve(P)
-        # ‖x − Gᵀc‖² = ‖x‖² − cᵀp − μ‖c‖² (K c = p, K = GGᵀ + μI), O(mk): how much of x survives
+        # ‖x − G'ᵀc‖² = ‖x‖² − cᵀp − μ'‖c‖² (K'c = p), O(mk): how much of x survives
         xx = xp.sum(X * X, axis=1)
         rest = xx - xp.sum(C * P, axis=1) - self.mu * xp.sum(C * C, axis=1)
         if not self._cancelled(rest, xx):
-            return _passes.combine(xp, self.Gg, X, C, 1.0 / self.damp, -1.0 / self.damp, self.accumulate)
+            return self._combine(X, C, 1.0 / self.damp_f, -1.0 / self.damp_f)
         return self._corrected(X, P)
 
     @property
     def spectral(self) -> SpectralFactor:
         if self._spectral is None:
-            self._spectral = SpectralFactor(self.xp, self._K0, self.mu)
+            self._spectral = SpectralFactor(self.xp, self._K0, self.mu, self.log_mu)
         return self._spectral
 
     def _corrected(self, X, P):
-        """F⁻¹x for P = Gx without the cancellation of λ⁻¹(x − Gᵀc).
+        """F⁻¹x (in the frame of ``apply``) for P = G'x without the cancellation of λ⁻¹(x − G'ᵀc).
 
-        c solves K c = Gx, equivalently G r = μc with r = x − Gᵀc. With the spectral factor (no
-        amplified rounding along cancelling combinations of gradients), c is refined
-        ``CORRECTION_STEPS − 1`` times by δc = K⁻¹(G r − μc), the residual taken through G itself
-        (not through the rounded Gram matrix). Then
+        c solves K'c = G'x, equivalently G'r = μ'c with r = x − G'ᵀc. With the spectral factor
+        (no amplified rounding along cancelling combinations of gradients), c is refined
+        ``CORRECTION_STEPS − 1`` times by δc = K'⁻¹(G'r − μ'c), the residual taken through G
+        itself (not through the rounded Gram matrix). Then
 
-            F⁻¹x = λ⁻¹ r + Gᵀ K⁻¹ λ⁻¹(μc − G r),
+            F⁻¹x = λ⁻¹ r + G'ᵀ K'⁻¹ λ⁻¹(μ'c − G'r),
 
         an identity whose second term is zero in exact arithmetic and, in floating point,
-        removes the rounding error of r along the gradients (−λ⁻¹GᵀK⁻¹G·err(r)).
+        removes the rounding error of r along the gradients (−λ⁻¹G'ᵀK'⁻¹G'·err(r)).
         2·CORRECTION_STEPS + 1 passes over G.
         """
-        xp = self.xp
         solve = self.spectral.solve
         C = solve(P)
         for step in range(CORRECTION_STEPS):
-            R = _passes.combine(xp, self.Gg, X, C, 1.0, -1.0, self.accumulate)
-            E = _passes.project(xp, self.Gg, R, self.accumulate) - self.mu * C
+            R = self._combine(X, C, 1.0, -1.0)
+            E = self._project(R) - self.mu * C
             if step + 1 < CORRECTION_STEPS:
                 C = C + solve(E)
-        return _passes.combine(xp, self.Gg, R, solve(-E / self.damp), 1.0 / self.damp, 1.0, self.accumulate)
+        return self._combine(R, solve(-E / self.damp_f), 1.0 / self.damp_f, 1.0)
 
     def _cancelled(self, remainder, total) -> bool:
         if self.accumulate == "native":
             return False
-        ratio = CANCELLATION[_backend.dtype_name(self.Gg.dtype)]
-        return bool(self.xp.any(remainder < ratio * total))
+        return bool(self.xp.any(remainder < self._cancellation * total))
 
     def apply_fisher(self, X):
-        """F X = λX + s·Gᵀ(GX)."""
-        P = _passes.project(self.xp, self.Gg, X, self.accumulate)
-        return _passes.combine(self.xp, self.Gg, X, P, self.damp, self.scale, self.accumulate)
+        """F X in the frame: s_f·(μ'X + G'ᵀG'X), to be scaled by 2^``fisher_exponent``."""
+        P = self._project(X)
+        return self._combine(X, P, self.scale_f * self.mu, self.scale_f)
 
-    def apply_to_gradients(self, E, X, P):
-        """F⁻¹x for x = GᵀE given as X (nb, B, k) float64 with P = G x (nb, m, k): the
-        push_apply case, x a stored gradient (E = e_slot) and P its Gram row.
+    def apply_to_gradients(self, E, X, P, x_exponent: int):
+        """F⁻¹x for x = GᵀE (the push_apply case, x a stored gradient, E = e_slot): returns
+        (Y, exponent) with F⁻¹x = Y·2^exponent. X (nb, B, k) is x·2^-x_exponent (normalized)
+        and P = G'X.
 
-        Uses F⁻¹Gᵀ = (1/s)·GᵀK⁻¹, one pass, no cancellation of λ⁻¹(x − Gᵀc) (DESIGN §3). If the
-        coefficients K⁻¹E cancel among (nearly) dependent gradients, falls back to the corrected
-        form of ``apply`` (five passes).
+        Uses F⁻¹Gᵀ = (1/s)·GᵀK⁻¹ = (σ/s)·G'ᵀK'⁻¹, one pass, no cancellation of λ⁻¹(x − Gᵀc)
+        (DESIGN §3). If the coefficients K'⁻¹E cancel among (nearly) dependent gradients, falls
+        back to the corrected form of ``apply`` (five passes).
         """
         xp = self.xp
         C = self.factor.solve(E)
-        # ‖GᵀC‖² = Cᵀ(K − μI)C against (Σ_i |c_i| ‖g_i‖)²: the size of the terms summed
+        # ‖G'ᵀC‖² = Cᵀ(K' − μ'I)C against (Σ_i |c_i| ‖g'_i‖)²: the size of the terms summed
         kept = xp.sum(C * E, axis=1) - self.mu * xp.sum(C * C, axis=1)
         terms = xp.sum(xp.abs(C) * xp.sqrt(self.sq_norms)[:, :, None], axis=1) ** 2
         if not self._cancelled(kept, terms):
-            return _passes.combine(xp, self.Gg, None, C, 0.0, 1.0 / self.scale, self.accumulate)
-        return self._corrected(X, P)
+            return self._combine(None, C, 0.0, 1.0 / self.scale_f), -self.frame - self.scale_e
+        return self._corrected(X, P), x_exponent + self.inverse_exponent
 
     # -- entries ----------------------------------------------------------------------
     @property
     def W(self):
-        """L⁻¹G per block: (nb, m, B) float64, laid out like G (column j = w_j)."""
+        """L⁻¹G' per block: (nb, m, B) float64, laid out like G (column j = w_j)."""
         if self._W is None:
-            self._W = _passes.map_tiles(self.xp, self.Gg, lambda b0, b1, t: self.factor.whiten(t, b0, b1))
+            self._W = _passes.map_tiles(self.xp, self.Gg, lambda b0, b1, t: self.factor.whiten(t, b0, b1), self.sigma)
         return self._W
 
     def diag(self):
-        """diag F⁻¹ over the group: (nb·B,) float64. O(dm²) once, then cached."""
+        """diag F⁻¹ over the group in the frame, (1 − ‖w_j‖²)/λ_f: (nb·B,) float64. O(dm²)
+        once, then cached. See ``_bounded`` for coordinates beyond the claimed conditioning."""
         if self._diag is None:
             xp = self.xp
+
+            def both(b0, b1, t):  # ‖w_j‖² and ‖g'_j‖² for the tile's columns
+                return xp.stack([_backend.column_sumsq(xp, self.factor.whiten(t, b0, b1)),
+                                 _backend.column_sumsq(xp, t)], axis=1)  # fmt: skip
+
             if self._W is not None:
                 sq = _backend.column_sumsq(xp, self._W)
+                col = _passes.column_sumsq(xp, self.Gg, self.sigma)
             else:
-                sq = _passes.map_tiles(
-                    xp, self.Gg, lambda b0, b1, t: _backend.column_sumsq(xp, self.factor.whiten(t, b0, b1))
-                )
-            self._diag = xp.reshape((1.0 - sq) / self.damp, (-1,))
+                parts = _passes.map_tiles(xp, self.Gg, both, self.sigma)
+                sq, col = parts[:, 0, :], parts[:, 1, :]
+            self._diag = xp.reshape(self._bounded(1.0 - sq, col), (-1,)) / self.damp_f
         return self._diag
+
+    def _bounded(self, value, col_sq):
+        """λ·F⁻¹_jj = 1 − ‖w_j‖², clamped below by its bound λ/F_jj = μ'/(μ' + ‖g'_j‖²) (F⁻¹_jj ≥
+        1/F_jj for SPD F). Where the subtraction left fewer than about ``DIAGONAL_DIGITS_LOST``·m·ε
+        (cond(F) at that coordinate beyond ~1/(64mε): no digit is reliable) the bound is the best
+        value available, and an AccuracyWarning says how many coordinates are affected."""
+        xp = self.xp
+        m = self.Gg.shape[1]
+        floor = self.mu / (self.mu + col_sq)
+        lost = int(xp.sum(xp.astype(value <= _precision.DIAGONAL_DIGITS_LOST * m * 2.2e-16, xp.int64)))
+        if lost:
+            warnings.warn(
+                f"{lost} diagonal entries of F⁻¹ lost their digits to cancellation (the conditioning at those "
+                "coordinates is beyond ~1/(64·m·ε)); they are at least the returned lower bound 1/F_jj",
+                _precision.AccuracyWarning,
+                stacklevel=5,
+            )
+        return xp.maximum(value, floor)
+
+    def _columns(self, r):
+        """σg_r (columns r of G' by local offsets): (len r, m) float64. O(m) each."""
+        xp = self.xp
+        nb, m, B = self.Gg.shape
+        cols = xp.empty((r.shape[0], m), dtype=xp.float64, device=_backend.device(r))
+        _backend.decode_into(xp, cols, self.Gg[r // B, :, r % B])
+        return cols * self.sigma if self.sigma != 1.0 else cols
 
     def _rows(self, r):
         """w_r for local offsets r: (len r, m). From the cached W when it fits in
@@ -209,7 +281,7 @@ class WoodburyGroup:
             return self.W[r // B, :, r % B]
         xp = self.xp
         blocks = r // B
-        cols = xp.astype(self.Gg[blocks, :, r % B], xp.float64)  # (n, m)
+        cols = self._columns(r)
         out = xp.empty(cols.shape, dtype=xp.float64, device=_backend.device(cols))
         for b in _backend.to_host(xp.unique_values(blocks)).tolist():
             sel = xp.nonzero(blocks == b)[0]
@@ -218,25 +290,36 @@ class WoodburyGroup:
         return out
 
     def pairs(self, r, c):
-        """F⁻¹[r_t, c_t] for local offsets r, c in the same block: (n,) float64, O(m) each."""
+        """F⁻¹[r_t, c_t] in the frame for local offsets r, c in the same block: (n,) float64,
+        O(m) each (diagonal entries bounded as in ``diag``)."""
         xp = self.xp
-        out = xp.astype(r == c, xp.float64) - xp.sum(self._rows(r) * self._rows(c), axis=1)
-        return out / self.damp
+        wr = self._rows(r)
+        same = r == c
+        out = xp.astype(same, xp.float64) - xp.sum(wr * self._rows(c), axis=1)
+        on_diagonal = xp.nonzero(same)[0]
+        if on_diagonal.shape[0]:
+            rd = xp.take(r, on_diagonal)
+            col = xp.sum(self._columns(rd) ** 2, axis=1)
+            out[on_diagonal] = self._bounded(xp.take(out, on_diagonal), col)
+        return out / self.damp_f
 
     def cross(self, r, c):
-        """Dense F⁻¹[r][:, c] for local offsets (zero across blocks): (len r, len c) float64."""
+        """Dense F⁻¹[r][:, c] in the frame for local offsets (zero across blocks)."""
         xp = self.xp
         B = self.Gg.shape[2]
         out = xp.astype(r[:, None] == c[None, :], xp.float64) - self._rows(r) @ xp.matrix_transpose(self._rows(c))
         same = (r // B)[:, None] == (c // B)[None, :]
-        return xp.where(same, out / self.damp, 0.0)
+        return xp.where(same, out / self.damp_f, 0.0)
 
     # -- Fisher side --------------------------------------------------------------------
     def fisher_diag(self):
-        s = _passes.column_sumsq(self.xp, self.Gg)
-        return self.xp.reshape(self.damp + self.scale * s, (-1,))
+        """diag F in the frame: s_f·(μ' + Σ_i G'[i, j]²)."""
+        s = _passes.column_sumsq(self.xp, self.Gg, self.sigma)
+        return self.xp.reshape(self.scale_f * (self.mu + s), (-1,))
 
     def logdet(self) -> float:
-        """Σ_b log det F_b = Σ_b [B log λ + m log(s/λ) + log det K_b] (matrix determinant lemma)."""
+        """Σ_b log det F_b = Σ_b [B log λ + m log(s/λ) + log det K_b] (matrix determinant lemma),
+        with log det K_b = log det K'_b + 2mE·log 2."""
         nb, m, B = self.Gg.shape
-        return nb * (B * math.log(self.damp) + m * math.log(self.scale / self.damp)) + self.factor.logdet()
+        per_block = B * math.log(self.damp) + m * (math.log(self.scale) - math.log(self.damp))
+        return nb * (per_block + 2 * m * self.frame * math.log(2.0)) + self.factor.logdet()

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-from . import _checks
+import math
+
+from . import _backend, _checks, _passes, _precision, _scaling
 from ._blocks import Layout
 from ._dense import DenseGroup
 from ._operator import InverseOperator
 from ._woodbury import WoodburyGroup
 
 
+def group_view(xp, G, run):
+    """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy."""
+    m = G.shape[0]
+    return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
+
+
 def make_group(xp, G, run, damp: float, scale: float, accumulate: str):
     """The group serving one run of equal blocks of G (m, d): gradient space if the blocks are
-    wider than m (Woodbury), parameter space otherwise (DESIGN §3: no cancellation)."""
-    m = G.shape[0]
-    Gg = xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
-    if run.size > m:
-        return WoodburyGroup(xp, Gg, damp, scale, accumulate)
-    return DenseGroup(xp, Gg, damp, scale, accumulate)
+    wider than m (Woodbury), parameter space otherwise (DESIGN §3: no cancellation). Its frame
+    (docs/design.md §4) comes from the run's max|G|, which is also the finiteness check."""
+    Gg = group_view(xp, G, run)
+    top = _passes.max_abs(xp, Gg)
+    if not math.isfinite(top):
+        raise ValueError("G contains non-finite values (nan or inf)")
+    exact = _precision.of_array(G, _backend.is_cupy(xp)).exact_products
+    frame = _scaling.frame_exponent(top, damp, scale, exact)
+    if run.size > G.shape[0]:
+        return WoodburyGroup(xp, Gg, damp, scale, accumulate, frame=frame)
+    return DenseGroup(xp, Gg, damp, scale, accumulate, frame=frame)
 
 
 class StaticInverse(InverseOperator):
@@ -24,9 +37,11 @@ class StaticInverse(InverseOperator):
 
     Parameters
     ----------
-    G : array (m, d), float32 or float64, NumPy or CuPy
+    G : array (m, d), NumPy or CuPy; float64, float32, bfloat16 (``ml_dtypes.bfloat16``) or float16
         The gradients, one per row. Referenced, not copied, and never modified: do not modify it
-        while the operator is in use.
+        while the operator is in use. Query results are float64 for float64 G and float32
+        otherwise (a float64 x promotes its product). Torch and JAX tensors go through
+        ``rank1inv.adapters`` (zero-copy); other arrays are refused with a TypeError.
     damp : float > 0
         λ.
     scale : None, "count" or float > 0
@@ -45,7 +60,10 @@ class StaticInverse(InverseOperator):
 
     def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64"):
         G = _checks.as_array(G, "G")
-        xp = _checks.float_array(G, "G", (2,))
+        xp = _backend.namespace(G)
+        if G.ndim != 2:
+            raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
+        policy = _checks.float_kind(G, "G")
         m, d = G.shape
         if m < 1 or d < 1:
             raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
@@ -54,7 +72,8 @@ class StaticInverse(InverseOperator):
         self._scale = 1.0 / m if s in (None, "count") else s
         self._accumulate = _checks.accumulate(accumulate)
         self._layout = Layout(d, block_size)
-        self._xp, self._dim, self._dtype = xp, d, str(G.dtype)
+        self._xp, self._dim, self._dtype = xp, d, _precision.of(policy).output
+        self._storage = policy
         self._G = G
         self._group_list = [
             make_group(xp, G, run, self._damp, self._scale, self._accumulate) for run in self._layout.runs
@@ -80,12 +99,12 @@ class StaticInverse(InverseOperator):
         return self._scale
 
     @property
-    def block_sizes(self) -> tuple[int, ...]:
-        """Lengths of the diagonal blocks (one entry, d, for the full matrix)."""
-        return self._layout.block_sizes
+    def storage_dtype(self) -> str:
+        """The dtype G is stored in ("float64", "float32", "bfloat16" or "float16")."""
+        return self._storage
 
     def __repr__(self) -> str:
         return (
-            f"StaticInverse(m={self.num_gradients}, d={self._dim}, dtype={self._dtype}, damp={self._damp:g}, "
+            f"StaticInverse(m={self.num_gradients}, d={self._dim}, storage={self._storage}, damp={self._damp:g}, "
             f"scale={self._scale:g}, blocks={len(self._layout.block_sizes)})"
         )

@@ -9,8 +9,8 @@ args = [] if sys.platform == "win32" else ["-O3", "-Wno-psabi"]
 setup(
     ext_modules=[
         Extension(
-            "rank1inv.cpu._passes_f32",
-            sources=["rank1inv/cpu/passes_f32.c"],
+            "rank1inv.cpu._kernels",
+            sources=["rank1inv/cpu/passes.c", "rank1inv/cpu/window.c"],
             extra_compile_args=args,
             optional=True,
         )

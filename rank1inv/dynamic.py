@@ -1,18 +1,28 @@
-"""DynamicInverse: the M-FAC sliding window (add / remove / replace / push / push_apply)."""
+"""DynamicInverse: the M-FAC sliding window (add / remove / replace / push / push_apply /
+push_many), with O(dm + m²) updates (docs/design.md §6)."""
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
 
-from . import _backend, _checks, _coef, _passes
+from . import _backend, _checks, _passes, _precision, _scaling, _window
 from ._blocks import Layout
 from ._dense import DenseGroup
 from ._operator import InverseOperator
 from ._woodbury import WoodburyGroup
 
-STATE_FORMAT = "rank1inv.DynamicInverse/1"
+STATE_FORMAT = "rank1inv.DynamicInverse/2"
+STATE_FORMATS = ("rank1inv.DynamicInverse/1", STATE_FORMAT)
+# legitimate differences between a stored Gram entry and a fresh recomputation stay below
+# 0.45·ε·√d·‖g_i‖‖g_j‖ (measured, docs/numerics.md); states beyond 8·ε·(√d + 1) are refused
+GRAM_TOLERANCE = 8.0
+# the stored factor must reproduce K' to c·n·ε·(|R|ᵀ|R|) componentwise (Cholesky's own bound is
+# n·ε; updates add a few ε per step of an entry's life, which is ≤ REFRESH_STEPS)
+FACTOR_TOLERANCE = 64.0
+EPS = float(np.finfo(np.float64).eps)
 
 
 def _inverse_scale(scale_mode, capacity: int, count: int) -> float:
@@ -22,6 +32,17 @@ def _inverse_scale(scale_mode, capacity: int, count: int) -> float:
     if scale_mode == "count":
         return float(max(count, 1))
     return 1.0 / scale_mode
+
+
+class _Staged:
+    """The new values of one update, computed before anything is committed (``_commit``)."""
+
+    __slots__ = ("G_rows", "gram", "gram_rows", "step_rows", "ages", "counter", "R", "column", "frame",
+                 "slot_exp", "dense", "steps")  # fmt: skip
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw.get(k))
 
 
 class DynamicInverse(InverseOperator):
@@ -37,20 +58,32 @@ class DynamicInverse(InverseOperator):
         λ.
     scale : None, "count" or float > 0
         s. None: 1/capacity (M-FAC: the window starts as zeros); "count": 1/len(window) at
-        every moment (every add/remove then recomputes all coefficients); a float as given.
-    dtype : "float32" (default) or "float64"
-        Storage dtype of the window.
+        every moment (so an add or remove that changes the count refactors the m×m system,
+        O(m³)); a float as given.
+    dtype : "float32" (default), "float64", "bfloat16" or "float16"
+        Storage dtype of the window (2 bytes per value for the 16-bit ones); query results are
+        float64 for float64 storage and float32 otherwise.
     xp : None (NumPy), numpy or cupy
         The array library holding the window.
     accumulate : "float64" (default) or "native"
         As in StaticInverse.
 
-    State: G (capacity×dim, ``dtype``), and in float64 the Gram matrix GGᵀ, D and B
-    (``rank1inv._coef``), in slot order. A new or replaced gradient costs one pass over G for
-    its Gram row (recomputed from stored data, never downdated) plus O((capacity − k)·capacity²)
-    to refresh D and B from its slot k on. When dim ≤ capacity, queries use the dim×dim matrix
-    F instead (rebuilt on the first query after a change, O(dim²·capacity)), since the
-    gradient-space form loses accuracy there.
+    State: G (capacity×dim, ``dtype``) in slot order; in float64, the Gram matrix of the window
+    (capacity², slot order) and the upper Cholesky factor R of its damped m×m system in age
+    order (oldest first), plus one spare capacity² buffer for updates: 24·capacity² bytes of
+    m×m state (1.5 GiB at capacity 8192). Costs per call (m = capacity, d = dim):
+
+    - push, push_apply, add: one pass over G for the new Gram row, O(dm), plus O(m²): the
+      oldest gradient's row and column leave the factor by a rank-one update, the new one
+      enters by a triangular solve;
+    - remove: O(m²); replace(slot) of the k-th oldest: O(dm + k² + m·(m − k)²), the factor is
+      recomputed from that position;
+    - every ``capacity`` such updates the next one refactors from the stored Gram matrix
+      (O(m³), amortised O(m²) per step), which bounds the rounding any entry accumulates;
+    - queries: products O(dm + m²) per vector, D and B (``coefficients``) O(m³) when asked.
+
+    When dim ≤ capacity queries use the dim×dim matrix F (gradient space loses accuracy there),
+    refactored at every update (O(dim²·capacity)).
 
     Every mutating call either succeeds or raises and leaves the window bit-for-bit unchanged.
     """
@@ -60,18 +93,26 @@ class DynamicInverse(InverseOperator):
         self._capacity = _checks.positive_int(capacity, "capacity")
         self._damp = _checks.damp(damp)
         self._scale_mode = _checks.scale(scale)
-        self._dtype = _checks.float_dtype(dtype)
+        self._storage = _checks.float_dtype(dtype)
+        self._policy = _precision.of(self._storage)
+        self._dtype = self._policy.output
         self._accumulate = _checks.accumulate(accumulate)
         self._xp = xp = _backend.namespace_from_argument(xp)
         self._layout = Layout(self._dim)
         cap = self._capacity
-        self._G = xp.zeros((cap, self._dim), dtype=getattr(xp, self._dtype))
+        self._G = xp.zeros((cap, self._dim), dtype=self._array_dtype())
         dev = _backend.device(self._G)
         self._ages = np.full(cap, -1, dtype=np.int64)  # host bookkeeping: -1 = empty slot
+        self._slot_exp = np.zeros(cap, dtype=np.int64)  # exponent of max|g| per occupied slot
         self._counter = 0
-        self._gram = xp.zeros((cap, cap), dtype=xp.float64, device=dev)
-        self._D, self._B = _coef.coefficients(xp, self._gram, self._damp, self._n(0))
+        self._frame = self._required_frame(self._slot_exp, self._ages)
+        self._gram = xp.zeros((cap, cap), dtype=xp.float64, device=dev)  # frame Gram, slot order
+        self._R = xp.eye(cap, dtype=xp.float64, device=dev)  # factor, age order, padded
+        self._spare = xp.empty((cap, cap), dtype=xp.float64, device=dev)
+        self._steps = 0  # factor updates since the last refactorization
+        self._dense = self._stage_dense(_Staged(G_rows={}, ages=self._ages, frame=self._frame))
         self._group = None
+        self._coef = None
 
     # -- sizes and scale ----------------------------------------------------------------
     def __len__(self) -> int:
@@ -87,8 +128,16 @@ class DynamicInverse(InverseOperator):
         """s in F = λI + s·GᵀG right now."""
         return 1.0 / self._n(len(self))
 
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype the window stores gradients in ("float32", "float64", "bfloat16", "float16")."""
+        return self._storage
+
     def _n(self, count: int) -> float:
         return _inverse_scale(self._scale_mode, self._capacity, count)
+
+    def _array_dtype(self):
+        return _precision.storage_dtype(self._xp, self._storage, _backend.is_cupy(self._xp))
 
     @property
     def _uses_dense(self) -> bool:
@@ -100,114 +149,191 @@ class DynamicInverse(InverseOperator):
     def _anchor(self):
         return self._G
 
+    def _mu(self, count: int, frame: int) -> float:
+        return _scaling.frame_damping(self._damp, 1.0 / self._n(count), frame)
+
+    def _log_mu(self, count: int, frame: int) -> float:
+        return math.log(self._damp) + math.log(self._n(count)) - 2 * frame * math.log(2.0)
+
+    def _required_frame(self, slot_exp, ages) -> int:
+        """The frame exponent E for the window's gradients (docs/design.md §4); for the scale,
+        the smallest s the window can have (its largest damping term)."""
+        occupied = slot_exp[ages >= 0]
+        top = math.ldexp(1.0, int(occupied.max())) if occupied.size else 0.0
+        s_min = 1.0 / self._n(self._capacity)
+        return _scaling.frame_exponent(top, self._damp, s_min, self._policy.exact_products)
+
     # -- queries --------------------------------------------------------------------------
+    def _order(self):
+        return _window.host_order(self._ages)
+
     def _groups(self):
         if self._group is None:
             xp = self._xp
-            Gg = self._G[None, ...]
-            s = self.scale
             if self._uses_dense:
-                self._group = DenseGroup(xp, Gg, self._damp, s, self._accumulate)
+                self._group = self._dense
             else:
-                factor = _coef.MfacFactor(xp, self._D, self._B, 1.0 / s, self._damp, gram=self._gram)
+                n = len(self)
+                order = xp.asarray(self._order(), device=_backend.device(self._G))
+                mu = self._mu(n, self._frame)
+                factor = _window.WindowFactor(xp, self._R, order, mu, self._log_mu(n, self._frame))
                 self._group = WoodburyGroup(
-                    xp, Gg, self._damp, s, self._accumulate, factor=factor, gram=self._gram[None]
-                )
+                    xp, self._G[None, ...], self._damp, self.scale, self._accumulate, frame=self._frame,
+                    factor=factor, gram=self._gram[None, ...],
+                )  # fmt: skip
         return [self._group]
 
     def gradients(self):
-        """The stored gradients, oldest first: a new (len, dim) array of ``dtype``."""
-        order = self.slots()
+        """The stored gradients, oldest first: a new (len, dim) array in the storage dtype."""
+        order = self._order()
         xp = self._xp
-        if not order:
+        if not order.size:
             return xp.zeros((0, self._dim), dtype=self._G.dtype)
-        return xp.take(self._G, xp.asarray(np.array(order), device=_backend.device(self._G)), axis=0)
+        return xp.take(self._G, xp.asarray(order, device=_backend.device(self._G)), axis=0)
 
     def slots(self) -> list[int]:
         """Occupied slots, oldest first."""
-        occ = np.flatnonzero(self._ages >= 0)
-        return [int(i) for i in occ[np.argsort(self._ages[occ], kind="stable")]]
+        return [int(i) for i in self._order()]
 
-    def _free_slot(self) -> int | None:
-        """The lowest empty slot, or None when the window is full."""
-        free = np.flatnonzero(self._ages < 0)
-        return int(free[0]) if free.size else None
+    def coefficients(self):
+        """M-FAC's (D, B) for the window in age order (oldest first), each (len, len) float64:
+        D upper triangular, B lower triangular with diagonal 1/λ (M-FAC eq. 8–10, with n = 1/s).
+        Derived from the factor when asked, O(m²) for D and O(m³) for B (the blocked CUDA kernel
+        on CuPy), and cached until the next change."""
+        if self._coef is None:
+            n = len(self)
+            self._coef = _window.mfac_coefficients(self._xp, self._R, n, self._damp, self._n(n), self._frame)
+        return self._coef
 
     # -- updates ----------------------------------------------------------------------------
     def add(self, g) -> int:
         """Store g in a free slot and return the slot. ValueError when the window is full.
-        Cost: one pass over G (O(d·capacity)) plus the coefficient refresh from that slot."""
-        g_s = self._gradient(g)
+        Cost: one pass over G (O(d·capacity)) plus O(capacity²)."""
+        g_s, e = self._gradient(g)
         slot = self._free_slot()
         if slot is None:
             raise ValueError(f"the window is full ({self._capacity} gradients); use push() or remove() first")
-        self._update(slot, g_s, self._counter)
+        self._commit(self._stage_pushes([(slot, g_s, e)]))
         return slot
 
+    def push(self, g) -> int:
+        """Add g, evicting the oldest gradient when full (the M-FAC step); returns its slot.
+        Cost: one pass over G plus O(capacity²)."""
+        g_s, e = self._gradient(g)
+        slot = self._next_slot(self._ages)
+        self._commit(self._stage_pushes([(slot, g_s, e)]))
+        return slot
+
+    def push_many(self, G_new) -> list[int]:
+        """Push the k rows of G_new (k, dim) in order, as k calls of ``push`` would (the same
+        window to rounding), and return their slots. One pass over the window for all k Gram
+        rows (O(d·capacity·k); up to 8 rows per pass of the compiled CPU kernel, BLAS-3 tiles
+        beyond) plus O(capacity²·k), or one O(capacity³) refactorization when k ≥ capacity
+        (the window is then the last capacity rows). Atomic: a rejected row leaves the window
+        unchanged."""
+        G_new = _checks.as_array(G_new, "G_new", self._xp)
+        _checks.same_backend(self._xp, G_new, "G_new", "this window")
+        if G_new.ndim != 2 or G_new.shape[1] != self._dim:
+            raise ValueError(f"G_new must have shape (k, {self._dim}), got {tuple(G_new.shape)}")
+        rows = [self._gradient(G_new[i, :], name=f"G_new[{i}]") for i in range(G_new.shape[0])]
+        ages = self._ages.copy()
+        items = []
+        for t, (g_s, e) in enumerate(rows):
+            slot = self._next_slot(ages)
+            ages[slot] = self._counter + t
+            items.append((slot, g_s, e))
+        if items:
+            self._commit(self._stage_pushes(items))
+        return [slot for slot, _, _ in items]
+
     def remove(self, slot) -> None:
-        """Empty an occupied slot. Cost O(capacity²) plus the coefficient refresh."""
+        """Empty an occupied slot. Cost O(capacity²) (O(capacity³) with scale="count")."""
         slot = self._occupied(slot)
-        self._update(slot, None, -1)
+        n = len(self)
+        k = self._position(slot)
+        ages = self._ages.copy()
+        ages[slot] = -1
+        stage = _Staged(G_rows={slot: None}, gram=self._gram, gram_rows={slot: None}, ages=ages,
+                        counter=self._counter, frame=self._frame, slot_exp=self._slot_exp)  # fmt: skip
+        if self._n(n - 1) != self._n(n) or self._refresh_due(1):
+            self._stage_factorization(stage)
+        else:
+            _window.drop(self._xp, self._R, self._spare, n, k)
+            stage.R, stage.steps = self._spare, self._steps + 1
+        stage.dense = self._stage_dense(stage)
+        self._commit(stage)
 
     def replace(self, slot, g) -> None:
-        """Overwrite the gradient in an occupied slot; the slot keeps its age."""
+        """Overwrite the gradient in an occupied slot; the slot keeps its age. Cost: one pass over
+        G plus O(k² + capacity·(capacity − k)²) for the k-th oldest (O(capacity²) for the
+        newest, O(capacity³) for the oldest)."""
         slot = self._occupied(slot)
-        g_s = self._gradient(g)
-        self._update(slot, g_s, int(self._ages[slot]))
-
-    def push(self, g) -> int:
-        """Add g, evicting the oldest gradient when full (the M-FAC step); returns its slot."""
-        return self._push(self._gradient(g))
+        g_s, e = self._gradient(g)
+        stage = self._stage_rows([(slot, g_s, e)], self._ages.copy())
+        if stage.frame != self._frame or self._refresh_due(1):
+            self._stage_factorization(stage)
+        else:
+            R = self._spare
+            R[...] = self._R
+            try:
+                _window.refresh_from(self._xp, R, self._K_age(stage), self._position(slot))
+            except ValueError as err:
+                raise ValueError(f"this gradient cannot be stored: {err}") from err
+            stage.R, stage.steps = R, self._steps + 1
+        stage.dense = self._stage_dense(stage)
+        self._commit(stage)
 
     def push_apply(self, g):
-        """Push g, then return F⁻¹g for the new window: shape (dim,), dtype of g promoted with
-        ``dtype``. Two passes over G in all (the Gram row, then Gᵀc) plus O(capacity²); five
+        """Push g, then return F⁻¹g for the new window: shape (dim,), dtype of g promoted with the
+        result dtype. Two passes over G in all (the Gram row, then Gᵀc) plus O(capacity²); five
         instead of the second when g is (nearly) a combination of other stored gradients and
         the coefficients cancel (an O(capacity³) eigendecomposition too).
 
         g lies in the window, so F⁻¹g = (1/s)·Gᵀ K⁻¹ e_slot exactly (K = GGᵀ + (λ/s)I); this
         avoids the cancellation of λ⁻¹(g − Gᵀc) for small λ. The result is for g rounded to
-        the storage dtype, as stored.
+        the storage dtype, as stored. If the result overflows its dtype (OverflowError) the
+        push has still happened.
         """
-        g_s = self._gradient(g)
-        out_dtype = self._xp.result_type(getattr(g, "dtype", self._xp.float64), self._G.dtype)
-        slot = self._push(g_s)
+        g_s, e = self._gradient(g)
+        kind = _precision.name_of(getattr(g, "dtype", None)) if _backend.is_array(g) else "float64"
         xp = self._xp
+        out_dtype = xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
+        slot = self._next_slot(self._ages)
+        self._commit(self._stage_pushes([(slot, g_s, e)]))
         grp = self._groups()[0]
-        g64 = xp.astype(g_s, xp.float64)[None, :, None]
+        g64 = xp.empty((1, self._dim, 1), dtype=xp.float64, device=_backend.device(self._G))
+        _backend.decode_into(xp, g64[0, :, 0], g_s)
+        e_x = _scaling.exponent(_passes.max_abs(xp, g64))
+        X = _backend.ldexp(xp, g64, -e_x)
         if self._uses_dense:
-            y = grp.apply(g64)
+            y, exponent = grp.apply(X), e_x + grp.inverse_exponent
         else:
-            e = xp.zeros((1, self._capacity, 1), dtype=xp.float64, device=_backend.device(self._G))
-            e[0, slot, 0] = 1.0
-            y = grp.apply_to_gradients(e, g64, self._gram[None, :, slot : slot + 1])
-        return xp.astype(y[0, :, 0], out_dtype)
+            E = xp.zeros((1, self._capacity, 1), dtype=xp.float64, device=_backend.device(self._G))
+            E[0, slot, 0] = 1.0
+            # G'x̂ = (σ²Gg)·σ⁻¹·2^-e: the new Gram row, which is in the frame already
+            P = _backend.ldexp(xp, self._gram[None, :, slot : slot + 1], self._frame - e_x)
+            y, exponent = grp.apply_to_gradients(E, X, P, e_x)
+        return _backend.cast_result(xp, _backend.ldexp(xp, y[0, :, 0], exponent), out_dtype, "F⁻¹g")
 
-    def _push(self, g_s) -> int:
-        slot = self._free_slot()
-        if slot is None:  # full: the oldest gradient makes way
-            slot = self.slots()[0]
-        self._update(slot, g_s, self._counter)
-        return slot
-
-    # -- internals ----------------------------------------------------------------------------
-    def _gradient(self, g):
-        """Validate g and return it rounded to the storage dtype (a new array). One scalar
-        read-back (max |g|) covers the non-finite and the overflow checks."""
-        if not _backend.is_cupy(self._xp):
-            g = _checks.as_array(g, "g")
-        elif not _backend.is_array(g):
-            raise TypeError(f"g must be a CuPy array for this window, not {type(g).__name__}")
-        xp = _checks.same_backend(self._xp, g, "g", "this window")
+    # -- internals: validation ----------------------------------------------------------------
+    def _gradient(self, g, name: str = "g"):
+        """Validate g and return (g rounded to the storage dtype (a new array), exponent of
+        max|g| in storage). One scalar read-back (max |g|) covers the non-finite and the
+        overflow checks."""
+        xp = self._xp
+        g = _checks.as_array(g, name, xp)
+        _checks.same_backend(xp, g, name, "this window")
         if g.ndim != 1 or g.shape[0] != self._dim:
-            raise ValueError(f"g must have shape ({self._dim},), got {tuple(g.shape)}")
-        _checks.float_kind(g, "g")
-        top = float(xp.max(xp.abs(g))) if g.shape[0] else 0.0
-        if not np.isfinite(top):
-            raise ValueError("g contains non-finite values (nan or inf)")
-        if top > float(xp.finfo(self._G.dtype).max):
-            raise ValueError(f"g overflows the window dtype {self._dtype}")
-        return xp.astype(g, self._G.dtype, copy=True)
+            raise ValueError(f"{name} must have shape ({self._dim},), got {tuple(g.shape)}")
+        _checks.float_kind(g, name, cupy=False)
+        top = _passes.max_abs(xp, g)
+        if not math.isfinite(top):
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+        if top > self._policy.max_value:
+            raise ValueError(f"{name} overflows the window dtype {self._storage} (max |{name}| = {top:.3g})")
+        # the exponent of max|g| before rounding to storage may be one too small: the frame it
+        # chooses only needs to be right within docs/design.md §4's margin
+        return _backend.encode(xp, g, self._storage), _scaling.exponent(top) if top > 0 else -(10**6)
 
     def _occupied(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
@@ -219,139 +345,425 @@ class DynamicInverse(InverseOperator):
             raise IndexError(f"slot {slot} is empty")
         return slot
 
-    def _update(self, slot: int, g_s, age: int) -> None:
-        """Stage every new value, then commit; nothing is changed if staging raises."""
+    def _free_slot(self) -> int | None:
+        """The lowest empty slot, or None when the window is full."""
+        free = np.flatnonzero(self._ages < 0)
+        return int(free[0]) if free.size else None
+
+    def _next_slot(self, ages) -> int:
+        """The slot a push takes: the lowest empty one, else the oldest's."""
+        free = np.flatnonzero(ages < 0)
+        if free.size:
+            return int(free[0])
+        return int(np.argmin(ages))
+
+    def _position(self, slot: int) -> int:
+        """Age position of an occupied slot (0 = oldest)."""
+        return int(np.flatnonzero(self._order() == slot)[0])
+
+    def _refresh_due(self, steps: int) -> bool:
+        """Whether ``steps`` more factor updates reach the refresh interval (``capacity``)."""
+        return self._steps + steps >= self._capacity
+
+    # -- internals: staging -------------------------------------------------------------------
+    def _stage_rows(self, items, ages):
+        """Frame and Gram rows for new gradients items = [(slot, g_s, exponent)] written into
+        their slots in order (a later item may take an earlier one's slot): one pass over the
+        window for all of them (before anything is written), plus their own k×k Gram matrix.
+
+        ``step_rows[t]`` is item t's row against the slots as they are when it is written (for
+        the factor); ``gram_rows`` the final row of every slot that ends up with a new gradient.
+        """
+        xp = self._xp
+        slot_exp = self._slot_exp.copy()
+        final_ages = ages.copy()
+        for slot, _, e in items:
+            slot_exp[slot] = e
+            final_ages[slot] = max(final_ages[slot], 0)
+        frame = self._required_frame(slot_exp, final_ages)
+        gram = self._gram
+        if frame != self._frame:  # rescale the frame Gram matrix: exact, a power of two
+            gram = gram * _scaling.pow2(2 * (self._frame - frame))
+        sigma = _scaling.pow2(-frame)
+        k = len(items)
+        X = xp.empty((1, self._dim, k), dtype=xp.float64, device=_backend.device(self._G))
+        for t, (_, g_s, _) in enumerate(items):
+            _backend.decode_into(xp, X[0, :, t], g_s)
+        X = X * sigma  # σg: exact
+        # slots past the last occupied one hold zero rows: the pass skips them (a filling window
+        # reads n rows, not capacity)
+        occupied = np.flatnonzero(self._ages >= 0)
+        hi = int(occupied[-1]) + 1 if occupied.size else 0
+        cross = xp.zeros((self._capacity, k), dtype=xp.float64, device=_backend.device(self._G))
+        if hi:
+            cross[:hi, :] = _passes.project(xp, self._G[None, :hi, :], X, self._accumulate, sigma)[0, ...]
+        if k == 1:  # elementwise: a BLAS call here would wake multi-threaded BLAS (docs/benchmarks.md)
+            inner = xp.sum(X[0, ...] * X[0, ...], axis=0, keepdims=True)
+        else:
+            inner = xp.matrix_transpose(X[0, ...]) @ X[0, ...]  # (k, k)
+        holder, step_rows = {}, []  # holder: slot -> batch item stored there now
+        for t, (slot, _, _) in enumerate(items):
+            row = xp.asarray(cross[:, t], copy=True)
+            for other, t_other in holder.items():
+                row[other] = inner[t_other, t]
+            holder[slot] = t
+            row[slot] = inner[t, t]
+            step_rows.append(row)
+        gram_rows = {}
+        for slot, t in holder.items():
+            row = xp.asarray(cross[:, t], copy=True)
+            for other, t_other in holder.items():
+                row[other] = inner[t_other, t]
+            gram_rows[slot] = row
+        return _Staged(G_rows={slot: g_s for slot, g_s, _ in items}, gram=gram, gram_rows=gram_rows,
+                       step_rows=step_rows, ages=ages, counter=self._counter, frame=frame,
+                       slot_exp=slot_exp, steps=self._steps)  # fmt: skip
+
+    def _stage_pushes(self, items):
+        """Stage pushes of items = [(slot, g_s, exponent)] in order (each slot empty or the
+        oldest's): per item, the evicted gradient leaves the factor (``_window.drop``) and the
+        new one enters last (``_window.new_column``), O(m²) each; the factor is recomputed
+        instead when the frame or the count-dependent scale changes, when k ≥ capacity or when
+        the refresh interval is reached."""
         xp = self._xp
         cap = self._capacity
-        if g_s is None:
-            row = xp.zeros((cap,), dtype=xp.float64, device=_backend.device(self._G))
-        else:
-            g64 = xp.astype(g_s, xp.float64)
-            row = _passes.project(xp, self._G[None, ...], g64[None, :, None], self._accumulate)
-            row = xp.asarray(row[0, :, 0], copy=True)
-            row[slot] = xp.sum(g64 * g64)  # the slot's old row is still in G
-        gram = xp.asarray(self._gram, copy=True)
-        gram[slot, :] = row
-        gram[:, slot] = row
         ages = self._ages.copy()
-        ages[slot] = age
-        count = int(np.count_nonzero(ages >= 0))
-        n_old, n_new = self._n(len(self)), self._n(count)
-        start = slot if n_new == n_old else 0
+        stage = self._stage_rows(items, ages)
+        order = list(self._order())
+        n_final = min(cap, len(order) + len(items))
+        refactor = (
+            stage.frame != self._frame
+            or len(items) >= cap
+            or self._refresh_due(len(items))
+            or self._n(n_final) != self._n(len(order))
+        )
+        counter = self._counter
+        mu = self._mu(n_final, stage.frame)
+        R = None  # the factor being updated: self._R until the first write, then the spare
+        for t, (slot, _, _) in enumerate(items):
+            if ages[slot] >= 0:  # the oldest gradient makes way
+                k = order.index(slot)
+                if not refactor:
+                    _window.drop(xp, self._R if R is None else R, self._spare, len(order), k)
+                    R = self._spare
+                order.pop(k)
+            ages[slot] = counter
+            counter += 1
+            if not refactor:
+                n = len(order)
+                row = stage.step_rows[t]
+                idx = xp.asarray(np.asarray(order, dtype=np.int64), device=_backend.device(row))
+                base = self._R if R is None else R
+                try:
+                    r, rho = _window.new_column(xp, base, n, xp.take(row, idx), float(row[slot]) + mu)
+                except ValueError as err:
+                    raise ValueError(f"this gradient cannot be stored: {err}") from err
+                if R is None and len(items) == 1:
+                    stage.column = (n, r, rho)  # written into self._R by _commit: no copy
+                else:
+                    if R is None:
+                        self._spare[...] = self._R
+                        R = self._spare
+                    _window.write_column(R, n, r, rho)
+            order.append(slot)
+        stage.ages, stage.counter = ages, counter
+        if refactor:
+            self._stage_factorization(stage)
+        else:
+            stage.R = R
+            stage.steps = self._steps + len(items)
+        stage.dense = self._stage_dense(stage)
+        return stage
+
+    def _K_age(self, stage):
+        """The staged window's K' (n×n, age order) from the stored Gram matrix and the staged
+        rows. O(cap²)."""
+        xp = self._xp
+        order = _window.host_order(stage.ages)
+        gram = self._merged_gram(stage)
+        idx = xp.asarray(order, device=_backend.device(gram))
+        K = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
+        n = order.shape[0]
+        return K + self._mu(n, stage.frame) * xp.eye(n, dtype=xp.float64, device=_backend.device(gram))
+
+    def _merged_gram(self, stage):
+        """A copy of the staged frame Gram matrix with the staged rows written in. O(cap²)."""
+        gram = stage.gram * 1.0
+        _write_rows(gram, stage.gram_rows)
+        return gram
+
+    def _stage_factorization(self, stage) -> None:
+        """The staged window's factor from scratch (O(m³)); ValueError if not positive definite."""
         try:
-            D, B = _coef.coefficients(xp, gram, self._damp, n_new, start, (self._D, self._B))
+            stage.R = _window.factorize(self._xp, self._K_age(stage), self._capacity)
         except ValueError as err:
             raise ValueError(f"this gradient cannot be stored: {err}") from err
-        ok = xp.all(xp.isfinite(row)) & xp.all(xp.isfinite(D)) & xp.all(xp.isfinite(B))
-        if not bool(ok):  # one scalar read-back for all three
-            raise ValueError("g is too large: its inner products or the coefficients overflow float64")
-        # commit
-        if g_s is None:
-            self._G[slot, :] = 0
-        else:
-            self._G[slot, :] = g_s
-        self._gram, self._D, self._B, self._ages = gram, D, B, ages
-        if age >= self._counter:
-            self._counter = age + 1
+        stage.steps = 0
+
+    def _stage_dense(self, stage):
+        """For dim ≤ capacity: the dim×dim group of the staged window, so that a window whose F
+        is not numerically positive definite is refused here, not at the next query."""
+        if not self._uses_dense:
+            return None
+        xp = self._xp
+        G = xp.asarray(self._G, copy=True)
+        for slot, g_s in stage.G_rows.items():
+            G[slot, :] = 0 if g_s is None else g_s
+        n = int(np.count_nonzero(stage.ages >= 0))
+        try:
+            return DenseGroup(xp, G[None, ...], self._damp, 1.0 / self._n(n), self._accumulate, frame=stage.frame)
+        except ValueError as err:
+            raise ValueError(f"this gradient cannot be stored: {err}") from err
+
+    def _commit(self, stage) -> None:
+        """Write a staged update (nothing here can fail)."""
+        for slot, g_s in stage.G_rows.items():
+            self._G[slot, :] = 0 if g_s is None else g_s
+        gram = stage.gram
+        _write_rows(gram, stage.gram_rows)
+        self._gram = gram
+        if stage.column is not None:
+            _window.write_column(self._R, *stage.column)
+        elif stage.R is self._spare:
+            self._R, self._spare = self._spare, self._R
+        elif stage.R is not None:
+            self._R = stage.R
+        self._ages, self._counter = stage.ages, stage.counter
+        self._slot_exp, self._frame, self._steps = stage.slot_exp, stage.frame, stage.steps
+        self._dense = stage.dense
         self._group = None
+        self._coef = None
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        """Plain numbers and host NumPy arrays: the whole window, enough to resume bit-for-bit."""
+    def state_dict(self, *, xp=None) -> dict:
+        """The whole window as plain Python values and arrays, enough to resume bit for bit.
+
+        Arrays are host NumPy arrays, or arrays of the namespace ``xp`` if given (e.g. ``torch``,
+        for ``torch.save`` and ``torch.load(weights_only=True)``). The state round-trips through
+        ``np.savez``/``np.load`` (no pickle), ``torch.save``, ``pickle`` and ``copy.deepcopy``.
+        bfloat16 gradients are stored as their uint16 bit patterns. Fields: format, dim,
+        capacity, damp, scale ("capacity", "count" or a float), dtype, accumulate, gradients
+        (capacity×dim, slot order), ages, counter, frame, steps, gram (float64 Gram matrix in
+        the frame, slot order) and factor (its damped system's upper Cholesky factor, age order,
+        padded with the identity)."""
         h = _backend.to_host
-        return {
+        grads = np.array(h(self._G), copy=True)
+        if self._storage == "bfloat16":
+            grads = grads.view(np.uint16)
+        state = {
             "format": STATE_FORMAT,
             "dim": self._dim,
             "capacity": self._capacity,
             "damp": self._damp,
-            "scale": self._scale_mode,
-            "dtype": self._dtype,
+            "scale": "capacity" if self._scale_mode is None else self._scale_mode,
+            "dtype": self._storage,
             "accumulate": self._accumulate,
-            "gradients": np.array(h(self._G), copy=True),
+            "gradients": grads,
             "ages": self._ages.copy(),
             "counter": self._counter,
+            "frame": self._frame,
+            "steps": self._steps,
             "gram": np.array(h(self._gram), copy=True),
-            "D": np.array(h(self._D), copy=True),
-            "B": np.array(h(self._B), copy=True),
+            "factor": np.array(h(self._R), copy=True),
         }
+        if xp is not None:
+            state = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Load a ``state_dict()``. dim, capacity and dtype must match this window; damp, scale
-        and accumulate are taken from the state. Every field is validated: the stored Gram against
-        a recomputation from the gradients (O(d·capacity²)), D and B by their residuals
-        (O(capacity³)); a malformed state raises ValueError/TypeError and leaves the window
-        unchanged."""
-        if not isinstance(state, dict):
-            raise TypeError("state must be a dict from state_dict()")
-        need = {
-            "format",
-            "dim",
-            "capacity",
-            "damp",
-            "scale",
-            "dtype",
-            "accumulate",
-            "gradients",
-            "ages",
-            "counter",
-            "gram",
-            "D",
-            "B",
-        }
+    def load_state_dict(self, state, *, rebuild: bool = False) -> None:
+        """Load a ``state_dict()`` (format 2, or format 1 of rank1inv 0.1). dim, capacity and dtype
+        must match this window; damp, scale and accumulate are taken from the state. Arrays may
+        be NumPy, CuPy or torch (CPU) arrays; scalars may be 0-d arrays (``np.load``).
+
+        Everything is checked against the stored gradients, which are the ground truth: the
+        Gram matrix against a recomputation (O(d·capacity²); entries must agree within
+        8·ε·(√d + 1)·‖g_i‖‖g_j‖, 18× the largest rounding difference measured), the factor by
+        its componentwise residual (O(capacity³)). A state that fails raises ValueError and
+        leaves the window unchanged; ``rebuild=True`` recomputes both from the gradients instead
+        (O(d·capacity² + capacity³); the resumed window then agrees with the saved one to
+        rounding, not bit for bit). Format-1 states always have their factor rebuilt from their
+        validated Gram matrix (their D and B are not used)."""
+        state = _state_mapping(state)
+        need = {"format", "dim", "capacity", "damp", "scale", "dtype", "accumulate", "gradients", "ages",
+                "counter", "gram"}  # fmt: skip
         missing = need - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        if state["format"] != STATE_FORMAT:
-            raise ValueError(f"unknown state format {state['format']!r}")
-        if (state["dim"], state["capacity"], state["dtype"]) != (self._dim, self._capacity, self._dtype):
+        fmt = _scalar(state["format"], str, "format")
+        if fmt not in STATE_FORMATS:
+            raise ValueError(f"unknown state format {fmt!r}; this version reads {STATE_FORMATS}")
+        v1 = fmt == STATE_FORMATS[0]
+        if not v1 and not {"frame", "steps", "factor"} <= set(state):
+            raise ValueError(f"state is missing {sorted({'frame', 'steps', 'factor'} - set(state))}")
+        dim, cap = _scalar(state["dim"], int, "dim"), _scalar(state["capacity"], int, "capacity")
+        dtype = _scalar(state["dtype"], str, "dtype")
+        if (dim, cap, dtype) != (self._dim, self._capacity, self._storage):
             raise ValueError(
-                f"state is for dim={state['dim']}, capacity={state['capacity']}, dtype={state['dtype']}; "
-                f"this window has dim={self._dim}, capacity={self._capacity}, dtype={self._dtype}"
+                f"state is for dim={dim}, capacity={cap}, dtype={dtype}; "
+                f"this window has dim={self._dim}, capacity={self._capacity}, dtype={self._storage}"
             )
-        damp = _checks.damp(state["damp"])
-        scale_mode = _checks.scale(state["scale"])
-        accumulate = _checks.accumulate(state["accumulate"])
+        damp = _checks.damp(_scalar(state["damp"], float, "damp"))
+        raw_scale = state["scale"]
+        raw_scale = None if raw_scale is None else _scalar(raw_scale, (str, float), "scale")
+        scale_mode = _checks.scale(None if raw_scale == "capacity" else raw_scale)
+        accumulate = _checks.accumulate(_scalar(state["accumulate"], str, "accumulate"))
         xp = self._xp
-        cap, dim = self._capacity, self._dim
 
-        def array(name, shape, dtype):
-            a = state[name]
-            a = _backend.to_host(a) if _backend.is_array(a) else np.asarray(a)
-            if tuple(a.shape) != shape or a.dtype != np.dtype(dtype):
-                raise ValueError(f"state[{name!r}] must be {dtype} of shape {shape}, got {a.dtype} {tuple(a.shape)}")
-            if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-                raise ValueError(f"state[{name!r}] contains non-finite values")
-            return a
-
-        G = array("gradients", (cap, dim), self._dtype)
-        ages = array("ages", (cap,), "int64")
-        gram, D, B = (array(k, (cap, cap), "float64") for k in ("gram", "D", "B"))
-        counter = state["counter"]
+        grads = _host_array(state["gradients"], "gradients")
+        want = np.uint16 if self._storage == "bfloat16" else _precision.numpy_dtype(self._storage)
+        if self._storage == "bfloat16" and grads.dtype == _precision.numpy_dtype("bfloat16"):
+            grads = grads.view(np.uint16)
+        if grads.shape != (cap, dim) or grads.dtype != want:
+            raise ValueError(f"state['gradients'] must be {np.dtype(want)} of shape {(cap, dim)}, "
+                             f"got {grads.dtype} {grads.shape}")  # fmt: skip
+        ages = _host_array(state["ages"], "ages")
+        if ages.shape != (cap,) or ages.dtype.kind not in "iu":
+            raise ValueError(f"state['ages'] must be int64 of shape {(cap,)}, got {ages.dtype} {ages.shape}")
+        ages = ages.astype(np.int64)
+        counter = _scalar(state["counter"], int, "counter")
         occ = ages[ages >= 0]
         if np.any(ages < -1) or len(np.unique(occ)) != len(occ):
             raise ValueError("state['ages'] must hold distinct ages >= 0 for occupied slots and -1 for empty ones")
-        if not isinstance(counter, numbers.Integral) or (len(occ) and counter <= occ.max()) or counter < 0:
+        if (len(occ) and counter <= occ.max()) or counter < 0:
             raise ValueError("state['counter'] must be an int larger than every age")
-        if np.any(G[ages < 0] != 0):
+        G_host = grads.view(_precision.numpy_dtype("bfloat16")) if self._storage == "bfloat16" else grads
+        tops = np.array([_passes.max_abs(_backend.namespace(G_host), G_host[i]) for i in range(cap)])
+        if not np.all(np.isfinite(tops)):
+            raise ValueError("state['gradients'] contains non-finite values")
+        if np.any(tops[ages < 0] != 0):
             raise ValueError("state['gradients'] has non-zero rows in empty slots")
+        slot_exp = np.array([_scaling.exponent(float(t)) if t > 0 else -(10**6) for t in tops], dtype=np.int64)
+        slot_exp[ages < 0] = 0
 
-        G_dev = xp.asarray(G, copy=True)
-        n = _inverse_scale(scale_mode, cap, len(occ))
-        fresh = _backend.to_host(_passes.gram(xp, G_dev[None, ...], accumulate)[0, ...])
-        # the stored rows were accumulated in another order: equal to rounding, |Δ| ≪ ‖g_i‖‖g_j‖
-        norms = np.sqrt(np.diagonal(fresh))
-        if np.any(np.abs(gram - fresh) > 1e-8 * np.outer(norms, norms)):
-            raise ValueError("state['gram'] is inconsistent with state['gradients']")
-        _coef.check(_backend.namespace(gram), gram, D, B, damp, n)
+        # the window as it would be, then its derived arrays checked against the gradients
+        trial = DynamicInverse(dim, cap, damp, scale=scale_mode, dtype=self._storage, xp=xp, accumulate=accumulate)
+        G_dev = xp.asarray(grads, copy=True)
+        if self._storage == "bfloat16" and not _backend.is_cupy(xp):
+            G_dev = G_dev.view(_precision.numpy_dtype("bfloat16"))
+        trial._G, trial._ages, trial._counter, trial._slot_exp = G_dev, ages.copy(), counter, slot_exp
+        required = trial._required_frame(slot_exp, ages)
+        frame = required if v1 else _scalar(state["frame"], int, "frame")
+        if abs(frame - required) > 2:
+            raise ValueError(f"state['frame'] = {frame} does not fit the gradients (expected about {required})")
+        trial._frame = frame
+        sigma = _scaling.pow2(-frame)
+        fresh = _passes.gram(xp, G_dev[None, ...], accumulate, sigma)[0, ...]
+        if rebuild:
+            gram = fresh
+        else:
+            gram_state = _host_array(state["gram"], "gram")
+            _expect_float64(gram_state, (cap, cap), "gram")
+            gram = xp.asarray(gram_state * (sigma * sigma) if v1 else gram_state, copy=True)
+            _check_gram(xp, gram, fresh, dim)
+        trial._gram = gram
+        n = len(occ)
+        K_age = trial._K_age(_Staged(gram=gram, gram_rows={}, ages=ages, frame=frame))
+        if rebuild or v1:
+            try:
+                trial._R = _window.factorize(xp, K_age, cap)
+            except ValueError as err:
+                raise ValueError(f"the state's window is not numerically positive definite: {err}") from err
+            trial._steps = 0
+        else:
+            R = _host_array(state["factor"], "factor")
+            _expect_float64(R, (cap, cap), "factor")
+            trial._R = xp.asarray(R, copy=True)
+            _check_factor(xp, trial._R, K_age, n)
+            steps = _scalar(state["steps"], int, "steps")
+            if steps < 0:
+                raise ValueError("state['steps'] must be >= 0")
+            trial._steps = min(steps, cap)
+        if trial._uses_dense:
+            trial._dense = trial._stage_dense(_Staged(G_rows={}, ages=ages, frame=frame))
         # commit
-        self._damp, self._scale_mode, self._accumulate = damp, scale_mode, accumulate
-        self._G = G_dev
-        self._ages, self._counter = ages.copy(), int(counter)
-        self._gram, self._D, self._B = (xp.asarray(a, copy=True) for a in (gram, D, B))
-        self._group = None
+        self.__dict__.update(trial.__dict__)
 
     def __repr__(self) -> str:
         return (
-            f"DynamicInverse(dim={self._dim}, capacity={self._capacity}, len={len(self)}, dtype={self._dtype}, "
+            f"DynamicInverse(dim={self._dim}, capacity={self._capacity}, len={len(self)}, dtype={self._storage}, "
             f"damp={self._damp:g}, scale={self.scale:g})"
         )
+
+
+def _state_mapping(state) -> dict:
+    if isinstance(state, dict):
+        return state
+    if hasattr(state, "keys") and hasattr(state, "__getitem__"):  # np.load's NpzFile, mappings
+        return {k: state[k] for k in state.keys()}
+    raise TypeError("state must be a dict from state_dict()")
+
+
+def _scalar(value, kind, name: str):
+    """A Python scalar of type ``kind`` (or one of a tuple) from a scalar or a 0-d array (as
+    np.load returns them)."""
+    if hasattr(value, "shape") and tuple(value.shape) == () and hasattr(value, "item"):
+        value = value.item()
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, bool):
+        if int in kinds and isinstance(value, numbers.Integral):
+            return int(value)
+        if float in kinds and isinstance(value, numbers.Real):
+            return float(value)
+        if str in kinds and isinstance(value, str):
+            return value
+    raise ValueError(f"state[{name!r}] must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}")
+
+
+def _host_array(value, name: str) -> np.ndarray:
+    """A host NumPy array from NumPy, CuPy or torch arrays (or nested lists)."""
+    if _backend.is_array(value):
+        return _backend.to_host(value)
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor
+        return value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as err:
+        raise ValueError(f"state[{name!r}] is not an array") from err
+
+
+def _expect_float64(a, shape, name: str) -> None:
+    if a.shape != shape or a.dtype != np.float64:
+        raise ValueError(f"state[{name!r}] must be float64 of shape {shape}, got {a.dtype} {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"state[{name!r}] contains non-finite values")
+
+
+def _check_gram(xp, gram, fresh, dim: int) -> None:
+    """The stored Gram matrix must equal a recomputation from the gradients to rounding: within
+    GRAM_TOLERANCE·ε·(√d + 1)·‖g_i‖‖g_j‖ (both accumulate the same exact products in float64)."""
+    norms = xp.sqrt(xp.linalg.diagonal(fresh))
+    bound = (GRAM_TOLERANCE * EPS * (math.sqrt(dim) + 1.0)) * (norms[:, None] * norms[None, :])
+    excess = float(xp.max(xp.abs(gram - fresh) - bound))
+    if excess > 0 or not bool(xp.all(gram == xp.matrix_transpose(gram))):
+        raise ValueError(
+            "state['gram'] is inconsistent with state['gradients'] (beyond the rounding of a recomputation, "
+            "or not symmetric); pass rebuild=True to recompute it from the gradients (O(d·m² + m³))"
+        )
+
+
+def _check_factor(xp, R, K_age, n: int) -> None:
+    """R must be the padded upper Cholesky factor of K_age (n×n) to FACTOR_TOLERANCE·n·ε,
+    componentwise: |R_aᵀR_a − K| ≤ c·n·ε·|R_a|ᵀ|R_a|."""
+    cap = R.shape[0]
+    eye = xp.eye(cap, dtype=xp.float64, device=_backend.device(R))
+    Ra = R[:n, :n]
+    pad_ok = bool(xp.all(R[n:, :] == eye[n:, :])) and bool(xp.all(R[:n, n:] == 0))
+    if not pad_ok or bool(xp.any(xp.tril(Ra, k=-1) != 0)) or not bool(xp.all(xp.linalg.diagonal(Ra) > 0)):
+        raise ValueError("state['factor'] must be upper triangular with a positive diagonal, padded with the identity")
+    absR = xp.abs(Ra)
+    bound = (FACTOR_TOLERANCE * max(n, 1) * EPS) * (xp.matrix_transpose(absR) @ absR)
+    if bool(xp.any(xp.abs(xp.matrix_transpose(Ra) @ Ra - K_age) > bound)):
+        raise ValueError(
+            "state['factor'] is inconsistent with state['gram']; pass rebuild=True to recompute it (O(m³))"
+        )
+
+
+def _write_rows(gram, rows) -> None:
+    """gram[s, :] = gram[:, s] = row for each slot s (zeros for None), in place."""
+    for slot, row in rows.items():
+        if row is None:
+            gram[slot, :] = 0.0
+            gram[:, slot] = 0.0
+        else:
+            gram[slot, :] = row
+            gram[:, slot] = row

@@ -248,10 +248,11 @@ def test_agrees_with_paper_dynamic_algorithm_float64():
     w = r1.DynamicInverse(dim, cap, damp, dtype="float64")
     for _ in range(23):
         w.push(rng.standard_normal(dim))
-    G = host(w._G)  # slot order, as M-FAC keeps it
+    G = host(w.gradients())  # age order, as the coefficients are kept
     D, B = reference.dynamic_coefficients(G @ G.T, damp, cap, dtype=np.float64)
-    np.testing.assert_allclose(host(w._D), D, rtol=1e-10, atol=1e-10 * np.abs(D).max())
-    np.testing.assert_allclose(host(w._B), B, rtol=1e-10, atol=1e-10 * np.abs(B).max())
+    Dw, Bw = (host(a) for a in w.coefficients())
+    np.testing.assert_allclose(Dw, D, rtol=1e-10, atol=1e-10 * np.abs(D).max())
+    np.testing.assert_allclose(Bw, B, rtol=1e-10, atol=1e-10 * np.abs(B).max())
     x = rng.standard_normal(dim)
     ref = reference.dynamic_apply(G, D, B, damp, cap, x)
     assert np.linalg.norm(host(w @ x) - ref) <= 1e-10 * np.linalg.norm(ref)
@@ -364,25 +365,25 @@ def test_load_rejects_malformed_state_and_keeps_window():
     bad_G[0, 0] += 1.0
     bad_ages = good["ages"].copy()
     bad_ages[:2] = 0
-    nan_B = good["B"].copy()
-    nan_B[1, 0] = np.nan
-    off_B, off_D, lower_D = good["B"].copy(), good["D"].copy(), good["D"].copy()
-    off_B[2, 1] *= 1 + 1e-6
-    off_D[1, 2] *= 1 + 1e-6
-    lower_D[2, 1] = 1e-3
+    nan_R = good["factor"].copy()
+    nan_R[0, 1] = np.nan
+    off_R, lower_R, off_gram = good["factor"].copy(), good["factor"].copy(), good["gram"].copy()
+    off_R[1, 2] *= 1 + 1e-6
+    lower_R[2, 1] = 1e-3
+    off_gram *= 1 + 5e-9
     cases = [
-        ({k: v for k, v in good.items() if k != "D"}, ValueError),
+        ({k: v for k, v in good.items() if k != "factor"}, ValueError),
         (broken(format="pickle"), ValueError),
         (broken(dim=11), ValueError),
         (broken(damp=-1.0), ValueError),
         (broken(gradients=bad_G), ValueError),  # inconsistent with the stored Gram
         (broken(gradients=good["gradients"].astype(np.float64)), ValueError),
         (broken(ages=bad_ages), ValueError),
-        (broken(B=nan_B), ValueError),
-        (broken(B=off_B), ValueError),
-        (broken(D=off_D), ValueError),
-        (broken(D=lower_D), ValueError),
-        (broken(B=good["B"].T.copy()), ValueError),
+        (broken(factor=nan_R), ValueError),
+        (broken(factor=off_R), ValueError),
+        (broken(factor=lower_R), ValueError),
+        (broken(factor=good["factor"].T.copy()), ValueError),
+        (broken(gram=off_gram), ValueError),
         (broken(counter=0), ValueError),
         ("not a dict", TypeError),
     ]
@@ -411,7 +412,7 @@ def test_rejects_bad_construction():
         w.replace(2, np.ones(5))
     with pytest.raises(TypeError, match="slot"):
         w.remove(0.0)
-    with pytest.raises(TypeError, match="float32 or float64"):
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         w.push(np.ones(5, dtype=np.int64))
     with pytest.raises(ValueError, match="overflows"):
         w.push(np.full(5, 1e300))

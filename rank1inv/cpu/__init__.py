@@ -1,10 +1,13 @@
-"""Optional compiled CPU kernels: float32 passes with float64 accumulation (``passes_f32.c``).
+"""Optional compiled CPU kernels: float32 passes with float64 accumulation (``passes.c``) and
+a sliding window's m×m level-2 work (``window.c``: removing a row and column of a Cholesky
+factor, triangular solves), single-threaded and BLAS-free.
 
 Built at install time as an optional extension and called through ctypes, which releases the
 GIL: large passes are split over a small private pool of worker threads (one per available
 core, at most ``MAX_WORKERS``; idle workers block, they never spin). When the extension is
-missing, ``rank1inv._passes`` converts cache-sized tiles of G to float64 instead: the same
-results, slower. ``available()`` says which path runs.
+missing, ``rank1inv._passes`` converts cache-sized tiles of G to float64 instead and
+``rank1inv._window`` updates the factor row by row in NumPy: the same results, slower.
+``available()`` says which path runs.
 """
 
 from __future__ import annotations
@@ -17,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 MAX_WORKERS = 8
-MAX_COLUMNS = 8  # right-hand sides per pass (MULTI in passes_f32.c); more: rank1inv._passes' tiles
+MAX_COLUMNS = 8  # right-hand sides per pass (MULTI in passes.c); more: rank1inv._passes' tiles
 PARALLEL_MIN = 1 << 20  # elements of G below which one thread does the pass
 
 try:
-    from . import _passes_f32 as _ext
+    from . import _kernels as _ext
 except ImportError:  # not built (no compiler at install time)
     _ext = None
 
@@ -37,6 +40,11 @@ if _ext is not None:
     _lib.rank1inv_combine_multi_f32.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _f64, _f64, _p, _i64]
     for _f in ("project", "combine", "project_blocks", "combine_blocks", "project_multi", "combine_multi"):
         getattr(_lib, f"rank1inv_{_f}_f32").restype = None
+    _lib.rank1inv_chol_drop.argtypes = [_p, _p, _i64, _i64, _i64, _p]
+    _lib.rank1inv_solve_ut.argtypes = [_p, _i64, _i64, _p]
+    _lib.rank1inv_solve_u.argtypes = [_p, _i64, _i64, _p]
+    for _f in ("chol_drop", "solve_ut", "solve_u"):
+        getattr(_lib, f"rank1inv_{_f}").restype = None
 
 
 def available() -> bool:
@@ -170,7 +178,35 @@ def combine(Gg, X, C, alpha: float, beta: float):
             _lib.rank1inv_combine_blocks_f32(G0 + 4 * a * sb, b - a, sb, m, d, ld, ca, xa, alpha, beta, ya)
 
     if nb == 1:
-        _map(cols, _split(d, k * m * d, align=8192))
+        _map(cols, _split(d, k * m * d, align=64))
     else:
         _map(blocks, _split(nb, nb * m * d))
     return np.moveaxis(y, 1, -1)
+
+
+# ------------------------------------------------------------------------------ factor update
+def chol_drop_usable(R, n: int) -> bool:
+    """A C-contiguous float64 square factor (``rank1inv._window``)."""
+    return _lib is not None and R.dtype == np.float64 and R.flags.c_contiguous and R.ndim == 2
+
+
+def chol_drop(src, dst, n: int, k: int) -> None:
+    """dst ← src without row/column k of its leading n×n factor (``window.c``); dst may be src.
+    Single-threaded: O(n²) streaming work, no BLAS."""
+    if not (chol_drop_usable(src, n) and chol_drop_usable(dst, n) and src.shape == dst.shape):
+        raise ValueError("chol_drop needs C-contiguous float64 square arrays of one shape")
+    x = np.empty(max(n, 1))
+    _lib.rank1inv_chol_drop(src.ctypes.data, dst.ctypes.data, src.shape[1], n, k, x.ctypes.data)
+
+
+def solve_upper(R, B, n: int, trans: bool) -> None:
+    """B[:n] ← R⁻ᵀB[:n] (``trans``) or R⁻¹B[:n], in place, for the leading n×n block of an upper
+    factor R and B (cap, k) float64; column by column (``window.c``)."""
+    if not chol_drop_usable(R, n) or B.dtype != np.float64:
+        raise ValueError("solve_upper needs C-contiguous float64 arrays")
+    fn = _lib.rank1inv_solve_ut if trans else _lib.rank1inv_solve_u
+    col = np.empty(max(n, 1))
+    for q in range(B.shape[1]):
+        col[:n] = B[:n, q]
+        fn(R.ctypes.data, R.shape[1], n, col.ctypes.data)
+        B[:n, q] = col[:n]

@@ -19,6 +19,7 @@ _NAMES = {
     "mfac_b.cu": [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep", "columns") for t in ("float", "double")],
     "forward_substitution.cu": [f"mfac_forward_substitution<{t}>" for t in ("float", "double")],
 }
+DROP_THREADS, DROP_PER_THREAD = 1024, 16  # as #defined in cholesky_update.cu
 TILE = 32
 # Up to this many tile rows B uses the column schedule (2 launches); beyond, the sweeps (nt
 # launches, more blocks in flight). Chosen without a GPU at hand: to be set from
@@ -83,10 +84,9 @@ def combine(Gg, X, C, alpha: float, beta: float):
     return y[None, :, None]
 
 
-def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: str | None = None):
-    """B = λ⁻¹L̃⁻¹ from D (m, m) by the tiled kernels; whole tile rows above ``start`` are kept
-    from ``previous_B``. ``schedule``: "sweeps", "columns" or None (by size, see
-    ``COLUMN_SCHEDULE_MAX_TILES``); both give the same floating-point operations."""
+def mfac_b(D, n: float, damp: float, schedule: str | None = None):
+    """B = λ⁻¹L̃⁻¹ from D (m, m) by the tiled kernels. ``schedule``: "sweeps", "columns" or None
+    (by size, see ``COLUMN_SCHEDULE_MAX_TILES``); both give the same floating-point operations."""
     m = D.shape[0]
     dtype = D.dtype
     ctype, scalar = _template_type(dtype)
@@ -96,23 +96,17 @@ def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: 
         schedule = "columns" if nt <= COLUMN_SCHEDULE_MAX_TILES else "sweeps"
     if schedule not in ("sweeps", "columns"):
         raise ValueError(f"schedule must be 'sweeps' or 'columns', got {schedule!r}")
-    t0 = start // TILE if (start > 0 and previous_B is not None) else 0
-    B = cupy.array(previous_B, dtype=dtype, order="C") if t0 else cupy.empty((m, m), dtype=dtype)
-    B[t0 * TILE :, :] = 0
+    B = cupy.zeros((m, m), dtype=dtype)
     mod = _module("mfac_b.cu", cupy.cuda.Device().id)
     diag = mod.get_function(f"mfac_b_diagonal<{ctype}>")
-    diag((nt - t0,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t0)))
+    diag((nt,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp)))
     if schedule == "columns":
         columns = mod.get_function(f"mfac_b_columns<{ctype}>")
-        columns((nt,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t0), np.int32(nt)))
+        columns((nt,), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(nt)))
         return B
     sweep = mod.get_function(f"mfac_b_sweep<{ctype}>")
     for t in range(1, nt):
-        sweep(
-            (nt - t, nt - t),
-            (TILE, TILE),
-            (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t), np.int32(t0), np.int32(nt)),
-        )
+        sweep((nt - t, nt - t), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t), np.int32(nt)))
     return B
 
 
@@ -126,3 +120,19 @@ def forward_substitution(D, n: float, b):
     kern = _module("forward_substitution.cu", cupy.cuda.Device().id).get_function(f"mfac_forward_substitution<{ctype}>")
     kern((1,), (1024,), (D, b, q, np.int32(m), scalar(n)))
     return q
+
+
+def chol_drop_usable(R, n: int) -> bool:
+    """A C-contiguous float64 square factor (``rank1inv._window``)."""
+    return R.dtype == cupy.float64 and R.ndim == 2 and R.flags.c_contiguous
+
+
+def chol_drop(src, dst, n: int, k: int) -> None:
+    """dst ← src without row/column k of its leading n×n factor (``cholesky_update.cu``, one
+    thread block); dst may be src for rows of up to DROP_THREADS·DROP_PER_THREAD columns."""
+    if src.data.ptr == dst.data.ptr and n - 1 > DROP_THREADS * DROP_PER_THREAD:
+        raise ValueError(f"in-place chol_drop supports n ≤ {DROP_THREADS * DROP_PER_THREAD + 1}")
+    x = cupy.empty((max(n, 1),), dtype=cupy.float64)
+    _function("cholesky_update.cu", "chol_drop")(
+        (1,), (DROP_THREADS,), (src, dst, np.int64(src.shape[1]), np.int32(n), np.int32(k), x)
+    )

@@ -4,18 +4,17 @@
 // below the diagonal and 1 on it (rank1inv/_coef.py). B is row-major m×m and lower triangular.
 //
 // Schedule (NumPy mirror: rank1inv._coef.b_blocked):
-//   1. mfac_b_diagonal: every diagonal tile t >= t0 is inverted by its row recurrence, one thread
-//      block per tile, all independent.
-//   2. mfac_b_sweep, for t = 1 .. nt-1: every tile (i, j) with i - j >= t, i >= t0 adds
+//   1. mfac_b_diagonal: every diagonal tile is inverted by its row recurrence, one thread block
+//      per tile, all independent.
+//   2. mfac_b_sweep, for t = 1 .. nt-1: every tile (i, j) with i - j >= t adds
 //      L̃[i, k] · B[k, j] for k = j + t - 1 (the sub-diagonal finished in step t - 1) to its
 //      accumulator, which lives in B's own (zeroed) tile; tiles with i - j == t then complete
 //      B[i, j] = -λ · B[i, i] · acc. No tile written in a step is read by another in that step.
 //   2'. mfac_b_columns (instead of the sweeps, for small m): one thread block per tile column j
-//      walks down it, tile (i, j) for i = max(t0, j + 1) .. nt-1, accumulating the same terms
+//      walks down it, tile (i, j) for i = j + 1 .. nt-1, accumulating the same terms
 //      k = j .. i-1 in the same order in a register instead of in B: the same floating-point
 //      operations as the sweeps, in 2 launches instead of nt, but only nt blocks in flight.
 // Partial tiles at the bottom/right edge are masked: out-of-range entries read as the identity.
-// Rows below t0 * 32 are left as they are (a change at slot k recomputes only rows >= k).
 
 #define TILE 32
 
@@ -45,10 +44,10 @@ __device__ __forceinline__ T diagonal_times(const T* __restrict__ B, int m, int 
 }
 
 template <typename T>
-__global__ void mfac_b_diagonal(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int t0) {
+__global__ void mfac_b_diagonal(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp) {
     __shared__ T L[TILE][TILE + 1];
     __shared__ T X[TILE][TILE + 1];
-    const int base = (t0 + blockIdx.x) * TILE;
+    const int base = blockIdx.x * TILE;
     const int tx = threadIdx.x, ty = threadIdx.y;  // column, row inside the tile
     L[ty][tx] = ltilde(D, m, n, base + ty, base + tx);
     X[ty][tx] = (ty == tx) ? T(1) : T(0);
@@ -66,10 +65,9 @@ __global__ void mfac_b_diagonal(const T* __restrict__ D, T* __restrict__ B, int 
 }
 
 template <typename T>
-__global__ void mfac_b_sweep(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int t, int t0, int nt) {
+__global__ void mfac_b_sweep(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int t, int nt) {
     const int j = blockIdx.y;
-    const int lo = max(t0, j + t);
-    const int i = lo + blockIdx.x;
+    const int i = j + t + blockIdx.x;
     if (i >= nt) return;
     const int k = j + t - 1;
     __shared__ T Ls[TILE][TILE + 1];
@@ -92,16 +90,16 @@ __global__ void mfac_b_sweep(const T* __restrict__ D, T* __restrict__ B, int m, 
 }
 
 template <typename T>
-__global__ void mfac_b_columns(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int t0, int nt) {
+__global__ void mfac_b_columns(const T* __restrict__ D, T* __restrict__ B, int m, T n, T damp, int nt) {
     const int j = blockIdx.x;
     __shared__ T Ls[TILE][TILE + 1];
     __shared__ T Xs[TILE][TILE + 1];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const int c = j * TILE + tx;
-    for (int i = max(t0, j + 1); i < nt; ++i) {  // uniform across the block: barriers are safe
+    for (int i = j + 1; i < nt; ++i) {  // uniform across the block: barriers are safe
         const int r = i * TILE + ty;
         T acc = T(0);
-        for (int k = j; k < i; ++k) {  // tiles (k, j), k < i, are final: earlier i, or kept rows
+        for (int k = j; k < i; ++k) {  // tiles (k, j), k < i, are final (earlier i)
             Ls[ty][tx] = ltilde(D, m, n, r, k * TILE + tx);
             const int kr = k * TILE + ty;
             Xs[ty][tx] = (kr < m && c < m) ? B[(size_t)kr * m + c] : T(0);
@@ -116,9 +114,9 @@ __global__ void mfac_b_columns(const T* __restrict__ D, T* __restrict__ B, int m
     }
 }
 
-template __global__ void mfac_b_diagonal<float>(const float*, float*, int, float, float, int);
-template __global__ void mfac_b_diagonal<double>(const double*, double*, int, double, double, int);
-template __global__ void mfac_b_sweep<float>(const float*, float*, int, float, float, int, int, int);
-template __global__ void mfac_b_sweep<double>(const double*, double*, int, double, double, int, int, int);
-template __global__ void mfac_b_columns<float>(const float*, float*, int, float, float, int, int);
-template __global__ void mfac_b_columns<double>(const double*, double*, int, double, double, int, int);
+template __global__ void mfac_b_diagonal<float>(const float*, float*, int, float, float);
+template __global__ void mfac_b_diagonal<double>(const double*, double*, int, double, double);
+template __global__ void mfac_b_sweep<float>(const float*, float*, int, float, float, int, int);
+template __global__ void mfac_b_sweep<double>(const double*, double*, int, double, double, int, int);
+template __global__ void mfac_b_columns<float>(const float*, float*, int, float, float, int);
+template __global__ void mfac_b_columns<double>(const double*, double*, int, double, double, int);

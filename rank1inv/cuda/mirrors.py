@@ -2,8 +2,9 @@
 
 The blocked B kernels (``mfac_b.cu``) are mirrored twice: ``rank1inv._coef.b_blocked`` (the
 schedule, vectorised, with a separate accumulator) and ``mfac_b`` below, a thread-block by
-thread-block transcription of the kernels themselves (edge tiles masked, rows above ``start``
-kept; in the sweeps B doubles as the accumulator).
+thread-block transcription of the kernels themselves (edge tiles masked; in the sweeps B
+doubles as the accumulator). The window's Cholesky update kernel (``cholesky_update.cu``) is
+mirrored by ``rank1inv._window.drop_rows_numpy``.
 """
 
 from __future__ import annotations
@@ -79,17 +80,15 @@ def _store(B, i, j, tile):
     B[r0 : r0 + rows, c0 : c0 + cols] = tile[:rows, :cols]
 
 
-def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: str = "sweeps"):
+def mfac_b(D, n: float, damp: float, schedule: str = "sweeps"):
     """B = λ⁻¹L̃⁻¹ exactly as ``mfac_b.cu`` computes it, block by block (float64), with the
     sweeps (``mfac_b_sweep``, B doubling as accumulator) or the columns (``mfac_b_columns``,
     the accumulator in a register)."""
     D = np.asarray(D, dtype=np.float64)
     m = D.shape[0]
     nt = -(-m // TILE)
-    t0 = start // TILE if (start > 0 and previous_B is not None) else 0
-    B = np.array(previous_B, dtype=np.float64) if t0 else np.empty((m, m))
-    B[t0 * TILE :, :] = 0.0
-    for t in range(t0, nt):  # mfac_b_diagonal: one block per diagonal tile
+    B = np.zeros((m, m))
+    for t in range(nt):  # mfac_b_diagonal: one block per diagonal tile
         L = _ltilde_tile(D, n, t, t)
         X = np.eye(TILE)
         for r in range(1, TILE):
@@ -97,15 +96,15 @@ def mfac_b(D, n: float, damp: float, start: int = 0, previous_B=None, schedule: 
         _store(B, t, t, np.tril(X) / damp)
     if schedule == "columns":
         for j in range(nt):  # mfac_b_columns: block j walks down tile column j
-            for i in range(max(t0, j + 1), nt):
+            for i in range(j + 1, nt):
                 acc = np.zeros((TILE, TILE))
                 for k in range(j, i):
                     acc = acc + _ltilde_tile(D, n, i, k) @ _tile(B, k, j)
                 _store(B, i, j, -damp * (_tile(B, i, i) @ acc))
         return B
-    for t in range(1, nt):  # mfac_b_sweep(t): blocks (i, j) with i - j >= t, i >= t0
+    for t in range(1, nt):  # mfac_b_sweep(t): blocks (i, j) with i - j >= t
         for j in range(nt - t):
-            for i in range(max(t0, j + t), nt):
+            for i in range(j + t, nt):
                 k = j + t - 1
                 acc = _tile(B, i, j) + _ltilde_tile(D, n, i, k) @ _tile(B, k, j)
                 if i - j == t:

@@ -12,7 +12,8 @@
  * Single-threaded; rank1inv/cpu/__init__.py splits rows (project), columns (combine) or blocks
  * over a few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld
  * (a block of a wider matrix is allowed). Built as an optional extension module and called
- * through ctypes; without it rank1inv/_passes.py converts tiles to float64 instead.
+ * through ctypes (module rank1inv.cpu._kernels, with window.c); without it
+ * rank1inv/_passes.py converts tiles to float64 instead.
  */
 #include <Python.h>
 #include <stdint.h>
@@ -158,6 +159,7 @@ void rank1inv_combine_blocks_f32(const float *G, int64_t nb, int64_t sb, int64_t
         rank1inv_combine_f32(G + b * sb, m, d, ld, c + b * m, x ? x + b * d : 0, alpha, beta, y + b * d);
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_passes_f32", "float32 passes with float64 accumulation (call via ctypes)", -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "rank1inv's compiled CPU kernels (called through ctypes)", -1, NULL};
 
-PyMODINIT_FUNC PyInit__passes_f32(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

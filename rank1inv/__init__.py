@@ -7,8 +7,8 @@ See ``docs/guide.md``.
 
 from . import obs
 from ._precision import AccuracyWarning
-from .dynamic import DynamicInverse
+from .dynamic import DynamicInverse, push_apply_all
 from .static import StaticInverse
 
-__all__ = ["StaticInverse", "DynamicInverse", "AccuracyWarning", "obs"]
+__all__ = ["StaticInverse", "DynamicInverse", "push_apply_all", "AccuracyWarning", "obs"]
 __version__ = "0.1.0"

@@ -313,8 +313,12 @@ def frexp_exponent(xp, a):
 
 
 def ldexp(xp, a, e):
-    """a·2^e elementwise (one rounding, exact unless the result is subnormal)."""
+    """a·2^e elementwise (one rounding, exact unless the result is subnormal). An overflow gives
+    inf silently: the callers check their results (``cast_result``)."""
     lib = _library(xp)
+    if lib is np:
+        with np.errstate(over="ignore", under="ignore"):
+            return np.ldexp(a, e)
     return lib.ldexp(a, e)
 
 

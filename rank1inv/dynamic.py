@@ -291,15 +291,23 @@ class DynamicInverse(InverseOperator):
 
         g lies in the window, so F⁻¹g = (1/s)·Gᵀ K⁻¹ e_slot exactly (K = GGᵀ + (λ/s)I); this
         avoids the cancellation of λ⁻¹(g − Gᵀc) for small λ. The result is for g rounded to
-        the storage dtype, as stored. If the result overflows its dtype (OverflowError) the
-        push has still happened.
+        the storage dtype, as stored. Atomic: if the push or the result fails (e.g. an
+        OverflowError because F⁻¹g does not fit its dtype), the window is as it was.
         """
+        return push_apply_all([self], [g])[0]
+
+    def _prepare_push(self, g):
+        """Validate and stage a push of g: (stage, slot, g_s, output dtype). Writes nothing."""
         g_s, e = self._gradient(g)
         kind = _precision.name_of(getattr(g, "dtype", None)) if _backend.is_array(g) else "float64"
         xp = self._xp
         out_dtype = xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
         slot = self._next_slot(self._ages)
-        self._commit(self._stage_pushes([(slot, g_s, e)]))
+        return self._stage_pushes([(slot, g_s, e)]), slot, g_s, out_dtype
+
+    def _apply_to_stored(self, slot: int, g_s, out_dtype):
+        """F⁻¹g for the gradient g_s stored in ``slot`` (push_apply's second half)."""
+        xp = self._xp
         grp = self._groups()[0]
         g64 = xp.empty((1, self._dim, 1), dtype=xp.float64, device=_backend.device(self._G))
         _backend.decode_into(xp, g64[0, :, 0], g_s)
@@ -515,14 +523,21 @@ class DynamicInverse(InverseOperator):
         except ValueError as err:
             raise ValueError(f"this gradient cannot be stored: {err}") from err
 
-    def _commit(self, stage) -> None:
-        """Write a staged update (nothing here can fail)."""
+    def _commit(self, stage):
+        """Write a staged update (nothing here can fail); returns a function that restores the
+        window as it was before, bit for bit (O(d + capacity) per written slot)."""
+        before = dict(self.__dict__)
+        old_G = {slot: self._xp.asarray(self._G[slot, :], copy=True) for slot in stage.G_rows}
+        gram = stage.gram
+        old_gram = {slot: self._xp.asarray(gram[slot, :], copy=True) for slot in stage.gram_rows}
+        old_column = None
         for slot, g_s in stage.G_rows.items():
             self._G[slot, :] = 0 if g_s is None else g_s
-        gram = stage.gram
         _write_rows(gram, stage.gram_rows)
         self._gram = gram
         if stage.column is not None:
+            n = stage.column[0]
+            old_column = (n, self._xp.asarray(self._R[: n + 1, n], copy=True))
             _window.write_column(self._R, *stage.column)
         elif stage.R is self._spare:
             self._R, self._spare = self._spare, self._R
@@ -533,6 +548,17 @@ class DynamicInverse(InverseOperator):
         self._dense = stage.dense
         self._group = None
         self._coef = None
+
+        def undo():
+            self.__dict__.update(before)
+            for slot, row in old_G.items():
+                self._G[slot, :] = row
+            _write_rows(gram, old_gram)
+            if old_column is not None:
+                n, col = old_column
+                self._R[: n + 1, n] = col
+
+        return undo
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, *, xp=None) -> dict:
@@ -683,6 +709,29 @@ class DynamicInverse(InverseOperator):
             f"DynamicInverse(dim={self._dim}, capacity={self._capacity}, len={len(self)}, dtype={self._storage}, "
             f"damp={self._damp:g}, scale={self.scale:g})"
         )
+
+
+def push_apply_all(windows, gradients) -> list:
+    """Push gradients[i] into windows[i] for every i and return [F_i⁻¹g_i], as one step: every
+    push is validated and staged first and the windows are written only if all succeed, and a
+    result that fails (OverflowError) undoes every push. For models whose parameters are split
+    over several windows (one per block or layer): the step happens everywhere or nowhere.
+    Cost: the sum of the ``push_apply`` calls."""
+    windows, gradients = list(windows), list(gradients)
+    if len(windows) != len(gradients):
+        raise ValueError(f"got {len(windows)} windows and {len(gradients)} gradients")
+    if len({id(w) for w in windows}) != len(windows):
+        raise ValueError("each window may appear once in one step")
+    prepared = [w._prepare_push(g) for w, g in zip(windows, gradients)]
+    undos = []
+    try:
+        for w, (stage, _, _, _) in zip(windows, prepared):
+            undos.append(w._commit(stage))
+        return [w._apply_to_stored(slot, g_s, dt) for w, (_, slot, g_s, dt) in zip(windows, prepared)]
+    except BaseException:
+        for undo in reversed(undos):
+            undo()
+        raise
 
 
 def _state_mapping(state) -> dict:

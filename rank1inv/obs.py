@@ -7,6 +7,8 @@ number of weights pruned.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from . import _backend, _checks
@@ -18,9 +20,8 @@ EXACT_CHUNK = 2048
 
 
 def _vector(op, x, name):
-    xp = op._xp
-    if not _backend.is_array(x):
-        x = xp.asarray(x)
+    xp = op.namespace
+    x = _checks.as_array(x, name, xp)
     _checks.same_backend(xp, x, name, "the operator")
     if x.ndim != 1 or x.shape[0] != op.shape[0]:
         raise ValueError(f"{name} must have shape ({op.shape[0]},), got {tuple(x.shape)}")
@@ -40,7 +41,7 @@ def saliency(op, w, method: str = "obs", grad=None):
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    xp = op._xp
+    xp = op.namespace
     w = _vector(op, w, "w")
     if method == "magnitude":
         return xp.abs(w)
@@ -58,7 +59,7 @@ def group_saliency(op, w, groups):
     """Structured OBS (WoodFisher eq. 18): ρ_Q = ½ w_Qᵀ ([F⁻¹]_QQ)⁻¹ w_Q for each group Q (a
     sequence of index arrays, e.g. a row or a filter). Returns (len(groups),) float64.
     Cost O(|Q|²m + |Q|³) per group."""
-    xp = op._xp
+    xp = op.namespace
     w = _vector(op, w, "w")
     out = []
     for q in groups:
@@ -77,11 +78,14 @@ def _spd_solve(xp, S, b):
 def _select(op, scores, sparsity: float, scope: str, prunable=None):
     """Indices of the lowest scores: the given fraction of the prunable weights, overall or in
     each block. Weights outside ``prunable`` (a boolean (d,) array) are never selected."""
-    xp = op._xp
+    xp = op.namespace
     if prunable is not None:
-        prunable = xp.asarray(prunable, dtype=xp.bool)
+        prunable = _checks.as_array(prunable, "prunable", xp)
+        _checks.same_backend(xp, prunable, "prunable", "the operator")
+        if prunable.dtype != xp.bool:
+            raise TypeError(f"prunable must be a boolean array (True = may be pruned), got {prunable.dtype}")
         if prunable.shape != (op.shape[0],):
-            raise ValueError(f"prunable must be a boolean array of shape ({op.shape[0]},)")
+            raise ValueError(f"prunable must be a boolean array of shape ({op.shape[0]},), got {tuple(prunable.shape)}")
         scores = xp.where(prunable, scores, xp.inf)
     else:
         prunable = xp.ones(op.shape[0], dtype=xp.bool)
@@ -92,7 +96,7 @@ def _select(op, scores, sparsity: float, scope: str, prunable=None):
     if scope != "block":
         raise ValueError(f"scope must be 'global' or 'block', got {scope!r}")
     parts, a = [], 0
-    for size in op._layout.block_sizes:
+    for size in op.block_sizes:
         k = int(round(sparsity * int(xp.sum(prunable[a : a + size]))))
         order = xp.argsort(scores[a : a + size], stable=True)
         parts.append(order[:k] + a)
@@ -121,11 +125,9 @@ def prune(
 
     Pruned weights are exactly zero in ``new_w`` (dtype of ``w``).
     """
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    if update not in UPDATES:
-        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
-    xp = op._xp
+    sparsity = _fraction(sparsity, "sparsity")
+    _check_update(update)
+    xp = op.namespace
     w64 = _vector(op, w, "w")
     scores = saliency(op, w64, method, grad)
     Q = _select(op, scores, sparsity, scope, prunable)
@@ -139,7 +141,7 @@ def prune(
 
 
 def _updated(op, w, Q, update, grad):
-    xp = op._xp
+    xp = op.namespace
     d = op.shape[0]
     if update is None or Q.shape[0] == 0:
         return w
@@ -169,8 +171,15 @@ def _updated(op, w, Q, update, grad):
 
 def prune_groups(op, w, groups, count: int, *, update="exact"):
     """Remove the ``count`` groups of lowest ``group_saliency``; returns (mask, new_w).
-    ``update="exact"`` applies the joint OBS update of all removed weights; None masks only."""
-    xp = op._xp
+    ``update="exact"`` applies the joint OBS update of all removed weights ("simultaneous" the
+    sum of single-weight updates); None masks only. count is an int in [0, len(groups)]."""
+    xp = op.namespace
+    groups = list(groups)
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an int, not {type(count).__name__}")
+    if not 0 <= count <= len(groups):
+        raise ValueError(f"count must be in [0, {len(groups)}] (the number of groups), got {count}")
+    _check_update(update)
     w64 = _vector(op, w, "w")
     scores = _backend.to_host(group_saliency(op, w64, groups))
     chosen = np.argsort(scores, kind="stable")[:count]
@@ -180,6 +189,20 @@ def prune_groups(op, w, groups, count: int, *, update="exact"):
     mask = xp.ones(op.shape[0], dtype=xp.bool)
     mask[Q] = False
     return mask, xp.astype(xp.where(mask, new, 0.0), w.dtype if _backend.is_array(w) else xp.float64)
+
+
+def _fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1], not {type(value).__name__}")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _check_update(update) -> None:
+    if update not in UPDATES or isinstance(update, bool):
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
 
 
 def cubic_schedule(target: float, steps: int) -> list[float]:
@@ -205,6 +228,13 @@ def prune_in_steps(
     inverse before each step from ``gradients(w, mask)`` → (m, d) fresh gradients at the current
     weights (the "recomputation" both papers show helps). Weights pruned earlier stay zero.
     Returns (mask, new_w). Cost per step: one StaticInverse build plus one ``prune``."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, not {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    target = _fraction(target, "target")
+    _check_update(update)
+    w = _checks.as_array(w, "w")
     xp = _backend.namespace(w)
     mask = xp.ones(w.shape[0], dtype=xp.bool)
     w = xp.asarray(w, copy=True)

@@ -120,6 +120,14 @@ class WindowMachine(RuleBasedStateMachine):
         slot = self.w.push(self.xp.asarray(g))
         self._push_model(g, slot)
 
+    @rule(kinds=st.lists(st.integers(0, 4), min_size=1, max_size=5))
+    def push_many(self, kinds):
+        rows = [self.gradient(kind) for kind in kinds]
+        slots = self.w.push_many(self.xp.asarray(np.stack(rows)))
+        assert len(slots) == len(rows)
+        for g, slot in zip(rows, slots):
+            self._push_model(g, slot)
+
     @rule(kind=st.integers(0, 4))
     def push_apply(self, kind):
         g = self.gradient(kind)
@@ -274,6 +282,57 @@ def test_push_apply_beats_cancellation():
     paper = testing.backward_error(F, reference.dynamic_apply(G, D, B, damp, 32, G[-1]), G[-1])
     assert ours <= 5e-12
     assert paper > 100 * ours
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("k", [1, 3, 8, 9, 16, 40])
+def test_push_many_equals_single_pushes(xp, dtype, k):
+    """k gradients in one call: the same slots, ages and window as k pushes (to rounding: one
+    pass computes all Gram rows), also when k exceeds the capacity."""
+    rng = np.random.default_rng(k)
+    pool = testing.gradients("lowrank", 60, 300, seed=k, dtype=dtype)
+    a = r1.DynamicInverse(300, 16, 1e-4, dtype=dtype, xp=xp)
+    b = r1.DynamicInverse(300, 16, 1e-4, dtype=dtype, xp=xp)
+    for g in pool[:10]:
+        a.push(xp.asarray(g))
+        b.push(xp.asarray(g))
+    slots = b.push_many(xp.asarray(pool[10 : 10 + k]))
+    assert slots == [a.push(xp.asarray(g)) for g in pool[10 : 10 + k]]
+    assert a.slots() == b.slots() and len(a) == len(b)
+    np.testing.assert_array_equal(host(a.gradients()), host(b.gradients()))
+    F = testing.dense_fisher(host(b.gradients()), 1e-4, 1 / 16)
+    X = rng.standard_normal((300, 2))
+    eta_tol, _ = tolerances(dtype)
+    assert testing.backward_error(F, host(b @ xp.asarray(X)), X) <= eta_tol
+    np.testing.assert_allclose(
+        host(b._gram), host(a._gram), rtol=1e-12, atol=1e-12 * float(np.abs(host(a._gram)).max())
+    )
+    g = xp.asarray(pool[-1])
+    y = host(b.push_apply(g))
+    assert testing.backward_error(testing.dense_fisher(host(b.gradients()), 1e-4, 1 / 16), y,
+                                  np.asarray(pool[-1], dtype=np.float64)) <= eta_tol  # fmt: skip
+
+
+def test_replace_remove_in_the_middle_match_static(xp):
+    rng = np.random.default_rng(11)
+    pool = testing.gradients("clusters", 30, 80, seed=3, dtype="float64")
+    w = r1.DynamicInverse(80, 10, 1e-5, dtype="float64", xp=xp)
+    for g in pool[:14]:
+        w.push(xp.asarray(g))
+    order = w.slots()
+    w.replace(order[4], xp.asarray(pool[20]))
+    w.remove(order[2])
+    w.replace(order[0], xp.asarray(pool[21]))
+    w.push(xp.asarray(pool[22]))
+    F = testing.dense_fisher(host(w.gradients()), 1e-5, 1 / 10)
+    X = rng.standard_normal((80, 3))
+    assert testing.backward_error(F, host(w @ xp.asarray(X)), X) <= 5e-12
+    D, B = (host(a) for a in w.coefficients())
+    Gw = host(w.gradients())
+    from rank1inv import reference
+
+    Dp, Bp = reference.dynamic_coefficients(Gw @ Gw.T, 1e-5, 10.0, dtype=np.float64)
+    np.testing.assert_allclose(D, Dp, rtol=1e-8, atol=1e-8 * np.abs(Dp).max())
 
 
 def test_scale_modes(xp):

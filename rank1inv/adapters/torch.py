@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 import torch
 
-from ..dynamic import DynamicInverse
+from ..dynamic import DynamicInverse, push_apply_all
 
 
 # ------------------------------------------------------------------------------ conversion
@@ -147,13 +147,18 @@ class MFAC(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr, *, ngrads=1024, damp=1e-5, momentum=0.0, weight_decay=0.0, scale=None, blocks=None):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral):
+            raise TypeError(f"ngrads must be an int, not {type(ngrads).__name__}")
+        if ngrads < 1:
+            raise ValueError(f"ngrads must be >= 1, got {ngrads}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not (blocks is None or blocks == "groups" or (isinstance(blocks, numbers.Integral) and blocks >= 1)):
+        int_blocks = isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool)
+        if not (blocks is None or (isinstance(blocks, str) and blocks == "groups") or (int_blocks and blocks >= 1)):
             raise ValueError(f"blocks must be None, 'groups' or a positive int, got {blocks!r}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
@@ -193,16 +198,25 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # one step over every window: validated and staged everywhere before any is written
+        flats, jobs = [], []
         for buf, windows in zip(self._buffers, self._windows):
             g = buf.gather()
             if g.dtype not in (torch.float32, torch.float64):
                 raise TypeError(f"M-FAC supports float32/float64 parameters, got {g.dtype}")
+            flats.append(g)
+            a = 0
+            for w in windows:
+                n = w.shape[0]
+                jobs.append((w, to_array(g[a : a + n])))
+                a += n
+        results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
+        for buf, windows, g in zip(self._buffers, self._windows, flats):
             direction = torch.empty_like(g)
             a = 0
             for w in windows:
                 n = w.shape[0]
-                y = w.push_apply(to_array(g[a : a + n]))
-                direction[a : a + n].copy_(to_tensor(y))
+                direction[a : a + n].copy_(to_tensor(next(results)))
                 a += n
             self._apply(buf.params, direction)
         return loss

@@ -162,8 +162,10 @@ class InverseOperator(_BlockOperator):
     def diag(self, indices=None):
         """Diagonal of F⁻¹: shape (d,), or (len(indices),) for selected indices; op.dtype.
 
-        Full diagonal: O(dm) after the one-time O(dm²) whitening W = L⁻¹G (cached, 8·d·m bytes).
-        Selected indices: O(m) each.
+        Full diagonal: O(dm²) once (‖L⁻¹g_j‖² tile by tile, W = L⁻¹G not stored), then cached
+        (d floats). Selected indices: O(m) each after the cached whitening of ``entries``.
+        Coordinates beyond the conditioning where the diagonal has digits left are returned as
+        their lower bound 1/F_jj with an AccuracyWarning (docs/numerics.md).
         """
         xp = self._xp
         if indices is not None:

@@ -1,4 +1,4 @@
-"""Passes over the stored gradients with float64 accumulation (DESIGN §3).
+"""Passes over the stored gradients with float64 accumulation (docs/design.md §3).
 
 G is kept in the caller's dtype; every reduction over the long dimension accumulates in
 float64 and each output is rounded once. Here that is done by converting cache-sized tiles

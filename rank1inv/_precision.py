@@ -37,7 +37,7 @@ class Precision:
 
     name: the dtype's name ("float32", ...). itemsize: bytes per stored value.
     output: dtype name of query results (products, diagonals) unless the caller's x asks for more.
-    eta: backward-error target of a product (DESIGN §6). rel: diag/entry relative-error target
+    eta: backward-error target of a product (docs/design.md §8). rel: diag/entry relative-error target
     where cond(F) ≤ 1e9. cancellation: ``_woodbury`` recomputes a product when less than this
     fraction of ‖x‖² survives λ⁻¹(x − Gᵀc). native: the dtype the passes use for
     ``accumulate="native"``. max_value: the largest finite stored value. mantissa_bits: of the

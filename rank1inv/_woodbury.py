@@ -208,7 +208,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         and P = G'X.
 
         Uses F⁻¹Gᵀ = (1/s)·GᵀK⁻¹ = (σ/s)·G'ᵀK'⁻¹, one pass, no cancellation of λ⁻¹(x − Gᵀc)
-        (DESIGN §3). If the coefficients K'⁻¹E cancel among (nearly) dependent gradients, falls
+        (docs/design.md §3). If the coefficients K'⁻¹E cancel among (nearly) dependent gradients, falls
         back to the corrected form of ``apply`` (five passes).
         """
         xp = self.xp

@@ -1,4 +1,4 @@
-"""Benchmarks: ratios measured in one run (DESIGN §7).
+"""Benchmarks: ratios measured in one run (docs/design.md §9).
 
 ``python -m rank1inv bench [--device cpu|gpu] [--quick] [--out FILE]``
 
@@ -171,7 +171,7 @@ def cpu_dynamic(rows, timer, xp, m=256, d=100_000):
 def window_scaling(rows, timer, xp, sizes, d):
     """push_apply of a full window against the floor for each capacity m (O(dm + m²) per step),
     and the time ratio between the two largest (O(m³) updates would give up to 8 for m×2)."""
-    times = {}
+    times, floors = {}, {}
     for m in sizes:
         gen = _LowRank(xp, d, seed=m)
         G = gen.matrix(m + FRESH)
@@ -182,13 +182,13 @@ def window_scaling(rows, timer, xp, sizes, d):
         Gw = w._G
         fresh = iter(range(m, m + FRESH))
         ratio, t_ours, t_floor = timer.ratio(lambda: w.push_apply(G[next(fresh)]), lambda: (Gw @ x, c @ Gw), repeat=6)
-        times[m] = t_ours
+        times[m], floors[m] = t_ours, t_floor
         target = {1024: "target ≤ 2.5", 4096: "target ≤ 4"}.get(m, "")
         _row(rows, f"push_apply / floor, full window m={m}, d={d}", ratio, "×", f"{t_ours * 1e3:.3g} ms; {target}")
     if len(sizes) >= 2:
         a, b = sizes[-2], sizes[-1]
         _row(rows, f"push_apply time m={b} / m={a} (d={d})", times[b] / times[a], "×", "target ≤ 5 (O(m³): up to 8)")
-    return times
+    return times, floors
 
 
 def window_fill(rows, xp, m, d):
@@ -285,7 +285,7 @@ def gpu_suite(rows, quick: bool):
 
 
 def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
-    """DESIGN §6 metrics for every family: rank1inv (float32 storage, default accumulation) next
+    """docs/design.md §8 metrics for every family: rank1inv (float32 storage, default accumulation) next
     to the paper's static algorithm in float32 (Algorithm 3, eq. 24–25) and its dynamic one
     (Algorithms 1–2). Reference: dense float64 inverse of the float32-rounded gradients."""
     from . import testing
@@ -332,7 +332,75 @@ def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
-def run(device: str = "cpu", quick: bool = False, out: str | None = None) -> str:
+def drift_table(pushes: int = 100_000, m: int = 64, d: int = 2000, seed: int = 0) -> str:
+    """Accuracy of a window after ``pushes`` pushes (docs/design.md §8 targets), every family, both
+    storage dtypes, λ ∈ {1e-1, 1e-4, 1e-6}: each push is a gradient from a pool of 256 of the
+    family times (1 + 0.01·N(0, 1)), so exact and near duplicates come and go. Columns: η of
+    the window's IHVP (3 random vectors) and of a StaticInverse of the same gradients (float64
+    results), η of the last push_apply (its float32/float64 result), the diagonal's relative
+    error where cond(F) ≤ 1e9. Reference: dense float64 inverse of the stored gradients."""
+    from . import testing
+
+    lines = [
+        f"pushes = {pushes}, capacity m = {m}, d = {d}",
+        "",
+        "| storage | family | λ | cond(F) | η window | η StaticInverse | η push_apply | diag rel. err. |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype in ("float32", "float64"):
+        for family in testing.FAMILIES:
+            pool = testing.gradients(family, 256, d, seed=seed, dtype=dtype)
+            for damp in (1e-1, 1e-4, 1e-6):
+                rng = np.random.default_rng([seed, 2])
+                w = DynamicInverse(d, m, damp, dtype=dtype)
+                for _ in range(pushes - 1):
+                    w.push(pool[rng.integers(256)] * (1.0 + 0.01 * rng.standard_normal()))
+                g = pool[rng.integers(256)] * (1.0 + 0.01 * rng.standard_normal())
+                y = w.push_apply(g)
+                G = w.gradients()
+                F = testing.dense_fisher(G, damp, 1.0 / m)
+                cond = np.linalg.cond(F)
+                X = rng.standard_normal((d, 3))
+                eta = testing.backward_error(F, w @ X, X)
+                eta_static = testing.backward_error(F, StaticInverse(G, damp, scale=1.0 / m) @ X, X)
+                eta_pa = testing.backward_error(F, y, np.asarray(g, dtype=dtype).astype(np.float64))
+                diag = "–"
+                if cond <= 1e9:
+                    diag = f"{testing.relative_error(w.diag(), np.diag(np.linalg.inv(F))):.1e}"
+                lines.append(
+                    f"| {dtype} | {family} | {damp:g} | {cond:.1e} | {eta:.1e} | {eta_static:.1e} | "
+                    f"{eta_pa:.1e} | {diag} |"
+                )
+    return "\n".join(lines)
+
+
+def plot_window_scaling(times: dict, floor_per_m: dict, path: str) -> bool:
+    """push_apply time against m (log-log) with the floor, as a PNG; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return False
+    ms = sorted(times)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.loglog(ms, [times[m] * 1e3 for m in ms], "o-", label="push_apply")
+    ax.loglog(ms, [floor_per_m[m] * 1e3 for m in ms], "s--", label="floor: two float32 BLAS passes")
+    ax.set_xlabel("window capacity m")
+    ax.set_ylabel("ms per step")
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(device: str = "cpu", quick: bool = False, out: str | None = None, plot: str | None = None) -> str:
     rows: list = []
     xp = _backend.namespace_from_argument(None)
     if device == "gpu":
@@ -345,7 +413,9 @@ def run(device: str = "cpu", quick: bool = False, out: str | None = None) -> str
         d = 20_000 if quick else 100_000
         cpu_static(rows, timer, xp, d=d)
         cpu_dynamic(rows, timer, xp, d=d)
-        window_scaling(rows, timer, xp, (256, 512) if quick else (256, 1024, 2048, 4096), 20_000)
+        times, floors = window_scaling(rows, timer, xp, (256, 512) if quick else (256, 1024, 2048, 4096), 20_000)
+        if plot and plot_window_scaling(times, floors, plot):
+            _row(rows, "plot of push_apply time against m", len(times), "points", plot)
         window_fill(rows, xp, 256 if quick else 1024, 20_000)
         if not quick:
             window_large(rows, timer, xp, 8192, 10_000)
@@ -367,5 +437,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller problems (a smoke test)")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--numerics", action="store_true", help="print the accuracy table of docs/numerics.md instead")
+    p.add_argument("--drift", type=int, metavar="PUSHES", help="print the window accuracy table after PUSHES pushes")
+    p.add_argument("--plot", metavar="PNG", help="also plot push_apply time against m (needs matplotlib)")
     args = p.parse_args(argv)
-    print(numerics_table() if args.numerics else run(args.device, args.quick, args.out))
+    if args.numerics:
+        print(numerics_table())
+    elif args.drift:
+        print(drift_table(args.drift))
+    else:
+        print(run(args.device, args.quick, args.out, args.plot))

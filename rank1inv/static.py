@@ -19,7 +19,7 @@ def group_view(xp, G, run):
 
 def make_group(xp, G, run, damp: float, scale: float, accumulate: str):
     """The group serving one run of equal blocks of G (m, d): gradient space if the blocks are
-    wider than m (Woodbury), parameter space otherwise (DESIGN §3: no cancellation). Its frame
+    wider than m (Woodbury), parameter space otherwise (docs/design.md §3: no cancellation). Its frame
     (docs/design.md §4) comes from the run's max|G|, which is also the finiteness check."""
     Gg = group_view(xp, G, run)
     top = _passes.max_abs(xp, Gg)

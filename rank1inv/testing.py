@@ -1,4 +1,4 @@
-"""Test families and accuracy metrics (DESIGN §6), for property-testing against dense inverses.
+"""Test families and accuracy metrics (docs/design.md §8), for property-testing against dense inverses.
 
 Everything here is NumPy and float64 on the reference side; it is small-d tooling, not part of
 the fast path.

@@ -13,7 +13,7 @@ def host(a):
 
 
 def tolerances(dtype):
-    """(backward error, diag/entry relative error) targets of DESIGN §6 for a storage dtype."""
+    """(backward error, diag/entry relative error) targets of docs/design.md §8 for a storage dtype."""
     return (1e-7, 1e-6) if np.dtype(dtype) == np.float32 else (5e-12, 1e-6)
 
 

@@ -267,7 +267,7 @@ def test_agrees_with_paper_dynamic_algorithm_float64():
 
 
 def test_push_apply_beats_cancellation():
-    """DESIGN §3: for g in the window, λ⁻¹(g − Gᵀc) loses digits; push_apply does not."""
+    """docs/design.md §3: for g in the window, λ⁻¹(g − Gᵀc) loses digits; push_apply does not."""
     from rank1inv import reference
 
     G = testing.gradients("lowrank", 32, 400, seed=1, dtype="float64")

@@ -1,4 +1,4 @@
-"""StaticInverse against dense float64 inverses (DESIGN §6 families and targets)."""
+"""StaticInverse against dense float64 inverses (docs/design.md §8 families and targets)."""
 
 import numpy as np
 import pytest
@@ -228,7 +228,7 @@ def test_agrees_with_paper_reference_float32_well_conditioned(rng):
 
 
 def test_float64_accumulation_beats_reference_on_lowrank():
-    """DESIGN §3: the paper's float32 arithmetic loses the diagonal on low-rank data."""
+    """docs/design.md §3: the paper's float32 arithmetic loses the diagonal on low-rank data."""
     from rank1inv import reference
 
     G = testing.gradients("lowrank", 64, 800, seed=0)

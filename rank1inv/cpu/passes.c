@@ -1,4 +1,4 @@
-/* CPU passes over float32 gradients with float64 accumulation (DESIGN §3).
+/* CPU passes over float32 gradients with float64 accumulation (docs/design.md §3).
  *
  * project_f32:  p[i] = Σ_j G[i, j] · x[j]
  *     Rows in blocks of 4 share each load of x; per row, 8 float64 lanes accumulate columns

@@ -1,4 +1,4 @@
-// Passes over float32 gradients G (m×d, row-major) with float64 accumulation (DESIGN §3).
+// Passes over float32 gradients G (m×d, row-major) with float64 accumulation (docs/design.md §3).
 //
 // project_f32 + reduce_parts:  p = G·x        (x float64; the IHVP's first pass, a Gram row)
 // combine_f32:                 y = α·x + β·Gᵀc (the IHVP's output pass; x unused if has_x == 0)

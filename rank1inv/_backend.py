@@ -350,6 +350,8 @@ def encode(xp, x, storage: str):
     values go to the 16-bit dtypes through float32 (two roundings, on every backend alike);
     bfloat16 on CuPy becomes bit patterns (uint16)."""
     target = _precision.storage_dtype(xp, storage, is_cupy(xp))
+    if is_cupy(xp) and x.dtype == xp.uint16 and storage != "bfloat16":
+        x = decoded(xp, x)  # bfloat16 bit patterns into another storage dtype
     if storage in ("bfloat16", "float16") and x.dtype == xp.float64:
         x = x.astype(xp.float32)
     if is_cupy(xp) and storage == "bfloat16":

@@ -255,11 +255,11 @@ class DynamicInverse(InverseOperator):
         ages[slot] = -1
         stage = _Staged(G_rows={slot: None}, gram=self._gram, gram_rows={slot: None}, ages=ages,
                         counter=self._counter, frame=self._frame, slot_exp=self._slot_exp)  # fmt: skip
-        if self._n(n - 1) != self._n(n) or self._refresh_due(1):
+        if self._n(n - 1) != self._n(n):
             self._stage_factorization(stage)
-        else:
+        elif not (self._refresh_due(1) and self._try_factorization(stage)):
             _window.drop(self._xp, self._R, self._spare, n, k)
-            stage.R, stage.steps = self._spare, self._steps + 1
+            stage.R, stage.steps = self._spare, (self._steps + 1) % self._capacity
         stage.dense = self._stage_dense(stage)
         self._commit(stage)
 
@@ -270,16 +270,16 @@ class DynamicInverse(InverseOperator):
         slot = self._occupied(slot)
         g_s, e = self._gradient(g)
         stage = self._stage_rows([(slot, g_s, e)], self._ages.copy())
-        if stage.frame != self._frame or self._refresh_due(1):
+        if stage.frame != self._frame:
             self._stage_factorization(stage)
-        else:
+        elif not (self._refresh_due(1) and self._try_factorization(stage)):
             R = self._spare
             R[...] = self._R
             try:
                 _window.refresh_from(self._xp, R, self._K_age(stage), self._position(slot))
             except ValueError as err:
                 raise ValueError(f"this gradient cannot be stored: {err}") from err
-            stage.R, stage.steps = R, self._steps + 1
+            stage.R, stage.steps = R, (self._steps + 1) % self._capacity
         stage.dense = self._stage_dense(stage)
         self._commit(stage)
 
@@ -333,7 +333,7 @@ class DynamicInverse(InverseOperator):
         _checks.same_backend(xp, g, name, "this window")
         if g.ndim != 1 or g.shape[0] != self._dim:
             raise ValueError(f"{name} must have shape ({self._dim},), got {tuple(g.shape)}")
-        _checks.float_kind(g, name, cupy=False)
+        _checks.float_kind(g, name, cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
         top = _passes.max_abs(xp, g)
         if not math.isfinite(top):
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
@@ -430,58 +430,75 @@ class DynamicInverse(InverseOperator):
     def _stage_pushes(self, items):
         """Stage pushes of items = [(slot, g_s, exponent)] in order (each slot empty or the
         oldest's): per item, the evicted gradient leaves the factor (``_window.drop``) and the
-        new one enters last (``_window.new_column``), O(m²) each; the factor is recomputed
-        instead when the frame or the count-dependent scale changes, when k ≥ capacity or when
-        the refresh interval is reached."""
-        xp = self._xp
+        new one enters last (``_window.new_column``), O(m²) each. The factor is recomputed
+        instead when the frame or the count-dependent scale changes or when k ≥ capacity
+        (required: a failure refuses the push), and when the refresh interval is reached
+        (opportunistic: if that factorization fails, the updates are used)."""
         cap = self._capacity
         ages = self._ages.copy()
         stage = self._stage_rows(items, ages)
         order = list(self._order())
-        n_final = min(cap, len(order) + len(items))
-        refactor = (
-            stage.frame != self._frame
-            or len(items) >= cap
-            or self._refresh_due(len(items))
-            or self._n(n_final) != self._n(len(order))
-        )
-        counter = self._counter
-        mu = self._mu(n_final, stage.frame)
-        R = None  # the factor being updated: self._R until the first write, then the spare
-        for t, (slot, _, _) in enumerate(items):
+        steps = []  # per item: (age position of the evicted gradient or None, window size before)
+        for slot, _, _ in items:
+            k = None
             if ages[slot] >= 0:  # the oldest gradient makes way
                 k = order.index(slot)
-                if not refactor:
-                    _window.drop(xp, self._R if R is None else R, self._spare, len(order), k)
-                    R = self._spare
                 order.pop(k)
-            ages[slot] = counter
-            counter += 1
-            if not refactor:
-                n = len(order)
-                row = stage.step_rows[t]
-                idx = xp.asarray(np.asarray(order, dtype=np.int64), device=_backend.device(row))
-                base = self._R if R is None else R
-                try:
-                    r, rho = _window.new_column(xp, base, n, xp.take(row, idx), float(row[slot]) + mu)
-                except ValueError as err:
-                    raise ValueError(f"this gradient cannot be stored: {err}") from err
-                if R is None and len(items) == 1:
-                    stage.column = (n, r, rho)  # written into self._R by _commit: no copy
-                else:
-                    if R is None:
-                        self._spare[...] = self._R
-                        R = self._spare
-                    _window.write_column(R, n, r, rho)
+            steps.append((k, len(order)))
+            ages[slot] = stage.counter
+            stage.counter += 1
             order.append(slot)
-        stage.ages, stage.counter = ages, counter
-        if refactor:
+        n0, n_final = len(self), len(order)
+        stage.ages = ages
+        required = stage.frame != self._frame or len(items) >= cap or self._n(n_final) != self._n(n0)
+        refresh = not required and self._refresh_due(len(items))
+        if required:
             self._stage_factorization(stage)
-        else:
-            stage.R = R
-            stage.steps = self._steps + len(items)
+        elif not (refresh and self._try_factorization(stage)):
+            self._stage_updates(stage, items, steps, n_final)
+            if refresh:  # the refresh failed: try again after another capacity updates
+                stage.steps = len(items)
         stage.dense = self._stage_dense(stage)
         return stage
+
+    def _stage_updates(self, stage, items, steps, n_final) -> None:
+        """The factor work of ``_stage_pushes`` by O(m²) updates (drop, then append, per item)."""
+        xp = self._xp
+        mu = self._mu(n_final, stage.frame)
+        order = list(self._order())
+        R = None  # the factor being updated: self._R until the first write, then the spare
+        for t, ((slot, _, _), (k, n)) in enumerate(zip(items, steps)):
+            if k is not None:
+                _window.drop(xp, self._R if R is None else R, self._spare, n + 1, k)
+                R = self._spare
+                order.pop(k)
+            row = stage.step_rows[t]
+            idx = xp.asarray(np.asarray(order, dtype=np.int64), device=_backend.device(row))
+            base = self._R if R is None else R
+            try:
+                r, rho = _window.new_column(xp, base, n, xp.take(row, idx), float(row[slot]) + mu)
+            except ValueError as err:
+                raise ValueError(f"this gradient cannot be stored: {err}") from err
+            if R is None and len(items) == 1:
+                stage.column = (n, r, rho)  # written into self._R by _commit: no copy
+            else:
+                if R is None:
+                    self._spare[...] = self._R
+                    R = self._spare
+                _window.write_column(R, n, r, rho)
+            order.append(slot)
+        stage.R = R
+        stage.steps = self._steps + len(items)
+
+    def _try_factorization(self, stage) -> bool:
+        """A refresh: the staged window's factor from scratch if that succeeds (True), else
+        nothing (False: the window is beyond the conditioning where a fresh Cholesky factor
+        exists, and the updated factor serves on)."""
+        try:
+            self._stage_factorization(stage)
+        except ValueError:
+            return False
+        return True
 
     def _K_age(self, stage):
         """The staged window's K' (n×n, age order) from the stored Gram matrix and the staged

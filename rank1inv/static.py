@@ -37,7 +37,9 @@ class StaticInverse(InverseOperator):
 
     Parameters
     ----------
-    G : array (m, d), NumPy or CuPy; float64, float32, bfloat16 (``ml_dtypes.bfloat16``) or float16
+    G : array (m, d), NumPy or CuPy; float64, float32, bfloat16 or float16
+        bfloat16 is ``ml_dtypes.bfloat16`` on NumPy and its bit patterns in a uint16 array on CuPy
+        (which has no bfloat16 dtype).
         The gradients, one per row. Referenced, not copied, and never modified: do not modify it
         while the operator is in use. Query results are float64 for float64 G and float32
         otherwise (a float64 x promotes its product). Torch and JAX tensors go through
@@ -63,7 +65,7 @@ class StaticInverse(InverseOperator):
         xp = _backend.namespace(G)
         if G.ndim != 2:
             raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
-        policy = _checks.float_kind(G, "G")
+        policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
         m, d = G.shape
         if m < 1 or d < 1:
             raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")

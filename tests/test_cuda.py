@@ -10,7 +10,7 @@ import pytest
 from helpers import host
 
 import rank1inv as r1
-from rank1inv import _backend, _coef, testing
+from rank1inv import _backend, _coef, _precision, testing
 from rank1inv.cuda import SOURCES, mirrors
 
 CUDA_DIR = Path(r1.__file__).parent / "cuda"
@@ -54,19 +54,26 @@ def test_forward_substitution_mirror_is_algorithm_2(m):
     np.testing.assert_allclose(y, reference.dynamic_apply(G, Dp, Bp, damp, n, x), rtol=1e-9, atol=1e-9)
 
 
+STORAGE = ["float32", "bfloat16", "float16"]
+
+
+def stored(G, dtype):
+    """G rounded to a storage dtype, on the host (ml_dtypes for bfloat16)."""
+    return G.astype(_precision.numpy_dtype(dtype))
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
 @pytest.mark.parametrize("d", [1, 7, 2047, 2048, 2049, 5000])
-def test_pass_mirrors_match_float64(d):
+def test_pass_mirrors_match_float64(d, dtype):
     rng = np.random.default_rng(d)
     m = 37
-    G = rng.standard_normal((m, d)).astype(np.float32)
+    G = stored(rng.standard_normal((m, d)), dtype)
     x = rng.standard_normal(d)
     c = rng.standard_normal(m)
     G64 = G.astype(np.float64)
-    np.testing.assert_allclose(mirrors.project_f32(G, x), G64 @ x, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(
-        mirrors.combine_f32(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (G64.T @ c), rtol=1e-12, atol=1e-12
-    )
-    np.testing.assert_allclose(mirrors.combine_f32(G, None, c, 0.0, 3.0), 3.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mirrors.project(G, x), G64 @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mirrors.combine(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mirrors.combine(G, None, c, 0.0, 3.0), 3.0 * (G64.T @ c), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("schedule", ["sweeps", "columns"])
@@ -128,23 +135,39 @@ def test_forward_substitution_kernel_matches_mirror(m, dtype):
     np.testing.assert_allclose(q, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
+def device_storage(cupy, G):
+    """A host array of a storage dtype on the device (bfloat16 as its bit patterns)."""
+    if G.dtype == _precision.numpy_dtype("bfloat16"):
+        return cupy.asarray(G.view(np.uint16))
+    return cupy.asarray(G)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,d", [(1, 5), (31, 2049), (1024, 100_003)])
-def test_pass_kernels_match_mirrors(m, d):
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("m,d", [(1, 5), (31, 2049), (300, 5000), (1024, 100_003)])
+def test_pass_kernels_match_mirrors(m, d, dtype):
+    """Every storage dtype, and subnormal values that CuPy's -ftz=true would flush if the
+    kernels converted through float arithmetic: the GPU reads what the CPU reads."""
     import cupy
 
     xp = _backend.namespace_from_argument(cupy)
     kern = _backend.kernels(xp)
     rng = np.random.default_rng(m)
-    G = rng.standard_normal((m, d)).astype(np.float32)
+    G = rng.standard_normal((m, d))
+    G[:, ::7] *= 1e-42 if dtype == "float32" else (1e-40 if dtype == "bfloat16" else 1e-6)  # subnormals
+    G = stored(G, dtype)
     x = rng.standard_normal(d)
     c = rng.standard_normal(m)
-    Gd = cupy.asarray(G)[None]
+    Gd = device_storage(cupy, G)[None]
     assert kern.usable(Gd, 1)
     p = host(kern.project(Gd, cupy.asarray(x)[None, :, None]))[0, :, 0]
-    np.testing.assert_allclose(p, mirrors.project_f32(G, x), rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(p, mirrors.project(G, x), rtol=1e-12, atol=1e-12 * float(np.abs(p).max()))
     y = host(kern.combine(Gd, cupy.asarray(x)[None, :, None], cupy.asarray(c)[None, :, None], 0.5, -2.0))[0, :, 0]
-    np.testing.assert_allclose(y, mirrors.combine_f32(G, x, c, 0.5, -2.0), rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(y, mirrors.combine(G, x, c, 0.5, -2.0), rtol=1e-12, atol=1e-12 * float(np.abs(y).max()))
+    y0 = host(kern.combine(Gd, None, cupy.asarray(c)[None, :, None], 0.0, 1.0))[0, :, 0]  # push_apply's pass
+    np.testing.assert_allclose(
+        y0, mirrors.combine(G, None, c, 0.0, 1.0), rtol=1e-12, atol=1e-12 * float(np.abs(y0).max())
+    )
 
 
 @pytest.mark.gpu

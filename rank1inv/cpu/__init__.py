@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .. import _precision
+
 MAX_WORKERS = 8
 MAX_COLUMNS = 8  # right-hand sides per pass (MULTI in passes.c); more: rank1inv._passes' tiles
 PARALLEL_MIN = 1 << 20  # elements of G below which one thread does the pass
@@ -32,14 +34,18 @@ _lib = None
 if _ext is not None:
     _lib = ctypes.CDLL(_ext.__file__)
     _i64, _p, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-    _lib.rank1inv_project_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p]
-    _lib.rank1inv_combine_f32.argtypes = [_p, _i64, _i64, _i64, _p, _p, _f64, _f64, _p]
-    _lib.rank1inv_project_blocks_f32.argtypes = [_p, _i64, _i64, _i64, _i64, _i64, _p, _p]
-    _lib.rank1inv_combine_blocks_f32.argtypes = [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _f64, _f64, _p]
-    _lib.rank1inv_project_multi_f32.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64]
-    _lib.rank1inv_combine_multi_f32.argtypes = [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _f64, _f64, _p, _i64]
-    for _f in ("project", "combine", "project_blocks", "combine_blocks", "project_multi", "combine_multi"):
-        getattr(_lib, f"rank1inv_{_f}_f32").restype = None
+    _signatures = {
+        "project": [_p, _i64, _i64, _i64, _p, _p],
+        "combine": [_p, _i64, _i64, _i64, _p, _p, _f64, _f64, _p],
+        "project_blocks": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p],
+        "combine_blocks": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p, _f64, _f64, _p],
+        "project_multi": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64],
+        "combine_multi": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _f64, _f64, _p, _i64],
+    }
+    for _suffix in ("f32", "bf16", "f16"):
+        for _f, _args in _signatures.items():
+            _fn = getattr(_lib, f"rank1inv_{_f}_{_suffix}")
+            _fn.argtypes, _fn.restype = _args, None
     _lib.rank1inv_chol_drop.argtypes = [_p, _p, _i64, _i64, _i64, _p]
     _lib.rank1inv_solve_ut.argtypes = [_p, _i64, _i64, _p]
     _lib.rank1inv_solve_u.argtypes = [_p, _i64, _i64, _p]
@@ -51,17 +57,23 @@ def available() -> bool:
     return _lib is not None
 
 
+def _suffix(Gg) -> str | None:
+    """The kernels' element type for a group's storage dtype (the precision policy's cpu_pass)."""
+    name = _precision.name_of(Gg.dtype)
+    return None if name is None else _precision.POLICIES[name].cpu_pass
+
+
 def usable(Gg, k: int) -> bool:
-    """A group Gg (nb, m, B) of float32 rows with unit column stride, 1 to MAX_COLUMNS
-    right-hand sides."""
-    return (
-        _lib is not None
-        and 1 <= k <= MAX_COLUMNS
-        and Gg.dtype == np.float32
-        and Gg.ndim == 3
-        and Gg.strides[2] == 4
-        and all(s % 4 == 0 and s >= 0 for s in Gg.strides[:2])
-    )
+    """A group Gg (nb, m, B) of float32, bfloat16 or float16 rows with unit column stride, 1 to
+    MAX_COLUMNS right-hand sides."""
+    if _lib is None or not 1 <= k <= MAX_COLUMNS or Gg.ndim != 3 or _suffix(Gg) is None:
+        return False
+    es = Gg.itemsize
+    return Gg.strides[2] == es and all(s % es == 0 and s >= 0 for s in Gg.strides[:2])
+
+
+def _fn(name: str, Gg):
+    return getattr(_lib, f"rank1inv_{name}_{_suffix(Gg)}")
 
 
 def _workers() -> int:
@@ -107,15 +119,18 @@ def _split(n: int, size: int, align: int = 1):
 
 
 def _geometry(Gg):
-    """(nb, m, B, block stride, row stride, address) of a float32 group; strides in elements."""
-    return (*Gg.shape, Gg.strides[0] // 4, Gg.strides[1] // 4, Gg.ctypes.data)
+    """(nb, m, B, block stride, row stride, address) of a group; strides in elements."""
+    es = Gg.itemsize
+    return (*Gg.shape, Gg.strides[0] // es, Gg.strides[1] // es, Gg.ctypes.data)
 
 
 def project(Gg, X):
-    """Gg·X per block for float32 Gg (nb, m, B) and float64 X (nb, B, k) → (nb, m, k) float64.
+    """Gg·X per block for Gg (nb, m, B) (float32 or 16-bit) and float64 X (nb, B, k) → (nb, m, k)
+    float64.
     One block: rows split over workers (all k vectors in one pass over G); several blocks:
     blocks split over workers, one pass per vector."""
     nb, m, d, sb, ld, G0 = _geometry(Gg)
+    es = Gg.itemsize
     k = X.shape[-1]
     if k > 1 and nb > 1:
         return np.concatenate([project(Gg, X[..., q : q + 1]) for q in range(k)], axis=-1)
@@ -125,17 +140,15 @@ def project(Gg, X):
     def rows(part):
         a, b = part
         if b > a and k == 1:
-            _lib.rank1inv_project_f32(G0 + 4 * a * ld, b - a, d, ld, x.ctypes.data, p.ctypes.data + 8 * a)
+            _fn("project", Gg)(G0 + es * a * ld, b - a, d, ld, x.ctypes.data, p.ctypes.data + 8 * a)
         elif b > a:
-            _lib.rank1inv_project_multi_f32(
-                G0 + 4 * a * ld, b - a, d, ld, x.ctypes.data, d, k, p.ctypes.data + 8 * a, m
-            )
+            _fn("project_multi", Gg)(G0 + es * a * ld, b - a, d, ld, x.ctypes.data, d, k, p.ctypes.data + 8 * a, m)
 
     def blocks(part):
         a, b = part
         if b > a:
-            _lib.rank1inv_project_blocks_f32(
-                G0 + 4 * a * sb, b - a, sb, m, d, ld, x.ctypes.data + 8 * a * d, p.ctypes.data + 8 * a * m
+            _fn("project_blocks", Gg)(
+                G0 + es * a * sb, b - a, sb, m, d, ld, x.ctypes.data + 8 * a * d, p.ctypes.data + 8 * a * m
             )
 
     if nb == 1:
@@ -146,10 +159,11 @@ def project(Gg, X):
 
 
 def combine(Gg, X, C, alpha: float, beta: float):
-    """α·X + β·GgᵀC per block for float32 Gg (nb, m, B), X (nb, B, k) float64 or None, C (nb, m, k)
+    """α·X + β·GgᵀC per block for Gg (nb, m, B) (float32 or 16-bit), X (nb, B, k) float64 or None, C (nb, m, k)
     → (nb, B, k) float64. One block: columns split over workers (all k vectors in one pass over
     G); several blocks: blocks split over workers, one pass per vector."""
     nb, m, d, sb, ld, G0 = _geometry(Gg)
+    es = Gg.itemsize
     k = C.shape[-1]
     if k > 1 and nb > 1:
         cols = [(None if X is None else X[..., q : q + 1], C[..., q : q + 1]) for q in range(k)]
@@ -164,10 +178,10 @@ def combine(Gg, X, C, alpha: float, beta: float):
             return
         xa = None if x is None else x.ctypes.data + 8 * a
         if k == 1:
-            _lib.rank1inv_combine_f32(G0 + 4 * a, m, b - a, ld, c.ctypes.data, xa, alpha, beta, y.ctypes.data + 8 * a)
+            _fn("combine", Gg)(G0 + es * a, m, b - a, ld, c.ctypes.data, xa, alpha, beta, y.ctypes.data + 8 * a)
         else:
-            _lib.rank1inv_combine_multi_f32(
-                G0 + 4 * a, m, b - a, ld, c.ctypes.data, m, xa, d, k, alpha, beta, y.ctypes.data + 8 * a, d
+            _fn("combine_multi", Gg)(
+                G0 + es * a, m, b - a, ld, c.ctypes.data, m, xa, d, k, alpha, beta, y.ctypes.data + 8 * a, d
             )
 
     def blocks(part):
@@ -175,7 +189,7 @@ def combine(Gg, X, C, alpha: float, beta: float):
         if b > a:
             xa = None if x is None else x.ctypes.data + 8 * a * d
             ca, ya = c.ctypes.data + 8 * a * m, y.ctypes.data + 8 * a * d
-            _lib.rank1inv_combine_blocks_f32(G0 + 4 * a * sb, b - a, sb, m, d, ld, ca, xa, alpha, beta, ya)
+            _fn("combine_blocks", Gg)(G0 + es * a * sb, b - a, sb, m, d, ld, ca, xa, alpha, beta, ya)
 
     if nb == 1:
         _map(cols, _split(d, k * m * d, align=64))

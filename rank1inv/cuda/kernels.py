@@ -18,7 +18,10 @@ _HERE = Path(__file__).parent
 _NAMES = {
     "mfac_b.cu": [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep", "columns") for t in ("float", "double")],
     "forward_substitution.cu": [f"mfac_forward_substitution<{t}>" for t in ("float", "double")],
+    "passes.cu": [f"{k}<{e}>" for k in ("project", "combine") for e in ("F32", "BF16", "F16")] + ["reduce_parts"],
 }
+# the passes' element type per storage dtype (the precision policy's cuda_pass)
+_ELEMENT = {"f32": "F32", "bf16": "BF16", "f16": "F16"}
 DROP_THREADS, DROP_PER_THREAD = 1024, 16  # as #defined in cholesky_update.cu
 TILE = 32
 # Up to this many tile rows B uses the column schedule (2 launches); beyond, the sweeps (nt
@@ -42,13 +45,24 @@ def _template_type(dtype):
     return {np.dtype(np.float32): ("float", np.float32), np.dtype(np.float64): ("double", np.float64)}[np.dtype(dtype)]
 
 
+def _element(Gg) -> str | None:
+    """The passes' element type for a group's storage (uint16 arrays hold bfloat16 bits)."""
+    from .. import _precision
+
+    try:
+        return _ELEMENT[_precision.of_array(Gg, cupy=True).cuda_pass]
+    except (TypeError, KeyError):
+        return None
+
+
 def usable(Gg, k: int) -> bool:
-    """Whether the mixed-precision pass kernels serve the group Gg (nb, m, B) with k right-hand
-    sides: one contiguous float32 block, one right-hand side."""
+    """Whether the pass kernels serve the group Gg (nb, m, B) with k right-hand sides: one
+    contiguous block of float32, float16 or bfloat16 (bit patterns) storage, one right-hand
+    side."""
     return (
-        Gg.dtype == cupy.float32
-        and Gg.ndim == 3
+        Gg.ndim == 3
         and Gg.shape[0] == 1
+        and _element(Gg) is not None
         and Gg[0].flags.c_contiguous
         and k == 1
         and Gg.shape[1] < 2**31
@@ -56,27 +70,30 @@ def usable(Gg, k: int) -> bool:
 
 
 def project(Gg, X):
-    """G·X for float32 Gg (1, m, d) and float64 X (1, d, 1), float64 accumulation → (1, m, 1)."""
+    """G·X for Gg (1, m, d) (float32 or 16-bit) and float64 X (1, d, 1), float64 accumulation →
+    (1, m, 1)."""
     G = Gg[0]
     m, d = G.shape
     x = cupy.ascontiguousarray(X[0, :, 0], dtype=cupy.float64)
     chunks = -(-d // PROJECT_CHUNK)
     part = cupy.empty((chunks, m), dtype=cupy.float64)
-    _function("passes.cu", "project_f32")((chunks,), (PROJECT_THREADS,), (G, x, part, np.int32(m), np.int64(d)))
+    kernel = _function("passes.cu", f"project<{_element(Gg)}>")
+    kernel((chunks,), (PROJECT_THREADS,), (G, x, part, np.int32(m), np.int64(d)))
     p = cupy.empty((m,), dtype=cupy.float64)
     _function("passes.cu", "reduce_parts")((-(-m // 256),), (256,), (part, p, np.int32(m), np.int32(chunks)))
     return p[None, :, None]
 
 
 def combine(Gg, X, C, alpha: float, beta: float):
-    """α·X + β·GᵀC for float32 Gg (1, m, d), X (1, d, 1) float64 or None, C (1, m, 1) → (1, d, 1)."""
+    """α·X + β·GᵀC for Gg (1, m, d) (float32 or 16-bit), X (1, d, 1) float64 or None, C (1, m, 1)
+    → (1, d, 1)."""
     G = Gg[0]
     m, d = G.shape
     x = cupy.zeros((1,), dtype=cupy.float64) if X is None else cupy.ascontiguousarray(X[0, :, 0], dtype=cupy.float64)
     c = cupy.ascontiguousarray(C[0, :, 0], dtype=cupy.float64)
     y = cupy.empty((d,), dtype=cupy.float64)
     per_block = COMBINE_THREADS * 4
-    _function("passes.cu", "combine_f32")(
+    _function("passes.cu", f"combine<{_element(Gg)}>")(
         (-(-d // per_block),),
         (COMBINE_THREADS,),
         (G, x, np.int32(X is not None), c, np.float64(alpha), np.float64(beta), y, np.int32(m), np.int64(d)),

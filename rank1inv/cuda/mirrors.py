@@ -17,10 +17,10 @@ PROJECT_CHUNK = PROJECT_THREADS * PROJECT_PER_THREAD
 COMBINE_THREADS = 256
 
 
-def project_f32(G, x):
-    """p = G·x as ``project_f32`` + ``reduce_parts`` compute it: one float64 partial sum per
-    (chunk of 2048 columns, row), then the partials summed in chunk order. G (m, d) float32,
-    x (d,) float64 → (m,) float64."""
+def project(G, x):
+    """p = G·x as ``project<E>`` + ``reduce_parts`` compute it: one float64 partial sum per
+    (chunk of 2048 columns, row), then the partials summed in chunk order. G (m, d) of any
+    storage dtype (decoded exactly, as the kernels do), x (d,) float64 → (m,) float64."""
     G = np.asarray(G)
     x = np.asarray(x, dtype=np.float64)
     m, d = G.shape
@@ -35,8 +35,8 @@ def project_f32(G, x):
     return p
 
 
-def combine_f32(G, x, c, alpha: float, beta: float):
-    """y = α·x + β·Gᵀc as ``combine_f32`` computes it: every column summed over the rows in
+def combine(G, x, c, alpha: float, beta: float):
+    """y = α·x + β·Gᵀc as ``combine<E>`` computes it: every column summed over the rows in
     order, in float64, staged 256 rows at a time. x may be None."""
     G = np.asarray(G)
     c = np.asarray(c, dtype=np.float64)

@@ -237,6 +237,13 @@ def column_sumsq(xp, t):
     return np.einsum("bij,bij->bj", t, t)
 
 
+def sumsq(xp, X):
+    """Σ_i X[b, i, j]² for X (nb, n, k): (nb, k), without an X-sized temporary on NumPy."""
+    if is_cupy(xp):
+        return xp.sum(X * X, axis=1)
+    return np.einsum("bij,bij->bj", X, X)
+
+
 def cho_solve(xp, c, b):
     """Solve ``(c cᵀ) x = b`` with a lower Cholesky factor ``c`` (batched)."""
     y = solve_triangular(xp, c, b, lower=True)
@@ -312,14 +319,15 @@ def frexp_exponent(xp, a):
     return lib.frexp(a)[1]
 
 
-def ldexp(xp, a, e):
-    """a·2^e elementwise (one rounding, exact unless the result is subnormal). An overflow gives
-    inf silently: the callers check their results (``cast_result``)."""
+def ldexp(xp, a, e, out=None):
+    """a·2^e elementwise (one rounding, exact unless the result is subnormal), into ``out`` if
+    given (it may be a). An overflow gives inf silently: the callers check their results
+    (``cast_result``)."""
     lib = _library(xp)
     if lib is np:
         with np.errstate(over="ignore", under="ignore"):
-            return np.ldexp(a, e)
-    return lib.ldexp(a, e)
+            return np.ldexp(a, e, out=out)
+    return lib.ldexp(a, e, out=out)
 
 
 def _library(xp):

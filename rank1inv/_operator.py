@@ -72,7 +72,7 @@ class _BlockOperator(_backend.HoldsNamespace):
         return self._layout.block_sizes
 
     def _rhs(self, x, name: str):
-        """x as a (d, k) float64 array, plus whether it was 1-D and the output dtype."""
+        """x as a new (d, k) float64 array, plus whether it was 1-D and the output dtype."""
         xp = self._xp
         x = _checks.as_array(x, name, xp)
         _checks.same_backend(xp, x, name, "this operator")
@@ -82,25 +82,33 @@ class _BlockOperator(_backend.HoldsNamespace):
         if kind is None and x.dtype != xp.bool and not xp.isdtype(x.dtype, "integral"):
             raise TypeError(f"{name} must be real floating point or integer, got {x.dtype}")
         out_dtype = xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
-        X = xp.empty(tuple(x.shape), dtype=xp.float64, device=_backend.device(x))
-        _backend.decode_into(xp, X, x)
-        if not _backend.all_finite(xp, X):
-            raise ValueError(f"{name} contains non-finite values (nan or inf)")
-        return (X[:, None] if x.ndim == 1 else X), x.ndim == 1, out_dtype
+        X = xp.empty((x.shape[0], 1) if x.ndim == 1 else tuple(x.shape), dtype=xp.float64, device=_backend.device(x))
+        _backend.decode_into(xp, X, x[:, None] if x.ndim == 1 else x)
+        return X, x.ndim == 1, out_dtype
 
-    def _apply64(self, X):
+    def _apply64(self, X, name: str = "x"):
         """Operator times X (d, k) float64 → (d, k) float64, one batch per run of blocks, each
         block and column normalized by a power of two on the way in and scaled back on the way
-        out."""
+        out. X is consumed: it is normalized in place and the groups may write into it, so a
+        product costs no d-long float64 array beyond X itself on the compiled paths. ValueError
+        if X has a non-finite value."""
         xp = self._xp
         k = X.shape[1]
-        Y = xp.empty_like(X)
+        out = None
         for run, grp in zip(self._layout.runs, self._groups()):
             part = xp.reshape(X[run.start : run.stop, :], (run.count, run.size, k))
-            e = _backend.frexp_exponent(xp, xp.max(xp.abs(part), axis=1))[:, None, :]  # (count, 1, k)
-            values, exponent = self._group_product(grp, _backend.ldexp(xp, part, -e))
-            Y[run.start : run.stop, :] = xp.reshape(_backend.ldexp(xp, values, e + exponent), (-1, k))
-        return Y
+            top = xp.maximum(xp.max(part, axis=1), -xp.min(part, axis=1))  # max|x|, no |x| temporary
+            if not _backend.all_finite(xp, top):
+                raise ValueError(f"{name} contains non-finite values (nan or inf)")
+            e = _backend.frexp_exponent(xp, top)[:, None, :]  # (count, 1, k)
+            part = _backend.ldexp(xp, part, -e, out=part)
+            values, exponent = self._group_product(grp, part)
+            values = _backend.ldexp(xp, values, e + exponent, out=values)
+            if len(self._layout.runs) == 1:
+                return xp.reshape(values, (self._dim, k))
+            out = X if out is None else out
+            out[run.start : run.stop, :] = xp.reshape(values, (-1, k))
+        return out
 
     def matmat(self, X):
         """Operator times X of shape (d, k) → (d, k). O(dmk): passes over G are shared by all k
@@ -117,7 +125,7 @@ class _BlockOperator(_backend.HoldsNamespace):
 
     def _product(self, x, name):
         X, was_1d, out_dtype = self._rhs(x, name)
-        Y = _backend.cast_result(self._xp, self._apply64(X), out_dtype, "the product")
+        Y = _backend.cast_result(self._xp, self._apply64(X, name), out_dtype, "the product")
         return Y[:, 0] if was_1d else Y
 
     def __matmul__(self, x):

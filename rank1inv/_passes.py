@@ -88,8 +88,11 @@ def _scaled_tiles(xp, Gg, scale: float) -> bool:
 
 
 def _single_call(xp, Gg, accumulate: str) -> bool:
-    """float64 storage accumulates in float64 anyway; "native" asks for the storage dtype."""
-    return (accumulate == "native" or Gg.dtype == xp.float64) and _backend.plain_float(xp, Gg)
+    """One library call on G as stored: float64 storage accumulates in float64 anyway; "native"
+    asks for the storage dtype where the policy has a native pass (not for 16-bit storage,
+    which then accumulates in float64 as by default)."""
+    policy = _precision.of_array(Gg, _backend.is_cupy(xp))
+    return policy.name == "float64" or (accumulate == "native" and policy.native == policy.name)
 
 
 def gram(xp, Gg, accumulate: str, scale: float = 1.0):
@@ -141,24 +144,27 @@ def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
     return out if scale == 1.0 else out * scale
 
 
-def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: float = 1.0):
+def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: float = 1.0, *, overwrite=False):
     """alpha·X + beta·(σGg)ᵀ C per block: (nb, B, k) float64. Cost O(nb·m·B·k).
 
     X is (nb, B, k) float64 or None (no alpha term), C is (nb, m, k) float64. This is the
     output pass of an inverse-vector product (alpha = 1/λ, beta = -1/λ) and of a Fisher product.
+    With ``overwrite`` the result may be written into X (a d-long float64 array less: each
+    element of X is read before its result is written).
     """
     nb, m, B = Gg.shape
     k = C.shape[-1]
     tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
     beta = beta * (scale / tile_scale)  # σ folded into beta where products are exact
+    target = X if (overwrite and X is not None) else None
     if tile_scale == 1.0:
         if _single_call(xp, Gg, accumulate):
             low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
             return low if X is None else alpha * X + low
         kern = _backend.kernels(xp)
         if kern is not None and kern.usable(Gg, k):
-            return kern.combine(Gg, X, C, alpha, beta)
-    out = xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
+            return kern.combine(Gg, X, C, alpha, beta, out=target)
+    out = target if target is not None else xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
         part = beta * (xp.matrix_transpose(t) @ C[b0:b1, ...])
         out[b0:b1, c0:c1, :] = part if X is None else alpha * X[b0:b1, c0:c1, :] + part

@@ -40,8 +40,9 @@ class Precision:
     eta: backward-error target of a product (docs/design.md §8). rel: diag/entry relative-error target
     where cond(F) ≤ 1e9. cancellation: ``_woodbury`` recomputes a product when less than this
     fraction of ‖x‖² survives λ⁻¹(x − Gᵀc). native: the dtype the passes use for
-    ``accumulate="native"``. max_value: the largest finite stored value. mantissa_bits: of the
-    stored values (a float64 product of two of them is exact when 2·bits ≤ 53).
+    ``accumulate="native"`` (float64 where there is no native BLAS path: 16-bit storage).
+    max_value: the largest finite stored value. mantissa_bits: of the stored values (a float64
+    product of two of them is exact when 2·bits ≤ 53).
     cpu_pass / cuda_pass: the element type name the compiled passes decode ("f32", "bf16",
     "f16"), or None when only the float64 tiles serve it.
     """
@@ -81,7 +82,7 @@ POLICIES = {
     "bfloat16": Precision(
         "bfloat16", 2, "float32", 1e-7, 1e-6, 1e-9, "float32", 3.3895313892515355e38, 8, "bf16", "bf16"
     ),  # fmt: skip
-    "float16": Precision("float16", 2, "float32", 1e-7, 1e-6, 1e-9, "float32", 65504.0, 11, "f16", "f16"),
+    "float16": Precision("float16", 2, "float32", 1e-7, 1e-6, 1e-9, "float64", 65504.0, 11, "f16", "f16"),
 }
 STORAGE = tuple(POLICIES)
 STORAGE_TEXT = ", ".join(STORAGE[:-1]) + " or " + STORAGE[-1]

@@ -45,7 +45,8 @@ class Group(Protocol):
     fisher_exponent: int
 
     def apply(self, X):
-        """F⁻¹X per block. O(m·size·k) per block (Woodbury) or O(size²k) (dense)."""
+        """F⁻¹X per block (X may be overwritten with the result). O(m·size·k) per block
+        (Woodbury) or O(size²k) (dense)."""
 
     def apply_fisher(self, X):
         """F X per block."""

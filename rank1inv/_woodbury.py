@@ -141,13 +141,13 @@ class WoodburyGroup(_backend.HoldsNamespace):
     def _project(self, X):
         return _passes.project(self.xp, self.Gg, X, self.accumulate, self.sigma)
 
-    def _combine(self, X, C, alpha, beta):
-        return _passes.combine(self.xp, self.Gg, X, C, alpha, beta, self.accumulate, self.sigma)
+    def _combine(self, X, C, alpha, beta, overwrite=False):
+        return _passes.combine(self.xp, self.Gg, X, C, alpha, beta, self.accumulate, self.sigma, overwrite=overwrite)
 
     # -- products ---------------------------------------------------------------------
     def apply(self, X):
-        """F⁻¹X in the frame, (X − G'ᵀc)/λ_f, for X (nb, B, k) float64 (normalized): two passes
-        over G plus O(m²k) per block.
+        """F⁻¹X in the frame, (X − G'ᵀc)/λ_f, for X (nb, B, k) float64 (normalized), which it may
+        overwrite with the result: two passes over G plus O(m²k) per block.
 
         When x lies (nearly) in the span of the gradients, λ⁻¹(x − Gᵀc) cancels and its rounding
         errors along the gradients are amplified by F. Then four more passes correct it
@@ -157,10 +157,10 @@ class WoodburyGroup(_backend.HoldsNamespace):
         P = self._project(X)
         C = self.factor.solve(P)
         # ‖x − G'ᵀc‖² = ‖x‖² − cᵀp − μ'‖c‖² (K'c = p), O(mk): how much of x survives
-        xx = xp.sum(X * X, axis=1)
+        xx = _backend.sumsq(xp, X)
         rest = xx - xp.sum(C * P, axis=1) - self.mu * xp.sum(C * C, axis=1)
         if not self._cancelled(rest, xx):
-            return self._combine(X, C, 1.0 / self.damp_f, -1.0 / self.damp_f)
+            return self._combine(X, C, 1.0 / self.damp_f, -1.0 / self.damp_f, overwrite=True)
         return self._corrected(X, P)
 
     @property
@@ -204,8 +204,8 @@ class WoodburyGroup(_backend.HoldsNamespace):
 
     def apply_to_gradients(self, E, X, P, x_exponent: int):
         """F⁻¹x for x = GᵀE (the push_apply case, x a stored gradient, E = e_slot): returns
-        (Y, exponent) with F⁻¹x = Y·2^exponent. X (nb, B, k) is x·2^-x_exponent (normalized)
-        and P = G'X.
+        (Y, exponent) with F⁻¹x = Y·2^exponent. X() returns (nb, B, k) x·2^-x_exponent
+        (normalized; only the corrected form asks for it) and P = G'X.
 
         Uses F⁻¹Gᵀ = (1/s)·GᵀK⁻¹ = (σ/s)·G'ᵀK'⁻¹, one pass, no cancellation of λ⁻¹(x − Gᵀc)
         (docs/design.md §3). If the coefficients K'⁻¹E cancel among (nearly) dependent gradients, falls
@@ -218,7 +218,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         terms = xp.sum(xp.abs(C) * xp.sqrt(self.sq_norms)[:, :, None], axis=1) ** 2
         if not self._cancelled(kept, terms):
             return self._combine(None, C, 0.0, 1.0 / self.scale_f), -self.frame - self.scale_e
-        return self._corrected(X, P), x_exponent + self.inverse_exponent
+        return self._corrected(X(), P), x_exponent + self.inverse_exponent
 
     # -- entries ----------------------------------------------------------------------
     @property

@@ -332,6 +332,61 @@ def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
     return "\n".join(lines)
 
 
+def storage_speed(rows, timer, xp, m=256, d=2_000_000):
+    """IHVP and push_apply with bfloat16 and float16 storage against float32 (the same rounded
+    values): the 16-bit passes read half the bytes."""
+    from . import _precision
+
+    base = _LowRank(xp, d, seed=5).matrix(m + FRESH)
+    x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
+    times = {}
+    for name in ("float32", "bfloat16", "float16"):
+        G = base if name == "float32" else _backend.encode(xp, base, name)
+        op = StaticInverse(G[:m], 1e-4)
+        w = DynamicInverse(d, m, 1e-4, dtype=name, xp=xp)
+        w.push_many(G[:m])
+        fresh = iter(range(m, m + FRESH))
+        times[name] = (timer(lambda: op @ x), timer(lambda: w.push_apply(G[next(fresh)]), repeat=5))
+        op = w = G = None
+    for name in ("bfloat16", "float16"):
+        ih, pa = (a / b for a, b in zip(times[name], times["float32"]))
+        note = "target ≤ 0.65" if name == "bfloat16" else ""
+        _row(rows, f"{name} / float32 storage: IHVP time (m={m}, d={d:.0e})", ih, "×", note)
+        _row(rows, f"{name} / float32 storage: push_apply time (m={m}, d={d:.0e})", pa, "×", note)
+    note = f"push_apply {times['float32'][1] * 1e3:.3g} ms; {_precision.of('float32').itemsize} bytes per value"
+    _row(rows, f"float32 IHVP, push_apply (m={m}, d={d:.0e})", times["float32"][0] * 1e3, "ms", note)
+
+
+def storage_memory(rows, m=64, d=10**7):
+    """Extra memory (tracemalloc peak beyond the result) of an IHVP and of a push with bfloat16
+    storage, against the stored G (2·m·d bytes)."""
+    import tracemalloc
+
+    xp = _backend.namespace_from_argument(None)
+    gen = _LowRank(xp, d, seed=9)
+    w = DynamicInverse(d, m, 1e-4, dtype="bfloat16")
+    for i in range(m):
+        w.push(gen.row(i))
+    op = StaticInverse(w._G, 1e-4)
+    x = gen.row(m + 1)
+    g = gen.row(m + 2)
+    op @ x
+    tracemalloc.start()
+    try:
+        y = op @ x
+        ihvp = tracemalloc.get_traced_memory()[1] - y.nbytes
+        y = None
+        tracemalloc.reset_peak()
+        w.push(g)
+        push = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = w._G.nbytes
+    _row(rows, f"bfloat16 G (m={m}, d={d:.0e})", size / 2**20, "MiB", "2·m·d bytes")
+    _row(rows, "IHVP extra memory / bfloat16 G", ihvp / size, "×", f"{ihvp / 2**20:.3g} MiB; target ≤ 0.1")
+    _row(rows, "push extra memory / bfloat16 G", push / size, "×", f"{push / 2**20:.3g} MiB; target ≤ 0.1")
+
+
 def drift_table(pushes: int = 100_000, m: int = 64, d: int = 2000, seed: int = 0) -> str:
     """Accuracy of a window after ``pushes`` pushes (docs/design.md §8 targets), every family, both
     storage dtypes, λ ∈ {1e-1, 1e-4, 1e-6}: each push is a gradient from a pool of 256 of the
@@ -417,8 +472,10 @@ def run(device: str = "cpu", quick: bool = False, out: str | None = None, plot: 
         if plot and plot_window_scaling(times, floors, plot):
             _row(rows, "plot of push_apply time against m", len(times), "points", plot)
         window_fill(rows, xp, 256 if quick else 1024, 20_000)
+        storage_speed(rows, timer, xp, d=20_000 if quick else 2_000_000)
         if not quick:
             window_large(rows, timer, xp, 8192, 10_000)
+            storage_memory(rows)
         from . import cpu
 
         where = f"{platform.processor() or platform.machine()}, compiled CPU passes: {cpu.available()}"

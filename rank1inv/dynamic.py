@@ -306,22 +306,27 @@ class DynamicInverse(InverseOperator):
         return self._stage_pushes([(slot, g_s, e)]), slot, g_s, out_dtype
 
     def _apply_to_stored(self, slot: int, g_s, out_dtype):
-        """F⁻¹g for the gradient g_s stored in ``slot`` (push_apply's second half)."""
+        """F⁻¹g for the gradient g_s stored in ``slot`` (push_apply's second half). The one-pass
+        form needs no float64 copy of g; the corrected form builds it on demand."""
         xp = self._xp
         grp = self._groups()[0]
-        g64 = xp.empty((1, self._dim, 1), dtype=xp.float64, device=_backend.device(self._G))
-        _backend.decode_into(xp, g64[0, :, 0], g_s)
-        e_x = _scaling.exponent(_passes.max_abs(xp, g64))
-        X = _backend.ldexp(xp, g64, -e_x)
+        e_x = _scaling.exponent(_passes.max_abs(xp, g_s))
+
+        def normalized():
+            g64 = xp.empty((1, self._dim, 1), dtype=xp.float64, device=_backend.device(self._G))
+            _backend.decode_into(xp, g64[0, :, 0], g_s)
+            return _backend.ldexp(xp, g64, -e_x, out=g64)
+
         if self._uses_dense:
-            y, exponent = grp.apply(X), e_x + grp.inverse_exponent
+            y, exponent = grp.apply(normalized()), e_x + grp.inverse_exponent
         else:
             E = xp.zeros((1, self._capacity, 1), dtype=xp.float64, device=_backend.device(self._G))
             E[0, slot, 0] = 1.0
             # G'x̂ = (σ²Gg)·σ⁻¹·2^-e: the new Gram row, which is in the frame already
             P = _backend.ldexp(xp, self._gram[None, :, slot : slot + 1], self._frame - e_x)
-            y, exponent = grp.apply_to_gradients(E, X, P, e_x)
-        return _backend.cast_result(xp, _backend.ldexp(xp, y[0, :, 0], exponent), out_dtype, "F⁻¹g")
+            y, exponent = grp.apply_to_gradients(E, normalized, P, e_x)
+        y = _backend.ldexp(xp, y[0, :, 0], exponent, out=y[0, :, 0])
+        return _backend.cast_result(xp, y, out_dtype, "F⁻¹g")
 
     # -- internals: validation ----------------------------------------------------------------
     def _gradient(self, g, name: str = "g"):
@@ -397,7 +402,8 @@ class DynamicInverse(InverseOperator):
         X = xp.empty((1, self._dim, k), dtype=xp.float64, device=_backend.device(self._G))
         for t, (_, g_s, _) in enumerate(items):
             _backend.decode_into(xp, X[0, :, t], g_s)
-        X = X * sigma  # σg: exact
+        if sigma != 1.0:
+            X *= sigma  # σg: exact, in place (a d-long float64 array per gradient is the push's only one)
         # slots past the last occupied one hold zero rows: the pass skips them (a filling window
         # reads n rows, not capacity)
         occupied = np.flatnonzero(self._ages >= 0)
@@ -405,8 +411,8 @@ class DynamicInverse(InverseOperator):
         cross = xp.zeros((self._capacity, k), dtype=xp.float64, device=_backend.device(self._G))
         if hi:
             cross[:hi, :] = _passes.project(xp, self._G[None, :hi, :], X, self._accumulate, sigma)[0, ...]
-        if k == 1:  # elementwise: a BLAS call here would wake multi-threaded BLAS (docs/benchmarks.md)
-            inner = xp.sum(X[0, ...] * X[0, ...], axis=0, keepdims=True)
+        if k == 1:  # no BLAS call (it would wake multi-threaded BLAS, docs/benchmarks.md), no temporary
+            inner = _backend.sumsq(xp, X)
         else:
             inner = xp.matrix_transpose(X[0, ...]) @ X[0, ...]  # (k, k)
         holder, step_rows = {}, []  # holder: slot -> batch item stored there now

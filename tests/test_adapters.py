@@ -107,6 +107,50 @@ def test_mfac_step_equals_dynamic_inverse():
         np.testing.assert_allclose(after, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize(
+    "param_dtype,storage", [("bfloat16", None), ("float16", None), ("float32", "bfloat16"), ("float32", "float16")]
+)
+def test_mfac_16bit_storage(param_dtype, storage):
+    """16-bit parameters get a 16-bit window; a 16-bit window of float32 gradients halves the
+    memory. The step equals a DynamicInverse of the same storage fed the same gradients."""
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(0)
+    model = _mlp().to(getattr(torch, param_dtype))
+    params = list(model.parameters())
+    d = sum(p.numel() for p in params)
+    opt = ta.MFAC(params, lr=0.1, ngrads=4, damp=1e-2, dtype=storage)
+    name = storage or param_dtype
+    w = r1.DynamicInverse(d, 4, 1e-2, dtype=name)
+    assert opt._windows[0][0]._G.nbytes == 2 * 4 * d
+    for i in range(6):
+        x, y = _batch(i)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x.to(params[0].dtype)).float(), y).backward()
+        before = ta.flatten(params).float().clone()
+        g = ta.to_array(torch.cat([p.grad.reshape(-1) for p in params]))
+        step = w.push_apply(np.array(g, copy=True))
+        opt.step()
+        after = ta.flatten(params).float()
+        expected = before - 0.1 * torch.from_numpy(np.asarray(step, dtype=np.float32))
+        tol = 2**-7 if param_dtype != "float32" else 1e-6  # the parameters' own rounding
+        assert torch.allclose(
+            after, expected.to(params[0].dtype).float(), rtol=tol, atol=tol * float(expected.abs().max())
+        )
+
+
+def test_torch_bfloat16_conversion_shares_memory():
+    from rank1inv.adapters import torch as ta
+
+    t = torch.randn(7, dtype=torch.bfloat16)
+    a = ta.to_array(t)
+    assert str(a.dtype) == "bfloat16" and np.shares_memory(a, t.view(torch.uint16).numpy())
+    back = ta.to_tensor(a)
+    assert back.dtype == torch.bfloat16 and torch.equal(back, t)
+    op = r1.StaticInverse(ta.to_array(torch.randn(3, 7, dtype=torch.bfloat16)), 1e-2)
+    assert op.storage_dtype == "bfloat16" and op.dtype == np.float32
+
+
 def test_mfac_options_run():
     from rank1inv.adapters import torch as ta
 
@@ -182,3 +226,27 @@ def test_jax_mfac_equals_dynamic_inverse(jit):
         np.testing.assert_allclose(np.asarray(flat_u), -0.1 * buf, rtol=1e-6, atol=1e-7)
         params = optax.apply_updates(params, updates)
     assert len(ja.window_of(tx)) == 3
+
+
+def test_jax_mfac_16bit_storage():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from rank1inv.adapters import jax as ja
+
+    rng = np.random.default_rng(0)
+    for params, storage, expected in (
+        ({"w": jnp.ones((5, 3), jnp.bfloat16)}, None, "bfloat16"),
+        ({"w": jnp.ones((5, 3), jnp.float32)}, "float16", "float16"),
+    ):
+        tx = ja.mfac(0.1, ngrads=4, damp=1e-2, dtype=storage)
+        state = tx.init(params)
+        w_ref = r1.DynamicInverse(15, 4, 1e-2, dtype=expected)
+        for _ in range(3):
+            g = {"w": jnp.asarray(rng.standard_normal((5, 3)), params["w"].dtype)}
+            updates, state = jax.jit(tx.update)(g, state)
+            ref = -0.1 * w_ref.push_apply(np.asarray(g["w"]).reshape(-1))
+            np.testing.assert_allclose(
+                np.asarray(updates["w"], dtype=np.float64).reshape(-1), ref, rtol=1e-2, atol=1e-2
+            )
+        assert ja.window_of(tx).storage_dtype == expected and ja.window_of(tx)._G.nbytes == 2 * 4 * 15

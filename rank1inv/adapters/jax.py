@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from .. import _precision
 from ..dynamic import DynamicInverse
 
 
@@ -46,12 +47,12 @@ class MFACState(NamedTuple):
 class _Window:
     """The host side of ``mfac``: one DynamicInverse, created by ``init``."""
 
-    def __init__(self, ngrads, damp, scale):
-        self.ngrads, self.damp, self.scale = ngrads, damp, scale
+    def __init__(self, ngrads, damp, scale, dtype=None):
+        self.ngrads, self.damp, self.scale, self.dtype = ngrads, damp, scale, dtype
         self.window: DynamicInverse | None = None
 
     def reset(self, dim: int, dtype) -> None:
-        name = "float64" if np.dtype(dtype) == np.float64 else "float32"
+        name = self.dtype or _precision.of(dtype).name
         self.window = DynamicInverse(dim, self.ngrads, self.damp, scale=self.scale, dtype=name)
 
     def push_apply(self, g):
@@ -59,7 +60,8 @@ class _Window:
         return np.asarray(self.window.push_apply(g), dtype=g.dtype)
 
 
-def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, momentum: float = 0.0, scale=None):
+def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, momentum: float = 0.0, scale=None,
+         dtype=None):  # fmt: skip
     """M-FAC (M-FAC §4.2) as an ``optax.GradientTransformation``: updates = −lr·F⁻¹g (with
     optional heavy-ball momentum), F the damped empirical Fisher of the last ``ngrads`` gradients.
 
@@ -67,9 +69,10 @@ def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, moment
     it through ``jax.experimental.io_callback(ordered=True)``, so it works eagerly and inside
     ``jax.jit`` (calls stay in program order). It cannot be ``vmap``-ed or differentiated, and one
     transformation serves one training run (``init`` starts a new window). ``window_of(tx)``
-    returns the window (e.g. for ``state_dict()`` checkpoints).
+    returns the window (e.g. for ``state_dict()`` checkpoints). ``dtype`` is the window's storage
+    dtype (None: the parameters'; "bfloat16"/"float16" halve the memory of float32 ones).
     """
-    host = _Window(ngrads, damp, scale)
+    host = _Window(ngrads, damp, scale, None if dtype is None else _precision.of(dtype).name)
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)

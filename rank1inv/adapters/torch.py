@@ -11,27 +11,45 @@ import numbers
 import numpy as np
 import torch
 
+from .. import _precision
 from ..dynamic import DynamicInverse, push_apply_all
 
 
 # ------------------------------------------------------------------------------ conversion
 def to_array(tensor: torch.Tensor):
-    """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory (detached, zero-copy)."""
+    """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory (detached, zero-copy).
+    bfloat16 tensors become ``ml_dtypes.bfloat16`` arrays on the CPU and uint16 bit patterns on
+    CUDA (CuPy has no bfloat16; rank1inv reads uint16 CuPy arrays as bfloat16)."""
     t = tensor.detach()
+    bits = t.dtype == torch.bfloat16
+    if bits:
+        t = t.view(torch.uint16)
     if t.device.type == "cuda":
         import cupy
 
         return cupy.from_dlpack(t)
     if t.device.type != "cpu":
         raise TypeError(f"tensors on {t.device.type} are not supported (CPU or CUDA only)")
-    return t.numpy()
+    a = t.numpy()
+    return a.view(_precision.numpy_dtype("bfloat16")) if bits else a
 
 
 def to_tensor(array) -> torch.Tensor:
-    """A tensor sharing the memory of a NumPy or CuPy array (zero-copy, via DLPack)."""
+    """A tensor sharing the memory of a NumPy or CuPy array (zero-copy, via DLPack); bfloat16
+    arrays (ml_dtypes) become bfloat16 tensors."""
     if isinstance(array, np.ndarray):
+        if array.dtype == _precision.numpy_dtype("bfloat16"):
+            return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(array)
     return torch.from_dlpack(array)
+
+
+_TORCH_STORAGE = {
+    torch.float64: "float64",
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
 
 
 # ------------------------------------------------------------------------------ flat vectors
@@ -141,12 +159,17 @@ class MFAC(torch.optim.Optimizer):
     blocks : None, "groups" or int
         None: one window over all parameters; "groups": one window per parameter group;
         an int B: consecutive blocks of B coordinates of the flattened parameters, one window each.
+    dtype : None, "float64", "float32", "bfloat16" or "float16"
+        Storage dtype of the windows. None: the parameters' dtype (float64, float32, bfloat16 and
+        float16 parameters all work). A 16-bit window of float32 gradients halves the memory;
+        every reduction still accumulates in float64.
 
-    Memory: ngrads × d gradients in the parameters' dtype, on their device. ``state_dict()``
+    Memory: ngrads × d gradients in ``dtype``, on the parameters' device. ``state_dict()``
     carries the windows, so a resumed run continues bit for bit.
     """
 
-    def __init__(self, params, lr, *, ngrads=1024, damp=1e-5, momentum=0.0, weight_decay=0.0, scale=None, blocks=None):
+    def __init__(self, params, lr, *, ngrads=1024, damp=1e-5, momentum=0.0, weight_decay=0.0, scale=None, blocks=None,
+                 dtype=None):  # fmt: skip
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
             raise ValueError(f"lr must be a number > 0, got {lr!r}")
         if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral):
@@ -160,9 +183,18 @@ class MFAC(torch.optim.Optimizer):
         int_blocks = isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool)
         if not (blocks is None or (isinstance(blocks, str) and blocks == "groups") or (int_blocks and blocks >= 1)):
             raise ValueError(f"blocks must be None, 'groups' or a positive int, got {blocks!r}")
+        if dtype is not None:
+            dtype = _precision.of(dtype).name
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.ngrads, self.damp, self.scale, self.blocks = int(ngrads), float(damp), scale, blocks
+        self.ngrads, self.damp, self.scale, self.blocks, self.dtype = int(ngrads), float(damp), scale, blocks, dtype
+        for unit in self._units():  # refused here, not at step()
+            kinds = {p.dtype for p in unit}
+            if len(kinds) > 1 or not kinds <= set(_TORCH_STORAGE):
+                raise TypeError(
+                    f"M-FAC needs the parameters of one window in one dtype of {list(_TORCH_STORAGE.values())}, "
+                    f"got {sorted(str(k) for k in kinds)} (use blocks='groups' with one dtype per group)"
+                )
         self._windows = self._make_windows()
 
     # one "unit" = the parameters whose flattened gradients share one buffer
@@ -181,7 +213,7 @@ class MFAC(torch.optim.Optimizer):
                 import cupy
 
                 xp = cupy
-            dtype = "float64" if t.dtype == torch.float64 else "float32"
+            dtype = self.dtype or _TORCH_STORAGE[t.dtype]
             d = t.numel()
             size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
             windows.append(
@@ -202,8 +234,6 @@ class MFAC(torch.optim.Optimizer):
         flats, jobs = [], []
         for buf, windows in zip(self._buffers, self._windows):
             g = buf.gather()
-            if g.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"M-FAC supports float32/float64 parameters, got {g.dtype}")
             flats.append(g)
             a = 0
             for w in windows:

@@ -158,7 +158,7 @@ def project(Gg, X):
     return np.moveaxis(p, 1, -1)
 
 
-def combine(Gg, X, C, alpha: float, beta: float):
+def combine(Gg, X, C, alpha: float, beta: float, out=None):
     """α·X + β·GgᵀC per block for Gg (nb, m, B) (float32 or 16-bit), X (nb, B, k) float64 or None, C (nb, m, k)
     → (nb, B, k) float64. One block: columns split over workers (all k vectors in one pass over
     G); several blocks: blocks split over workers, one pass per vector."""
@@ -170,7 +170,9 @@ def combine(Gg, X, C, alpha: float, beta: float):
         return np.concatenate([combine(Gg, x, c, alpha, beta) for x, c in cols], axis=-1)
     c = np.ascontiguousarray(np.moveaxis(C, -1, 1), dtype=np.float64)  # (nb, k, m)
     x = None if X is None else np.ascontiguousarray(np.moveaxis(X, -1, 1), dtype=np.float64)  # (nb, k, B)
-    y = np.empty((nb, k, d))
+    # ``out`` (nb, B, k), possibly X itself: used as the kernel's (nb, k, B) output where the two
+    # layouts are the same memory (k = 1, contiguous); the kernel reads x[j] before writing y[j]
+    y = np.moveaxis(out, -1, 1) if (out is not None and k == 1 and out.flags.c_contiguous) else np.empty((nb, k, d))
 
     def cols(part):
         a, b = part

@@ -84,14 +84,15 @@ def project(Gg, X):
     return p[None, :, None]
 
 
-def combine(Gg, X, C, alpha: float, beta: float):
+def combine(Gg, X, C, alpha: float, beta: float, out=None):
     """α·X + β·GᵀC for Gg (1, m, d) (float32 or 16-bit), X (1, d, 1) float64 or None, C (1, m, 1)
     → (1, d, 1)."""
     G = Gg[0]
     m, d = G.shape
     x = cupy.zeros((1,), dtype=cupy.float64) if X is None else cupy.ascontiguousarray(X[0, :, 0], dtype=cupy.float64)
     c = cupy.ascontiguousarray(C[0, :, 0], dtype=cupy.float64)
-    y = cupy.empty((d,), dtype=cupy.float64)
+    # ``out`` (1, d, 1), possibly X itself: each thread reads x[j] before it writes y[j]
+    y = out[0, :, 0] if (out is not None and out[0, :, 0].flags.c_contiguous) else cupy.empty((d,), dtype=cupy.float64)
     per_block = COMBINE_THREADS * 4
     _function("passes.cu", f"combine<{_element(Gg)}>")(
         (-(-d // per_block),),

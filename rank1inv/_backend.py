@@ -12,6 +12,9 @@ refused at the public entry points with a TypeError that names the adapter to us
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import array_api_compat
 import numpy as np
 import scipy.linalg
@@ -126,12 +129,39 @@ def plain_float(xp, x) -> bool:
 
 
 def decode_into(xp, out, src):
-    """out[...] = src as float64, for every storage dtype (bfloat16 bit patterns on CuPy are
-    widened to float32 by a shift, which is exact)."""
+    """out[...] = src as float64, for every storage dtype, exactly. On CuPy, bfloat16 bit
+    patterns are widened by a shift, and float32 subnormals are decoded from their bits: CuPy
+    compiles its kernels with -ftz=true, which would flush them to zero where the CPU keeps
+    them (issue 18.5, CPU/GPU parity; the pass kernels decode the same way)."""
     if is_cupy(xp) and src.dtype == xp.uint16:
         out[...] = (src.astype(xp.uint32) << 16).view(xp.float32)
+    elif is_cupy(xp) and src.dtype == xp.float32:
+        _decode_float32_cupy(out, src)
     else:
         out[...] = src
+
+
+def _decode_float32_cupy(out, src):
+    import cupy
+
+    kernel = _float32_decoder()
+    kernel(src.view(cupy.uint32), out)
+
+
+@functools.cache
+def _float32_decoder():
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "uint32 u",
+        "float64 y",
+        """
+        const unsigned e = (u >> 23) & 0xffu;
+        const double v = e ? (double)__uint_as_float(u & 0x7fffffffu) : (double)(u & 0x7fffffu) * 1.401298464324817e-45;
+        y = (u >> 31) ? -v : v;
+        """,
+        "rank1inv_decode_float32",
+    )
 
 
 def decoded(xp, a):
@@ -151,6 +181,28 @@ def to_host(x) -> np.ndarray:
     if hasattr(x, "get"):
         return x.get()
     return np.asarray(x)
+
+
+def device_scope(xp, anchor):
+    """A context in which new arrays land on ``anchor``'s device: array-api-compat's CuPy
+    ``zeros``/``empty``/``eye`` ignore ``device=`` and allocate on the current device, so every
+    public entry point runs under this scope (a no-op on NumPy)."""
+    if not is_cupy(xp) or anchor is None:
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.Device(anchor.device.id)
+
+
+def on_device(method):
+    """Decorator: run a method of an object with ``_xp`` and ``_anchor()`` under its device."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with device_scope(self._xp, self._anchor()):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def all_finite(xp, x) -> bool:

@@ -123,6 +123,7 @@ class _BlockOperator(_backend.HoldsNamespace):
             raise ValueError(f"matvec expects shape ({self._dim},) or ({self._dim}, 1), got {tuple(x.shape)}")
         return self._product(x, "x")
 
+    @_backend.on_device
     def _product(self, x, name):
         X, was_1d, out_dtype = self._rhs(x, name)
         Y = _backend.cast_result(self._xp, self._apply64(X, name), out_dtype, "the product")
@@ -145,6 +146,7 @@ class _BlockOperator(_backend.HoldsNamespace):
         ``cupyx.scipy.sparse.linalg.LinearOperator`` (CuPy data); symmetric, rmatvec = matvec."""
         return _backend.linear_operator(self._xp, self.shape, self.dtype, self.matvec, self.matmat)
 
+    @_backend.on_device
     def to_dense(self, max_dim: int = DENSE_LIMIT):
         """The d×d matrix (op.dtype). O(d²m); refused (ValueError) when d > max_dim."""
         if self._dim > max_dim:
@@ -167,6 +169,7 @@ class InverseOperator(_BlockOperator):
     def _group_product(self, group, X):
         return group.apply(X), group.inverse_exponent
 
+    @_backend.on_device
     def diag(self, indices=None):
         """Diagonal of F⁻¹: shape (d,), or (len(indices),) for selected indices; op.dtype.
 
@@ -183,6 +186,7 @@ class InverseOperator(_BlockOperator):
         d = parts[0] if len(parts) == 1 else xp.concat(parts)
         return _backend.cast_result(xp, d, self.dtype, "the diagonal")
 
+    @_backend.on_device
     def entries(self, rows, cols):
         """Vector of F⁻¹[rows[t], cols[t]], shape (n,), op.dtype. O(m) per entry after the
         cached whitening W = L⁻¹G (O(dm²) once, 8·d·m bytes; above 2 GiB no cache and O(m²) per
@@ -212,6 +216,7 @@ class InverseOperator(_BlockOperator):
                 out[p] = _backend.ldexp(xp, grp.pairs(xp.take(off_r, p), xp.take(off_c, p)), grp.inverse_exponent)
         return _backend.cast_result(xp, out, out_dtype, "the entries")
 
+    @_backend.on_device
     def column(self, j):
         """F⁻¹e_j, shape (d,), op.dtype. Cost of one product, O(dm)."""
         xp = self._xp
@@ -222,6 +227,7 @@ class InverseOperator(_BlockOperator):
         e[idx, :] = 1.0
         return _backend.cast_result(xp, self._apply64(e)[:, 0], self.dtype, "the column")
 
+    @_backend.on_device
     def submatrix(self, indices):
         """Dense F⁻¹[indices][:, indices], shape (k, k), op.dtype. O(k²m) after the cached whitening."""
         xp = self._xp
@@ -236,6 +242,7 @@ class InverseOperator(_BlockOperator):
                 out[pos[:, None], pos[None, :]] = _backend.ldexp(xp, grp.cross(o, o), grp.inverse_exponent)
         return _backend.cast_result(xp, out, self.dtype, "the submatrix")
 
+    @_backend.on_device
     def logdet(self) -> float:
         """log det F (a Python float), from the factors: O(m) per block after construction."""
         return float(sum(grp.logdet() for grp in self._groups()))
@@ -265,12 +272,14 @@ class FisherOperator(_BlockOperator):
     def _anchor(self):
         return self._inverse_op._anchor()
 
+    @_backend.on_device
     def diag(self):
         """Diagonal of F: λ + s·Σ_i G[i, j]², shape (d,), op.dtype. O(dm)."""
         xp = self._xp
         parts = [_backend.ldexp(xp, grp.fisher_diag(), grp.fisher_exponent) for grp in self._groups()]
         return _backend.cast_result(xp, parts[0] if len(parts) == 1 else xp.concat(parts), self.dtype, "the diagonal")
 
+    @_backend.on_device
     def logdet(self) -> float:
         """log det F (a Python float), as ``inverse().logdet()``."""
         return self._inverse_op.logdet()

@@ -183,6 +183,7 @@ class DynamicInverse(InverseOperator):
                 )  # fmt: skip
         return [self._group]
 
+    @_backend.on_device
     def gradients(self):
         """The stored gradients, oldest first: a new (len, dim) array in the storage dtype."""
         order = self._order()
@@ -195,6 +196,7 @@ class DynamicInverse(InverseOperator):
         """Occupied slots, oldest first."""
         return [int(i) for i in self._order()]
 
+    @_backend.on_device
     def coefficients(self):
         """M-FAC's (D, B) for the window in age order (oldest first), each (len, len) float64:
         D upper triangular, B lower triangular with diagonal 1/λ (M-FAC eq. 8–10, with n = 1/s).
@@ -206,6 +208,7 @@ class DynamicInverse(InverseOperator):
         return self._coef
 
     # -- updates ----------------------------------------------------------------------------
+    @_backend.on_device
     def add(self, g) -> int:
         """Store g in a free slot and return the slot. ValueError when the window is full.
         Cost: one pass over G (O(d·capacity)) plus O(capacity²)."""
@@ -216,6 +219,7 @@ class DynamicInverse(InverseOperator):
         self._commit(self._stage_pushes([(slot, g_s, e)]))
         return slot
 
+    @_backend.on_device
     def push(self, g) -> int:
         """Add g, evicting the oldest gradient when full (the M-FAC step); returns its slot.
         Cost: one pass over G plus O(capacity²)."""
@@ -224,6 +228,7 @@ class DynamicInverse(InverseOperator):
         self._commit(self._stage_pushes([(slot, g_s, e)]))
         return slot
 
+    @_backend.on_device
     def push_many(self, G_new) -> list[int]:
         """Push the k rows of G_new (k, dim) in order, as k calls of ``push`` would (the same
         window to rounding), and return their slots. One pass over the window for all k Gram
@@ -246,6 +251,7 @@ class DynamicInverse(InverseOperator):
             self._commit(self._stage_pushes(items))
         return [slot for slot, _, _ in items]
 
+    @_backend.on_device
     def remove(self, slot) -> None:
         """Empty an occupied slot. Cost O(capacity²) (O(capacity³) with scale="count")."""
         slot = self._occupied(slot)
@@ -263,6 +269,7 @@ class DynamicInverse(InverseOperator):
         stage.dense = self._stage_dense(stage)
         self._commit(stage)
 
+    @_backend.on_device
     def replace(self, slot, g) -> None:
         """Overwrite the gradient in an occupied slot; the slot keeps its age. Cost: one pass over
         G plus O(k² + capacity·(capacity − k)²) for the k-th oldest (O(capacity²) for the
@@ -296,6 +303,7 @@ class DynamicInverse(InverseOperator):
         """
         return push_apply_all([self], [g])[0]
 
+    @_backend.on_device
     def _prepare_push(self, g):
         """Validate and stage a push of g: (stage, slot, g_s, output dtype). Writes nothing."""
         g_s, e = self._gradient(g)
@@ -305,6 +313,7 @@ class DynamicInverse(InverseOperator):
         slot = self._next_slot(self._ages)
         return self._stage_pushes([(slot, g_s, e)]), slot, g_s, out_dtype
 
+    @_backend.on_device
     def _apply_to_stored(self, slot: int, g_s, out_dtype):
         """F⁻¹g for the gradient g_s stored in ``slot`` (push_apply's second half). The one-pass
         form needs no float64 copy of g; the corrected form builds it on demand."""
@@ -584,6 +593,7 @@ class DynamicInverse(InverseOperator):
         return undo
 
     # -- state ----------------------------------------------------------------------------
+    @_backend.on_device
     def state_dict(self, *, xp=None) -> dict:
         """The whole window as plain Python values and arrays, enough to resume bit for bit.
 
@@ -619,6 +629,7 @@ class DynamicInverse(InverseOperator):
             state = {k: (xp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in state.items()}
         return state
 
+    @_backend.on_device
     def load_state_dict(self, state, *, rebuild: bool = False) -> None:
         """Load a ``state_dict()`` (format 2, or format 1 of rank1inv 0.1). dim, capacity and dtype
         must match this window; damp, scale and accumulate are taken from the state. Arrays may
@@ -749,7 +760,8 @@ def push_apply_all(windows, gradients) -> list:
     undos = []
     try:
         for w, (stage, _, _, _) in zip(windows, prepared):
-            undos.append(w._commit(stage))
+            with _backend.device_scope(w._xp, w._anchor()):
+                undos.append(w._commit(stage))
         return [w._apply_to_stored(slot, g_s, dt) for w, (_, slot, g_s, dt) in zip(windows, prepared)]
     except BaseException:
         for undo in reversed(undos):

@@ -77,9 +77,10 @@ class StaticInverse(InverseOperator):
         self._xp, self._dim, self._dtype = xp, d, _precision.of(policy).output
         self._storage = policy
         self._G = G
-        self._group_list = [
-            make_group(xp, G, run, self._damp, self._scale, self._accumulate) for run in self._layout.runs
-        ]
+        with _backend.device_scope(xp, G):  # CuPy allocations on G's device, not the current one
+            self._group_list = [
+                make_group(xp, G, run, self._damp, self._scale, self._accumulate) for run in self._layout.runs
+            ]
 
     def _groups(self):
         return self._group_list

@@ -52,3 +52,23 @@ def test_gpu_bench_runs():
             "push_apply / floor, full window",
         ],  # fmt: skip
     )
+
+
+def test_gpu_check_dry_run_fits_the_device_budget(capsys):
+    """The device script's steps, estimated at ≤ 6 minutes of H100/H200 time in all."""
+    from pathlib import Path
+
+    from rank1inv import gpu_check
+
+    assert gpu_check.run(Path("unused"), dry_run=True) == 0
+    text = capsys.readouterr().out
+    assert "kernels against their mirrors" in text and "benchmark, full rows" in text
+    assert sum(s.estimate_s for s in gpu_check.steps(Path("x"))) <= 360
+    assert all(s.timeout_s >= s.estimate_s for s in gpu_check.steps(Path("x")))
+
+
+def test_cli_help_exits_zero():
+    from rank1inv.__main__ import main
+
+    assert main(["--help"]) == 0
+    assert main(["no-such-command"]) == 2

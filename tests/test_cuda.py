@@ -28,6 +28,22 @@ def test_kernel_compiles_with_nvcc(source, tmp_path):
     assert res.returncode == 0, res.stderr
 
 
+def test_launch_constants_match_the_defines():
+    """The launchers and mirrors use the kernels' own constants (read from the #defines)."""
+    import re
+
+    from rank1inv import _coef
+
+    defines = {}
+    for source in SOURCES:
+        for name, value in re.findall(r"^#define (\w+) (\d+)\b", (CUDA_DIR / source).read_text(), re.M):
+            defines[name] = int(value)
+    for name in ("PROJECT_THREADS", "PROJECT_PER_THREAD", "COMBINE_THREADS", "COMBINE_PER_THREAD", "DROP_THREADS",
+                 "DROP_PER_THREAD", "TILE"):  # fmt: skip
+        assert defines[name] == getattr(mirrors, name), name
+    assert _coef.TILE == defines["TILE"]
+
+
 def test_sources_are_shipped():
     assert {"mfac_b.cu", "passes.cu", "forward_substitution.cu", "cholesky_update.cu"} <= set(SOURCES)
 
@@ -213,3 +229,68 @@ def test_second_device_if_present():
         op = r1.StaticInverse(G, 1e-1)
         y = op @ cupy.ones(3000, dtype=cupy.float32)
         assert y.device.id == 1
+
+
+@pytest.mark.gpu
+def test_cusolver_failure_is_an_error_not_a_partial_factor():
+    """With CuPy's default linalg='ignore' a failed Cholesky factorization can return a finite
+    partial factor; rank1inv checks cuSOLVER's code and refuses, as on the CPU."""
+    import cupy
+
+    xp = _backend.namespace_from_argument(cupy)
+    with pytest.raises(ValueError, match="positive definite"):
+        _backend.cholesky(xp, cupy.asarray([[1.0, 2.0], [2.0, 1.0]]))
+    w = r1.DynamicInverse(2, 4, 1e-3, dtype="float64", xp=cupy)
+    w.add(cupy.asarray([1.0, 0.0]))
+    with pytest.raises(ValueError, match="cannot be stored"):
+        w.push_apply(cupy.asarray([1e30, 1e30]))
+    assert len(w) == 1
+
+
+@pytest.mark.gpu
+def test_b_schedules_are_bitwise_equal_on_the_gpu():
+    import cupy
+
+    xp = _backend.namespace_from_argument(cupy)
+    for m in (33, 300, 1000):
+        A = np.random.default_rng(m).standard_normal((m, m + 8))
+        D, _ = _coef.coefficients(_backend.namespace_from_argument(None), A @ A.T, 0.1, float(m))
+        Dd = cupy.asarray(D)
+        a = _backend.kernels(xp).mfac_b(Dd, float(m), 0.1, schedule="sweeps")
+        b = _backend.kernels(xp).mfac_b(Dd, float(m), 0.1, schedule="columns")
+        assert bool(cupy.all(a == b)), m
+
+
+@pytest.mark.gpu
+def test_subnormal_gradients_read_the_same_on_gpu_and_cpu():
+    """CuPy compiles with -ftz=true; every pass and tile decodes float32 from its bits."""
+    import cupy
+
+    G = testing.gradients("iid", 12, 500, seed=2)
+    G[:, ::3] *= np.float32(1e-42)  # subnormal float32
+    x = np.random.default_rng(0).standard_normal(500)
+    for damp in (1e-80, 1e-3):
+        cpu = r1.StaticInverse(G, damp)
+        gpu = r1.StaticInverse(cupy.asarray(G), damp)
+        np.testing.assert_allclose(host(gpu @ cupy.asarray(x)), cpu @ x, rtol=1e-12, atol=1e-12 * np.abs(cpu @ x).max())
+        np.testing.assert_allclose(host(gpu.diag()), cpu.diag(), rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_arrays_on_device_1_while_device_0_is_current():
+    import cupy
+
+    if cupy.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("one device")
+    with cupy.cuda.Device(1):
+        G = cupy.asarray(testing.gradients("iid", 16, 3000, seed=3))
+        w = r1.DynamicInverse(3000, 8, 1e-2, xp=cupy)
+    with cupy.cuda.Device(0):
+        op = r1.StaticInverse(G, 1e-1)
+        with cupy.cuda.Device(1):
+            x = cupy.ones(3000, dtype=cupy.float32)
+        y = op @ x
+        assert y.device.id == 1 and op.diag().device.id == 1
+        for row in G[:10]:
+            z = w.push_apply(row)
+        assert z.device.id == 1 and w._R.device.id == 1

@@ -6,6 +6,7 @@ No curvature math here: tensors are handed to ``DynamicInverse`` / ``StaticInver
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import numpy as np
@@ -42,6 +43,21 @@ def to_tensor(array) -> torch.Tensor:
             return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(array)
     return torch.from_dlpack(array)
+
+
+def _cuda_context(tensor, stream: bool = False):
+    """For a CUDA tensor: CuPy's device set to the tensor's, and with ``stream`` CuPy's current
+    stream set to torch's current stream on it (so kernels, DLPack hand-overs and CuPy's pool
+    reuse are ordered with torch's work). A no-op on the CPU."""
+    if tensor.device.type != "cuda":
+        return contextlib.nullcontext()
+    import cupy
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(cupy.cuda.Device(tensor.device.index))
+    if stream:
+        stack.enter_context(cupy.cuda.ExternalStream(torch.cuda.current_stream(tensor.device).cuda_stream))
+    return stack
 
 
 _TORCH_STORAGE = {
@@ -216,12 +232,13 @@ class MFAC(torch.optim.Optimizer):
             dtype = self.dtype or _TORCH_STORAGE[t.dtype]
             d = t.numel()
             size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
-            windows.append(
-                [
-                    DynamicInverse(min(size, d - a), self.ngrads, self.damp, scale=self.scale, dtype=dtype, xp=xp)
-                    for a in range(0, d, size)
-                ]
-            )
+            with _cuda_context(t):  # the window lives on the parameters' device
+                windows.append(
+                    [
+                        DynamicInverse(min(size, d - a), self.ngrads, self.damp, scale=self.scale, dtype=dtype, xp=xp)
+                        for a in range(0, d, size)
+                    ]
+                )
         return windows
 
     @torch.no_grad()
@@ -240,7 +257,8 @@ class MFAC(torch.optim.Optimizer):
                 n = w.shape[0]
                 jobs.append((w, to_array(g[a : a + n])))
                 a += n
-        results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
+        with _cuda_context(flats[0], stream=True):  # CuPy works on torch's stream: no race on the buffers
+            results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
         for buf, windows, g in zip(self._buffers, self._windows, flats):
             direction = torch.empty_like(g)
             a = 0

@@ -12,7 +12,15 @@ from pathlib import Path
 import cupy
 import numpy as np
 
-from .mirrors import COMBINE_THREADS, PROJECT_CHUNK, PROJECT_THREADS
+from .mirrors import (
+    COMBINE_PER_THREAD,
+    COMBINE_THREADS,
+    DROP_PER_THREAD,
+    DROP_THREADS,
+    PROJECT_CHUNK,
+    PROJECT_THREADS,
+    TILE,
+)
 
 _HERE = Path(__file__).parent
 _NAMES = {
@@ -22,8 +30,6 @@ _NAMES = {
 }
 # the passes' element type per storage dtype (the precision policy's cuda_pass)
 _ELEMENT = {"f32": "F32", "bf16": "BF16", "f16": "F16"}
-DROP_THREADS, DROP_PER_THREAD = 1024, 16  # as #defined in cholesky_update.cu
-TILE = 32
 # Up to this many tile rows B uses the column schedule (2 launches); beyond, the sweeps (nt
 # launches, more blocks in flight). Chosen without a GPU at hand: to be set from
 # `python -m rank1inv bench --device gpu`, which times both.
@@ -93,7 +99,7 @@ def combine(Gg, X, C, alpha: float, beta: float, out=None):
     c = cupy.ascontiguousarray(C[0, :, 0], dtype=cupy.float64)
     # ``out`` (1, d, 1), possibly X itself: each thread reads x[j] before it writes y[j]
     y = out[0, :, 0] if (out is not None and out[0, :, 0].flags.c_contiguous) else cupy.empty((d,), dtype=cupy.float64)
-    per_block = COMBINE_THREADS * 4
+    per_block = COMBINE_THREADS * COMBINE_PER_THREAD
     _function("passes.cu", f"combine<{_element(Gg)}>")(
         (-(-d // per_block),),
         (COMBINE_THREADS,),

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+# launch constants, as #defined in the .cu files (tests/test_cuda.py reads the #defines)
 PROJECT_THREADS = 256
 PROJECT_PER_THREAD = 8
 PROJECT_CHUNK = PROJECT_THREADS * PROJECT_PER_THREAD
 COMBINE_THREADS = 256
+COMBINE_PER_THREAD = 4
+DROP_THREADS = 1024
+DROP_PER_THREAD = 16
 
 
 def project(G, x):

@@ -1,6 +1,6 @@
 """PyTorch and JAX adapters: shared memory, optimizer steps equal DynamicInverse, exact resume."""
 
-import copy
+import io
 
 import numpy as np
 import pytest
@@ -172,7 +172,10 @@ def test_mfac_resume_is_exact():
     a = _mlp()
     opt_a = ta.MFAC(a.parameters(), lr=0.05, ngrads=5, damp=1e-2, momentum=0.5)
     _train(a, opt_a, 10)
-    state = copy.deepcopy(opt_a.state_dict())  # torch's state_dict holds live references
+    buf = io.BytesIO()
+    torch.save(opt_a.state_dict(), buf)  # plain tensors and Python scalars only
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
     model_state = {k: v.clone() for k, v in a.state_dict().items()}
     _train(a, opt_a, 50, start=10)
 

@@ -289,8 +289,10 @@ class MFAC(torch.optim.Optimizer):
             p.add_(d, alpha=-group["lr"])
 
     def state_dict(self):
+        """torch.optim's state plus the windows (their arrays as CPU tensors, so the whole dict
+        loads with ``torch.load(weights_only=True)``)."""
         state = super().state_dict()
-        state["mfac_windows"] = [[w.state_dict() for w in ws] for ws in self._windows]
+        state["mfac_windows"] = [[w.state_dict(xp=torch) for w in ws] for ws in self._windows]
         return state
 
     def load_state_dict(self, state_dict):

@@ -35,24 +35,15 @@ def _level2(xp, k: int):
     return None
 
 
-def solve_t(xp, R, B, n: int):
-    """R⁻ᵀB for the padded factor R (cap, cap) and B (cap, k) zero beyond n: a new array."""
+def triangular(xp, R, B, n: int, *, transposed: bool):
+    """R⁻ᵀB (``transposed``) or R⁻¹B for the padded factor R (cap, cap) and B (cap, k) zero
+    beyond n: a new array. The compiled level-2 loops on CPU, BLAS/cuBLAS otherwise."""
     kern = _level2(xp, B.shape[1])
     if kern is not None and kern.chol_drop_usable(R, n):
         out = np.array(B, dtype=np.float64, order="C")
-        kern.solve_upper(R, out, n, trans=True)
+        kern.solve_upper(R, out, n, trans=transposed)
         return out
-    return _backend.solve_triangular(xp, xp.matrix_transpose(R), B, lower=True)
-
-
-def solve(xp, R, B, n: int):
-    """R⁻¹B for the padded factor R (cap, cap) and B (cap, k) zero beyond n: a new array."""
-    kern = _level2(xp, B.shape[1])
-    if kern is not None and kern.chol_drop_usable(R, n):
-        out = np.array(B, dtype=np.float64, order="C")
-        kern.solve_upper(R, out, n, trans=False)
-        return out
-    return _backend.solve_triangular(xp, xp.matrix_transpose(R), B, lower=True, trans=True)
+    return _backend.solve_triangular(xp, xp.matrix_transpose(R), B, lower=True, trans=not transposed)
 
 
 # --------------------------------------------------------------------------- factor updates
@@ -106,7 +97,7 @@ def new_column(xp, R, n: int, a, alpha: float):
     cap = R.shape[0]
     b = xp.zeros((cap, 1), dtype=xp.float64, device=_backend.device(R))
     b[:n, 0] = a
-    r = solve_t(xp, R, b, n)[:n, 0]
+    r = triangular(xp, R, b, n, transposed=True)[:n, 0]
     rho2 = float(alpha - xp.sum(r * r))
     if not rho2 > 0.0:
         raise ValueError(
@@ -140,7 +131,7 @@ def refresh_from(xp, R, K_age, k: int) -> None:
     if k:
         rhs = xp.zeros((R.shape[0], 1), dtype=xp.float64, device=_backend.device(R))
         rhs[:k, 0] = K_age[:k, k]
-        R[:k, k] = solve_t(xp, R, rhs, k)[:k, 0]
+        R[:k, k] = triangular(xp, R, rhs, k, transposed=True)[:k, 0]
     top = R[:k, k:n]
     S = K_age[k:, k:] - xp.matrix_transpose(top) @ top
     R[k:n, k:n] = xp.matrix_transpose(_backend.cholesky(xp, S))
@@ -174,8 +165,8 @@ class WindowFactor(_backend.HoldsNamespace):
         """K'⁻¹P for P (cap, k) in slot order: two triangular solves with R, O(cap²k). Empty
         slots: P is zero there and so is the result (their rows of G are zero)."""
         xp = self.xp
-        y = solve_t(xp, self.R, self._to_age(P), self.n)
-        return self._from_age(solve(xp, self.R, y, self.n))
+        y = triangular(xp, self.R, self._to_age(P), self.n, transposed=True)
+        return self._from_age(triangular(xp, self.R, y, self.n, transposed=False))
 
     def solve(self, P, b0=0, b1=None):
         """K'⁻¹P for P (1, cap, k): two triangular solves, O(cap²k), backward stable for the
@@ -186,7 +177,7 @@ class WindowFactor(_backend.HoldsNamespace):
 
     def whiten(self, P, b0=0, b1=None):
         """R⁻ᵀP in age coordinates for P (1, cap, k) (K' = RᵀR)."""
-        return solve_t(self.xp, self.R, self._to_age(P[0, ...]), self.n)[None, ...]
+        return triangular(self.xp, self.R, self._to_age(P[0, ...]), self.n, transposed=True)[None, ...]
 
     def logdet(self) -> float:
         """log det K' over all capacity slots: 2Σ log R_ii + (cap − n)·log μ'."""

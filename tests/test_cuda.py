@@ -219,19 +219,6 @@ def test_non_default_stream_and_linear_operator():
 
 
 @pytest.mark.gpu
-def test_second_device_if_present():
-    import cupy
-
-    if cupy.cuda.runtime.getDeviceCount() < 2:
-        pytest.skip("one device")
-    with cupy.cuda.Device(1):
-        G = cupy.asarray(testing.gradients("iid", 16, 3000, seed=3))
-        op = r1.StaticInverse(G, 1e-1)
-        y = op @ cupy.ones(3000, dtype=cupy.float32)
-        assert y.device.id == 1
-
-
-@pytest.mark.gpu
 def test_cusolver_failure_is_an_error_not_a_partial_factor():
     """With CuPy's default linalg='ignore' a failed Cholesky factorization can return a finite
     partial factor; rank1inv checks cuSOLVER's code and refuses, as on the CPU."""

@@ -253,3 +253,87 @@ def test_jax_mfac_16bit_storage():
                 np.asarray(updates["w"], dtype=np.float64).reshape(-1), ref, rtol=1e-2, atol=1e-2
             )
         assert ja.window_of(tx).storage_dtype == expected and ja.window_of(tx)._G.nbytes == 2 * 4 * 15
+
+
+def test_mfac_follows_torch_optim_semantics():
+    """Frozen parameters are left alone, a step without gradients pushes nothing, per-group
+    window options are honoured with blocks='groups' and refused across one window."""
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(0)
+    model = _mlp()
+    frozen = model[0].bias
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    opt = ta.MFAC(model.parameters(), lr=0.05, ngrads=3, damp=1e-2, weight_decay=0.1)
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert opt._windows[0][0].shape == (d, d)  # the frozen bias is in no window
+    _train(model, opt, 3)
+    assert torch.equal(frozen, before)  # neither decayed nor stepped
+    w = opt._windows[0][0]
+    pushed = len(w)
+    opt.zero_grad(set_to_none=True)
+    weights = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no gradients at all: nothing happens
+    assert len(w) == pushed and w.state_dict()["counter"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    x, y = _batch(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad = None  # one window, some gradients missing: refused, nothing changed
+    with pytest.raises(ValueError, match="no gradient"):
+        opt.step()
+    assert len(w) == pushed and w.state_dict()["counter"] == 3
+
+    groups = [{"params": list(model[0].parameters()), "damp": 1e-1, "ngrads": 2},
+              {"params": list(model[2].parameters()), "lr": 0.01}]  # fmt: skip
+    opt = ta.MFAC(groups, lr=0.05, ngrads=4, damp=1e-3, blocks="groups")
+    assert [(ws[0].damp, ws[0].capacity) for ws in opt._windows] == [(1e-1, 2), (1e-3, 4)]
+    with pytest.raises(ValueError, match="different (ngrads|damp)"):
+        ta.MFAC(groups, lr=0.05)
+    with pytest.raises(ValueError, match="unknown option"):
+        ta.MFAC([{"params": list(model[0].parameters()), "nesterov": True}], lr=0.05)
+
+
+def test_mfac_add_param_group():
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(1)
+    model = _mlp()
+    opt = ta.MFAC(list(model[0].parameters()), lr=0.05, ngrads=3, damp=1e-2, blocks="groups")
+    _train(model, opt, 2)
+    first = opt._windows[0]
+    opt.add_param_group({"params": list(model[2].parameters()), "damp": 0.5})
+    assert opt._windows[0] is first and len(first[0]) == 2  # the old group keeps its window
+    assert opt._windows[1][0].damp == 0.5 and len(opt._windows[1][0]) == 0
+    _train(model, opt, 2, start=2)
+    assert len(opt._windows[1][0]) == 2
+    single = ta.MFAC(list(model[0].parameters()), lr=0.05, ngrads=3, damp=1e-2)
+    single.add_param_group({"params": list(model[2].parameters())})
+    assert single._windows[0][0].shape[0] == sum(p.numel() for p in model.parameters())
+
+
+def test_jax_each_init_has_its_own_window_and_errors_are_clear():
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from rank1inv.adapters import jax as ja
+
+    tx = ja.mfac(0.1, ngrads=3, damp=1e-2)
+    g = {"w": jnp.arange(6.0)}
+    with pytest.raises(ValueError, match="before init"):
+        tx.update(g, ja.MFACState(jnp.zeros((), jnp.int32), jnp.zeros(6), jnp.int32(0)))
+    a = tx.init({"w": jnp.zeros(6)})
+    b = tx.init({"w": jnp.zeros(6)})
+    _, a = jax.jit(tx.update)(g, a)
+    _, a = tx.update(g, a)
+    assert len(ja.window_of(tx, a)) == 2 and len(ja.window_of(tx, b)) == 0  # not shared
+    with pytest.raises(TypeError, match="state returned by"):
+        tx.update(g, {"count": 0})
+    other = ja.mfac(0.1, ngrads=3, damp=1e-2)
+    other.init({"w": jnp.zeros(6)})
+    with pytest.raises(ValueError, match="another transformation"):
+        other.update(g, ja.MFACState(a.count, a.momentum, jnp.int32(7)))
+    with pytest.raises(ValueError, match="5 values, the state was made for 6"):
+        tx.update({"w": jnp.arange(5.0)}, b)
+    with pytest.raises(TypeError, match="vmap"):
+        jax.vmap(lambda gg: tx.update({"w": gg}, b)[0])(jnp.ones((2, 6)))

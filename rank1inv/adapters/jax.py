@@ -42,22 +42,34 @@ def ravel(tree):
 class MFACState(NamedTuple):
     count: jax.Array
     momentum: jax.Array  # flat momentum buffer (zeros when momentum == 0)
+    window: jax.Array  # int32 id of this state's host window (each init makes its own)
 
 
-class _Window:
-    """The host side of ``mfac``: one DynamicInverse, created by ``init``."""
+class _Windows:
+    """The host side of ``mfac``: one DynamicInverse per ``init``, by id."""
 
     def __init__(self, ngrads, damp, scale, dtype=None):
         self.ngrads, self.damp, self.scale, self.dtype = ngrads, damp, scale, dtype
-        self.window: DynamicInverse | None = None
+        self.windows: dict[int, DynamicInverse] = {}
 
-    def reset(self, dim: int, dtype) -> None:
+    def new(self, dim: int, dtype) -> int:
         name = self.dtype or _precision.of(dtype).name
-        self.window = DynamicInverse(dim, self.ngrads, self.damp, scale=self.scale, dtype=name)
+        key = len(self.windows)
+        self.windows[key] = DynamicInverse(dim, self.ngrads, self.damp, scale=self.scale, dtype=name)
+        return key
 
-    def push_apply(self, g):
+    def push_apply(self, key, g):
         g = np.asarray(g)
-        return np.asarray(self.window.push_apply(g), dtype=g.dtype)
+        return np.asarray(self.windows[int(key)].push_apply(g), dtype=g.dtype)
+
+
+def _is_batched(x) -> bool:
+    """Whether x is traced by ``jax.vmap`` (io_callback cannot be batched)."""
+    try:
+        from jax._src.interpreters.batching import BatchTracer
+    except ImportError:  # pragma: no cover - a JAX without that private module
+        return False
+    return isinstance(x, BatchTracer)
 
 
 def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, momentum: float = 0.0, scale=None,
@@ -65,36 +77,53 @@ def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, moment
     """M-FAC (M-FAC §4.2) as an ``optax.GradientTransformation``: updates = −lr·F⁻¹g (with
     optional heavy-ball momentum), F the damped empirical Fisher of the last ``ngrads`` gradients.
 
-    The window lives on the host in a ``DynamicInverse`` created by ``init``; ``update`` reaches
-    it through ``jax.experimental.io_callback(ordered=True)``, so it works eagerly and inside
-    ``jax.jit`` (calls stay in program order). It cannot be ``vmap``-ed or differentiated, and one
-    transformation serves one training run (``init`` starts a new window). ``window_of(tx)``
-    returns the window (e.g. for ``state_dict()`` checkpoints). ``dtype`` is the window's storage
-    dtype (None: the parameters'; "bfloat16"/"float16" halve the memory of float32 ones).
+    Each ``init`` creates its own window, a ``DynamicInverse`` on the host named by an id in the
+    state; ``update`` reaches it through ``jax.experimental.io_callback(ordered=True)``, so it
+    works eagerly and inside ``jax.jit`` (calls stay in program order). The window cannot live in
+    the state as arrays: its O(m²) updates are sequential host work (or CuPy kernels), not XLA
+    operations; the cost is one host round trip of the d-long gradient and direction per step.
+    ``update`` refuses, at the call, a state that is not from this transformation's ``init``
+    (TypeError/ValueError) and ``vmap`` (TypeError). ``window_of(tx, state)`` returns the window
+    (e.g. for ``state_dict()`` checkpoints). ``dtype`` is the windows' storage dtype (None: the
+    parameters'; "bfloat16"/"float16" halve the memory of float32 ones).
     """
-    host = _Window(ngrads, damp, scale, None if dtype is None else _precision.of(dtype).name)
+    host = _Windows(ngrads, damp, scale, None if dtype is None else _precision.of(dtype).name)
 
     def init_fn(params):
         flat, _ = ravel_pytree(params)
-        host.reset(flat.shape[0], flat.dtype)
-        return MFACState(count=jnp.zeros((), jnp.int32), momentum=jnp.zeros_like(flat))
+        key = host.new(flat.shape[0], flat.dtype)
+        return MFACState(count=jnp.zeros((), jnp.int32), momentum=jnp.zeros_like(flat), window=jnp.int32(key))
 
     def update_fn(updates, state, params=None):
         del params
+        if not isinstance(state, MFACState):
+            raise TypeError(
+                f"update needs the state returned by this transformation's init, got {type(state).__name__}"
+            )
+        if not host.windows:
+            raise ValueError("update before init: call tx.init(params) first")
         flat, unravel = ravel_pytree(updates)
+        if _is_batched(flat) or _is_batched(state.window):
+            raise TypeError("the rank1inv mfac transformation cannot be vmap-ed (its window is host state)")
+        if flat.shape != state.momentum.shape:
+            raise ValueError(f"updates have {flat.shape[0]} values, the state was made for {state.momentum.shape[0]}")
+        if not isinstance(state.window, jax.core.Tracer) and int(state.window) not in host.windows:
+            raise ValueError("this state was made by another transformation's init")
         shape = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
-        direction = jax.experimental.io_callback(host.push_apply, shape, flat, ordered=True)
+        direction = jax.experimental.io_callback(host.push_apply, shape, state.window, flat, ordered=True)
         buf = momentum * state.momentum + direction if momentum else direction
-        new_state = MFACState(count=state.count + 1, momentum=buf if momentum else state.momentum)
+        new_state = MFACState(count=state.count + 1, momentum=buf if momentum else state.momentum, window=state.window)
         return unravel(-learning_rate * buf), new_state
 
     update_fn.host = host
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def window_of(tx) -> DynamicInverse:
-    """The DynamicInverse behind a transformation made by ``mfac`` (after ``init``)."""
+def window_of(tx, state: MFACState | None = None) -> DynamicInverse:
+    """The DynamicInverse behind a transformation made by ``mfac``: the one of ``state``, or of
+    the latest ``init``."""
     host = getattr(tx.update, "host", None)
-    if host is None or host.window is None:
+    if host is None or not host.windows:
         raise ValueError("not an initialised rank1inv mfac transformation")
-    return host.window
+    key = max(host.windows) if state is None else int(state.window)
+    return host.windows[key]

@@ -180,62 +180,119 @@ class MFAC(torch.optim.Optimizer):
         float16 parameters all work). A 16-bit window of float32 gradients halves the memory;
         every reduction still accumulates in float64.
 
+    As in ``torch.optim``: parameters with ``requires_grad=False`` are left alone (not in any
+    window, not decayed, not stepped); a window whose parameters all have ``grad is None`` is
+    skipped for that step (nothing pushed, nothing decayed or stepped); a window with some
+    gradients missing is refused, as its parameters are preconditioned jointly (give them
+    separate windows with ``blocks="groups"``). ``lr``, ``momentum`` and ``weight_decay`` may
+    differ per parameter group; ``ngrads``, ``damp``, ``scale`` and ``dtype`` may too with
+    ``blocks="groups"`` (otherwise one window spans the groups and they must agree).
+    ``add_param_group`` adds a window (``blocks="groups"``) or restarts the windows over the
+    enlarged parameter vector. A step happens in every window or in none.
+
     Memory: ngrads × d gradients in ``dtype``, on the parameters' device. ``state_dict()``
-    carries the windows, so a resumed run continues bit for bit.
+    carries the windows (as CPU tensors: it loads with ``torch.load(weights_only=True)``), so a
+    resumed run continues bit for bit.
     """
+
+    _WINDOW_KEYS = ("ngrads", "damp", "scale", "dtype")
 
     def __init__(self, params, lr, *, ngrads=1024, damp=1e-5, momentum=0.0, weight_decay=0.0, scale=None, blocks=None,
                  dtype=None):  # fmt: skip
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
-        if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral):
-            raise TypeError(f"ngrads must be an int, not {type(ngrads).__name__}")
-        if ngrads < 1:
-            raise ValueError(f"ngrads must be >= 1, got {ngrads}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         int_blocks = isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool)
         if not (blocks is None or (isinstance(blocks, str) and blocks == "groups") or (int_blocks and blocks >= 1)):
             raise ValueError(f"blocks must be None, 'groups' or a positive int, got {blocks!r}")
-        if dtype is not None:
-            dtype = _precision.of(dtype).name
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.blocks = blocks
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ngrads=ngrads, damp=damp, scale=scale,
+                        dtype=dtype)  # fmt: skip
+        self._check_group(defaults, "the optimizer")
         super().__init__(params, defaults)
-        self.ngrads, self.damp, self.scale, self.blocks, self.dtype = int(ngrads), float(damp), scale, blocks, dtype
-        for unit in self._units():  # refused here, not at step()
+        self._windows = self._make_windows()
+
+    @staticmethod
+    def _check_group(group, where: str) -> None:
+        lr, ngrads, momentum, wd = group["lr"], group["ngrads"], group["momentum"], group["weight_decay"]
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+            raise ValueError(f"lr must be a number > 0, got {lr!r} ({where})")
+        if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral):
+            raise TypeError(f"ngrads must be an int, not {type(ngrads).__name__} ({where})")
+        if ngrads < 1:
+            raise ValueError(f"ngrads must be >= 1, got {ngrads} ({where})")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum} ({where})")
+        if wd < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {wd} ({where})")
+        if group["dtype"] is not None:
+            group["dtype"] = _precision.of(group["dtype"]).name
+        unknown = set(group) - {"params", "lr", "momentum", "weight_decay", *MFAC._WINDOW_KEYS}
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)} ({where}); MFAC takes lr, momentum, "
+                             f"weight_decay, {', '.join(MFAC._WINDOW_KEYS)}")  # fmt: skip
+
+    def add_param_group(self, param_group):
+        """Add a parameter group (``torch.optim`` semantics). With ``blocks="groups"`` it gets a
+        window of its own; otherwise the windows restart over the enlarged parameter vector (their
+        dimension changes, so the gradients kept so far cannot carry over)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group, f"parameter group {len(self.param_groups) - 1}")
+        if hasattr(self, "_windows"):
+            self._windows = self._make_windows()  # in "groups" mode the existing windows are kept
+
+    # one "unit" = the trainable parameters whose flattened gradients share one buffer
+    def _units(self):
+        trainable = [[p for p in g["params"] if p.requires_grad] for g in self.param_groups]
+        if self.blocks == "groups":
+            return [(g, unit) for g, unit in zip(self.param_groups, trainable) if unit]
+        for key in self._WINDOW_KEYS:
+            values = {repr(g[key]) for g in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"parameter groups set different {key} ({sorted(values)}) but one window spans them; "
+                    "use blocks='groups' for one window per group"
+                )
+        unit = [p for ps in trainable for p in ps]
+        return [(self.param_groups[0], unit)] if unit else []
+
+    def _make_windows(self, reuse: bool = True):
+        """Buffers and windows for the current units; with ``reuse`` (``blocks="groups"``) a group
+        that had a window keeps it."""
+        old = {}
+        if reuse:
+            old = dict(zip([id(b.params[0]) for b in getattr(self, "_buffers", [])], getattr(self, "_windows", [])))
+        windows, self._buffers = [], []
+        for group, unit in self._units():  # refused here, not at step()
             kinds = {p.dtype for p in unit}
             if len(kinds) > 1 or not kinds <= set(_TORCH_STORAGE):
                 raise TypeError(
                     f"M-FAC needs the parameters of one window in one dtype of {list(_TORCH_STORAGE.values())}, "
                     f"got {sorted(str(k) for k in kinds)} (use blocks='groups' with one dtype per group)"
                 )
-        self._windows = self._make_windows()
-
-    # one "unit" = the parameters whose flattened gradients share one buffer
-    def _units(self):
-        if self.blocks == "groups":
-            return [[p for p in g["params"]] for g in self.param_groups]
-        return [[p for g in self.param_groups for p in g["params"]]]
-
-    def _make_windows(self):
-        windows = []
-        self._buffers = [GradientBuffer(unit) for unit in self._units()]
-        for buf in self._buffers:
+            buf = GradientBuffer(unit)
+            self._buffers.append(buf)
+            if self.blocks == "groups" and id(unit[0]) in old:
+                windows.append(old[id(unit[0])])  # an existing group keeps its window
+                continue
             t = buf.buffer
             xp = None
             if t.device.type == "cuda":
                 import cupy
 
                 xp = cupy
-            dtype = self.dtype or _TORCH_STORAGE[t.dtype]
+            dtype = group["dtype"] or _TORCH_STORAGE[t.dtype]
             d = t.numel()
             size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
             with _cuda_context(t):  # the window lives on the parameters' device
                 windows.append(
                     [
-                        DynamicInverse(min(size, d - a), self.ngrads, self.damp, scale=self.scale, dtype=dtype, xp=xp)
+                        DynamicInverse(
+                            min(size, d - a),
+                            int(group["ngrads"]),
+                            float(group["damp"]),
+                            scale=group["scale"],
+                            dtype=dtype,
+                            xp=xp,
+                        )  # fmt: skip
                         for a in range(0, d, size)
                     ]
                 )
@@ -248,18 +305,29 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # one step over every window: validated and staged everywhere before any is written
-        flats, jobs = [], []
+        active, jobs = [], []
         for buf, windows in zip(self._buffers, self._windows):
+            missing = [p.grad is None for p in buf.params]
+            if all(missing):
+                continue  # torch.optim: no gradient, no step (nothing pushed)
+            if any(missing):
+                raise ValueError(
+                    f"{sum(missing)} of the {len(missing)} parameters of one M-FAC window have no gradient; "
+                    "they are preconditioned jointly: set requires_grad=False on unused ones or use "
+                    "blocks='groups' to give them separate windows"
+                )
             g = buf.gather()
-            flats.append(g)
+            active.append((buf, windows, g))
             a = 0
             for w in windows:
                 n = w.shape[0]
                 jobs.append((w, to_array(g[a : a + n])))
                 a += n
-        with _cuda_context(flats[0], stream=True):  # CuPy works on torch's stream: no race on the buffers
+        if not jobs:
+            return loss
+        with _cuda_context(active[0][2], stream=True):  # CuPy works on torch's stream: no race on the buffers
             results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
-        for buf, windows, g in zip(self._buffers, self._windows, flats):
+        for buf, windows, g in active:
             direction = torch.empty_like(g)
             a = 0
             for w in windows:
@@ -302,7 +370,7 @@ class MFAC(torch.optim.Optimizer):
             raise ValueError("state_dict has no 'mfac_windows' (not from an MFAC optimizer)")
         if [len(ws) for ws in windows] != [len(ws) for ws in self._windows]:
             raise ValueError("state_dict windows do not match this optimizer's layout")
-        fresh = self._make_windows()
+        fresh = self._make_windows(reuse=False)
         for ws, states in zip(fresh, windows):
             for w, s in zip(ws, states):
                 w.load_state_dict(s)

@@ -1,7 +1,13 @@
-"""Test families and accuracy metrics (docs/design.md §8), for property-testing against dense inverses.
+"""Property-testing against dense inverses: gradient families, the dense float64 reference,
+accuracy metrics, ``assert_inverse_close`` and hypothesis strategies (docs/design.md §8).
 
 Everything here is NumPy and float64 on the reference side; it is small-d tooling, not part of
-the fast path.
+the fast path. The strategies need ``hypothesis`` (imported when they are called).
+
+Why backward error: for ill-conditioned F a dense ``np.linalg.inv`` is the *less* accurate
+side (its error grows like cond(F)·ε), so products are checked by η = ‖Fy − x‖/(‖F‖‖y‖ + ‖x‖),
+which needs only F itself, and diagonals/entries are compared with the dense inverse only where
+cond(F) ≤ 1e9, where it is still good to ~1e-7.
 """
 
 from __future__ import annotations
@@ -85,3 +91,92 @@ def entry_error(values, Finv, rows, cols) -> float:
     d = np.diag(Finv)
     ref = Finv[rows, cols]
     return float(np.max(np.abs(values - ref) / np.sqrt(d[rows] * d[cols]))) if ref.size else 0.0
+
+
+def assert_inverse_close(op, G, damp, *, scale=None, block_sizes=None, rng=None, k: int = 3):
+    """Assert that ``op`` is F⁻¹ for F = λI + s·GᵀG (block-diagonal for ``block_sizes``) to the
+    accuracy targets of G's storage dtype: products by backward error (every dtype, any
+    conditioning), the diagonal, entries and a column against the dense inverse where
+    cond(F) ≤ 1e9. G is the (m, d) host array the operator was built from (any storage dtype);
+    ``scale`` None means 1/m. AssertionError with the measured error otherwise. O(d³)."""
+    from . import _backend, _precision
+
+    rng = np.random.default_rng(0) if rng is None else rng
+    policy = _precision.of(np.asarray(G).dtype)
+    Gh = np.asarray(_backend.to_host(G), dtype=np.float64)
+    F = dense_fisher(Gh, damp, scale, block_sizes)
+    d = F.shape[0]
+    xp = op.namespace
+    X = rng.standard_normal((d, k))
+    in_span = Gh[: min(3, Gh.shape[0])].T  # vectors in the gradients' span (the cancelling case)
+    X = np.concatenate([X, in_span], axis=1)
+    Y = np.asarray(_backend.to_host(op @ xp.asarray(X)), dtype=np.float64)
+    eta = backward_error(F, Y, X)
+    assert eta <= policy.eta, f"backward error {eta:.2e} > {policy.eta:g} (cond(F) {np.linalg.cond(F):.1e})"
+    cond = np.linalg.cond(F)
+    if cond <= 1e9:
+        Finv = np.linalg.inv(F)
+        diag = np.asarray(_backend.to_host(op.diag()), dtype=np.float64)
+        err = relative_error(diag, np.diag(Finv))
+        assert err <= policy.rel, f"diagonal relative error {err:.2e} > {policy.rel:g} (cond(F) {cond:.1e})"
+        rows, cols = rng.integers(0, d, 20), rng.integers(0, d, 20)
+        got = np.asarray(_backend.to_host(op.entries(xp.asarray(rows), xp.asarray(cols))), dtype=np.float64)
+        err = entry_error(got, Finv, rows, cols)
+        assert err <= policy.rel, f"entry error {err:.2e} > {policy.rel:g} (cond(F) {cond:.1e})"
+
+
+def gradient_sets(*, max_m: int = 16, max_d: int = 40, dtypes=("float32", "float64"), families=FAMILIES):
+    """A hypothesis strategy for gradient sets: (m, d) host arrays from the test families, any
+    seed and size (1 ≤ m ≤ max_m, 1 ≤ d ≤ max_d), scale 1 or 100, in one of ``dtypes``
+    (float16 draws that exceed its range are rescaled to fit)."""
+    from hypothesis import strategies as st
+
+    from . import _precision
+
+    @st.composite
+    def draw(draw_):
+        m, d = draw_(st.integers(1, max_m)), draw_(st.integers(1, max_d))
+        family = draw_(st.sampled_from(families))
+        dtype = draw_(st.sampled_from(dtypes))
+        scale = draw_(st.sampled_from([1.0, 100.0]))
+        G = gradients(family, m, d, scale=scale, seed=draw_(st.integers(0, 2**16)), dtype="float64")
+        top = np.max(np.abs(G))
+        limit = _precision.of(dtype).max_value
+        if top > limit / 4:
+            G = G * (limit / 4 / top)
+        return np.ascontiguousarray(G.astype(_precision.numpy_dtype(dtype)))
+
+    return draw()
+
+
+def block_layouts(d: int):
+    """A hypothesis strategy for ``block_size`` values of dimension d: None, an int, or lengths
+    summing to d."""
+    from hypothesis import strategies as st
+
+    def lengths(parts):
+        cuts = sorted(set(parts))
+        bounds = [0, *[c for c in cuts if 0 < c < d], d]
+        return [b - a for a, b in zip(bounds, bounds[1:])]
+
+    return st.one_of(
+        st.none(), st.integers(1, max(1, d)), st.lists(st.integers(1, max(1, d - 1)), max_size=4).map(lengths)
+    )
+
+
+def static_problems(**kwargs):
+    """A hypothesis strategy for (G, damp, block_size, scale): everything StaticInverse takes,
+    from ``gradient_sets(**kwargs)``, λ ∈ {1e-1, 1e-4, 1e-6}, s ∈ {None, 0.5}."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def draw(draw_):
+        G = draw_(gradient_sets(**kwargs))
+        return (
+            G,
+            draw_(st.sampled_from([1e-1, 1e-4, 1e-6])),
+            draw_(block_layouts(G.shape[1])),
+            draw_(st.sampled_from([None, 0.5])),
+        )
+
+    return draw()

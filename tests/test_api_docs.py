@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import rank1inv as r1
-from rank1inv import obs
+from rank1inv import obs, testing
 
 API = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -23,6 +23,10 @@ def public_members():
                 out.append((cls, name, member))
     for name in ("saliency", "prune", "group_saliency", "prune_groups", "prune_in_steps", "cubic_schedule"):
         out.append((obs, name, getattr(obs, name)))
+    out.append((r1.dynamic, "push_apply_all", r1.push_apply_all))
+    for name in ("gradients", "dense_fisher", "backward_error", "relative_error", "entry_error",
+                 "assert_inverse_close", "gradient_sets", "block_layouts", "static_problems"):  # fmt: skip
+        out.append((testing, name, getattr(testing, name)))
     return out
 
 

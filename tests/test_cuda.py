@@ -160,7 +160,7 @@ def device_storage(cupy, G):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", STORAGE)
-@pytest.mark.parametrize("m,d", [(1, 5), (31, 2049), (300, 5000), (1024, 100_003)])
+@pytest.mark.parametrize("m,d", [(1, 5), (31, 2049), (33, 2047), (300, 5000), (1000, 20_001), (1024, 100_003)])
 def test_pass_kernels_match_mirrors(m, d, dtype):
     """Every storage dtype, and subnormal values that CuPy's -ftz=true would flush if the
     kernels converted through float arithmetic: the GPU reads what the CPU reads."""

@@ -89,22 +89,33 @@ def drop_rows_numpy(xp, src, dst, n: int, k: int) -> None:
         x[i + 1 : n] = c * u - s * t
 
 
-def new_column(xp, R, n: int, a, alpha: float):
+PIVOT_FLOOR = 4.0  # a new pivot ρ² is at least PIVOT_FLOOR·n·ε·α (the rounding of α − ‖r‖²)
+EPS = 2.0**-52
+TINY = 2.0**-1022  # a zero gradient whose damping underflowed still gets a positive pivot
+
+
+def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None):
     """The factor's new last column for appending a vector with K' entries ``a`` (n,) against
     the window (age order) and ``alpha`` on the diagonal: (r (n,), ρ) with Rᵀr = a and
-    ρ² = α − ‖r‖². ValueError when ρ² ≤ 0 (the extended system is not numerically positive
-    definite). Writes nothing. O(cap²)."""
+    ρ² = α − ‖r‖². Writes nothing. O(cap²).
+
+    When the new gradient is a combination of the stored ones to within rounding (duplicates
+    with λ below the rounding of their Gram entries: cond(K') ≈ 1/ε), the computed ρ² is
+    rounding noise and may be ≤ 0. It is then raised to PIVOT_FLOOR·n·ε·α: the factor is that of
+    K' + δ·e_n e_nᵀ with δ at the rounding level of K', and along the nearly null combination q
+    of gradients G'ᵀq is itself at rounding level, so F⁻¹ is unaffected to its backward error
+    (the argument of ``_woodbury.SpectralFactor``). ``reference`` is the diagonal entry of the
+    system the floor is relative to, when α is itself a Schur complement (default α).
+    ValueError only for non-finite values."""
     cap = R.shape[0]
     b = xp.zeros((cap, 1), dtype=xp.float64, device=_backend.device(R))
     b[:n, 0] = a
     r = triangular(xp, R, b, n, transposed=True)[:n, 0]
     rho2 = float(alpha - xp.sum(r * r))
-    if not rho2 > 0.0:
-        raise ValueError(
-            "the damped Gram matrix is not numerically positive definite with this gradient "
-            "(it is too close to a combination of the stored ones for this damp)"
-        )
-    return r, math.sqrt(rho2)
+    if not math.isfinite(rho2):
+        raise ValueError("the damped Gram matrix is not finite with this gradient (its inner products overflow?)")
+    size = max(alpha, reference if reference is not None else 0.0)
+    return r, math.sqrt(max(rho2, PIVOT_FLOOR * max(n, 1) * EPS * size, TINY))
 
 
 def write_column(R, n: int, r, rho: float) -> None:
@@ -114,27 +125,45 @@ def write_column(R, n: int, r, rho: float) -> None:
 
 
 def factorize(xp, K_age, cap: int):
-    """The padded factor (cap, cap) of an n×n SPD system in age order. O(n³). ValueError if it
-    is not numerically positive definite."""
+    """The padded factor (cap, cap) of an n×n SPD system in age order. O(n³): LAPACK's Cholesky,
+    or, where it fails (cond(K') beyond 1/ε), n appends with the pivot floor of ``new_column``.
+    ValueError only for non-finite systems."""
     n = K_age.shape[0]
     R = xp.eye(cap, dtype=xp.float64, device=_backend.device(K_age))
     if n:
-        R[:n, :n] = xp.matrix_transpose(_backend.cholesky(xp, K_age))
+        R[:n, :n] = upper_factor(xp, K_age)
+    return R
+
+
+def upper_factor(xp, K, reference=None):
+    """Upper R with RᵀR = K (n×n) up to the pivot floor of ``new_column`` (relative to the host
+    array ``reference`` of diagonal entries, default K's own). O(n³)."""
+    try:
+        return xp.matrix_transpose(_backend.cholesky(xp, K))
+    except ValueError:
+        if not _backend.all_finite(xp, K):
+            raise
+    n = K.shape[0]
+    R = xp.eye(n, dtype=xp.float64, device=_backend.device(K))
+    for i in range(n):
+        ref = None if reference is None else float(reference[i])
+        r, rho = new_column(xp, R, i, K[:i, i], float(K[i, i]), ref)
+        write_column(R, i, r, rho)
     return R
 
 
 def refresh_from(xp, R, K_age, k: int) -> None:
     """Recompute, in place, the factor of an n-system (K_age n×n) whose row and column k changed
-    (everything before k unchanged): R[:k, k] by a triangular solve, rows k: by a Cholesky factor
-    of the Schur complement. O(k² + k(n−k)² + (n−k)³). ValueError if not positive definite."""
+    (everything before k unchanged): R[:k, k] by a triangular solve, rows k: by a factor of the
+    Schur complement (``upper_factor``). O(k² + k(n−k)² + (n−k)³)."""
     n = K_age.shape[0]
     if k:
         rhs = xp.zeros((R.shape[0], 1), dtype=xp.float64, device=_backend.device(R))
         rhs[:k, 0] = K_age[:k, k]
         R[:k, k] = triangular(xp, R, rhs, k, transposed=True)[:k, 0]
     top = R[:k, k:n]
-    S = K_age[k:, k:] - xp.matrix_transpose(top) @ top
-    R[k:n, k:n] = xp.matrix_transpose(_backend.cholesky(xp, S))
+    diag = _backend.to_host(xp.linalg.diagonal(K_age))[k:]
+    R[k:n, k:n] = upper_factor(xp, K_age[k:, k:] - xp.matrix_transpose(top) @ top, diag)
 
 
 # --------------------------------------------------------------------------- queries

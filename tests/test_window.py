@@ -76,13 +76,25 @@ def test_append_equals_a_fresh_factor(n, seed, family):
     np.testing.assert_allclose(R, ref, rtol=0, atol=1e-11 * np.abs(ref).max())
 
 
-def test_append_refuses_a_dependent_vector_and_writes_nothing():
-    K = np.array([[1.0, 1.0], [1.0, 1.0]])  # the second vector equals the first, no damping
+def test_append_of_a_dependent_vector_floors_its_pivot():
+    """The second vector equals the first with no damping: ρ² is rounding noise. The pivot is
+    floored at the rounding level, so RᵀR = K to a backward error of a few ε·‖K‖, and nothing
+    was written before the column is committed."""
+    K = np.array([[1.0, 1.0], [1.0, 1.0]])
     R = _window.factorize(xp_np, K[:1, :1], 3)
     before = R.copy()
-    with pytest.raises(ValueError, match="positive definite"):
-        _window.new_column(xp_np, R, 1, K[:1, 1], K[1, 1])
+    r, rho = _window.new_column(xp_np, R, 1, K[:1, 1], K[1, 1])
     assert np.array_equal(R, before)
+    assert 0 < rho <= 1e-7
+    _window.write_column(R, 1, r, rho)
+    Ra = R[:2, :2]
+    assert np.max(np.abs(Ra.T @ Ra - K)) <= 16 * 2.0**-52
+    # a whole system beyond 1/ε falls back from LAPACK to floored appends
+    G = np.tile(testing.gradients("iid", 1, 30, seed=1, dtype="float64"), (4, 1))
+    R = _window.factorize(xp_np, G @ G.T, 5)
+    assert np.max(np.abs(R[:4, :4].T @ R[:4, :4] - G @ G.T)) <= 64 * 2.0**-52 * np.abs(G @ G.T).max()
+    with pytest.raises(ValueError, match="not finite"):
+        _window.new_column(xp_np, R, 1, np.array([np.inf]), 1.0)
 
 
 @given(n=st.integers(1, 40), k=st.integers(0, 39), seed=st.integers(0, 1000))

@@ -66,7 +66,8 @@ def accuracy_and_speed(m: int = 64, d: int = 800, damp: float = 1e-6, seed: int 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m rank1inv demo", description=__doc__.splitlines()[0])
     p.add_argument("--skip-pruning", action="store_true", help="only part 1")
-    p.add_argument("--plot", default="rank1inv_pruning.png", help="PNG of part 2 (needs matplotlib)")
+    p.add_argument("--out", default=".", help="folder for the plot of part 2 (default: the current one)")
+    p.add_argument("--no-plot", action="store_true", help="no plot (it needs matplotlib: pip install rank1inv[plot])")
     args = p.parse_args(argv)
     print("\n".join(accuracy_and_speed()))
     if not args.skip_pruning:
@@ -75,5 +76,11 @@ def main(argv=None):
         except ImportError:
             return 0
         print()
-        print(experiments.pruning_report(plot=args.plot))
+        plot = None
+        if not args.no_plot:
+            from pathlib import Path
+
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            plot = str(Path(args.out) / "rank1inv_pruning.png")
+        print(experiments.pruning_report(plot=plot))
     return 0

@@ -75,9 +75,10 @@ def _spd_solve(xp, S, b):
     return _backend.cho_solve(xp, L, b)
 
 
-def _select(op, scores, sparsity: float, scope: str, prunable=None):
+def _select(op, scores, sparsity, scope: str, prunable=None):
     """Indices of the lowest scores: the given fraction of the prunable weights, overall or in
-    each block. Weights outside ``prunable`` (a boolean (d,) array) are never selected."""
+    each block (one fraction, or one per block of the operator's layout). Weights outside
+    ``prunable`` (a boolean (d,) array) are never selected."""
     xp = op.namespace
     if prunable is not None:
         prunable = _checks.as_array(prunable, "prunable", xp)
@@ -90,18 +91,39 @@ def _select(op, scores, sparsity: float, scope: str, prunable=None):
     else:
         prunable = xp.ones(op.shape[0], dtype=xp.bool)
     if scope == "global":
+        if isinstance(sparsity, list):
+            raise ValueError("one sparsity per block needs scope='block'")
         k = int(round(sparsity * int(xp.sum(prunable))))
         order = xp.argsort(scores, stable=True)
         return xp.sort(order[:k])
     if scope != "block":
         raise ValueError(f"scope must be 'global' or 'block', got {scope!r}")
+    sizes = op.block_sizes
+    fractions = sparsity if isinstance(sparsity, list) else [sparsity] * len(sizes)
+    if len(fractions) != len(sizes):
+        raise ValueError(f"got {len(fractions)} sparsities for {len(sizes)} blocks")
     parts, a = [], 0
-    for size in op.block_sizes:
-        k = int(round(sparsity * int(xp.sum(prunable[a : a + size]))))
+    for size, frac in zip(sizes, fractions):
+        k = int(round(frac * int(xp.sum(prunable[a : a + size]))))
         order = xp.argsort(scores[a : a + size], stable=True)
         parts.append(order[:k] + a)
         a += size
     return xp.sort(xp.concat(parts))
+
+
+def relative_damp(G, factor: float) -> float:
+    """λ = factor · mean diag(GᵀG/m) for gradients G (m, d): a damping on the scale of the
+    gradients (the experiments use factor 1e-2). O(dm), one pass over G."""
+    from . import _passes
+
+    G = _checks.as_array(G, "G")
+    xp = _backend.namespace(G)
+    m, d = G.shape
+    col = _passes.column_sumsq(xp, G[None, ...])
+    value = float(factor) * float(xp.sum(col)) / (m * d)
+    if not value > 0:
+        raise ValueError("relative damping of all-zero gradients is zero; pass an absolute damp")
+    return value
 
 
 def prune(
@@ -111,7 +133,8 @@ def prune(
     """Prune a fraction ``sparsity`` of the weights: returns (mask, new_w), mask True = kept.
 
     The lowest-``saliency`` weights are removed, globally or per block of ``op``'s layout
-    (``scope="block"``), among ``prunable`` ones if given (a boolean (d,) mask, e.g. excluding
+    (``scope="block"``; then ``sparsity`` may also be one fraction per block, e.g. per-layer
+    targets), among ``prunable`` ones if given (a boolean (d,) mask, e.g. excluding
     biases; the fraction is of the prunable weights), then all others are updated:
 
     - "simultaneous": the sum of the single-weight OBS updates (WoodFisher §4.3),
@@ -125,7 +148,8 @@ def prune(
 
     Pruned weights are exactly zero in ``new_w`` (dtype of ``w``).
     """
-    sparsity = _fraction(sparsity, "sparsity")
+    sparsity = [_fraction(v, "sparsity") for v in sparsity] if isinstance(sparsity, (list, tuple)) else (
+        _fraction(sparsity, "sparsity"))  # fmt: skip
     _check_update(update)
     xp = op.namespace
     w64 = _vector(op, w, "w")
@@ -167,6 +191,80 @@ def _updated(op, w, Q, update, grad):
         out = out - xp.astype(op @ rhs, xp.float64)
         out[Q[: c0 + q.shape[0]]] = 0.0
     return out
+
+
+def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="exact", method="obs"):
+    """N:M semi-structured pruning: in every group of ``m`` consecutive weights keep ``n`` (2:4 and
+    4:8 are the layouts sparse tensor cores use, along a weight matrix's input dimension).
+    Returns (mask, new_w), mask True = kept, exactly n True in every group.
+
+    ``segments`` lists the (start, stop) ranges of the flat vector to prune (e.g. each weight
+    matrix flattened row-major, input dimension last; each length a multiple of m); default the
+    whole vector. In each group the pruned set Q (m − n weights) is the one of least OBS
+    loss ρ_Q = ½ w_Qᵀ([F⁻¹]_QQ)⁻¹w_Q among all C(m, m − n) choices, from the group's m×m block
+    of F⁻¹ (``entries``: O(m²·m_grad) per group). ``update="exact"``: each group's exact joint
+    OBS update δw = −F⁻¹E_Q([F⁻¹]_QQ)⁻¹w_Q (the constrained minimum for that group), summed over
+    the groups into one IHVP (groups are then combined as in the "simultaneous" update); None
+    masks only. ``method="magnitude"`` keeps the n largest |w| of each group instead (the
+    usual baseline; with update None). Cost O(dm_grad·m) for the blocks plus one IHVP."""
+    import itertools
+
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    if not 0 < n < m:
+        raise ValueError(f"need 0 < n < m for N:M sparsity, got n={n}, m={m}")
+    if update not in ("exact", None):
+        raise ValueError(f"update must be 'exact' or None, got {update!r}")
+    if method not in ("obs", "magnitude"):
+        raise ValueError(f"method must be 'obs' or 'magnitude', got {method!r}")
+    xp = op.namespace
+    d = op.shape[0]
+    w64 = _vector(op, w, "w")
+    segments = [(0, d)] if segments is None else [(int(a), int(b)) for a, b in segments]
+    starts = []
+    for a, b in segments:
+        if not 0 <= a < b <= d or (b - a) % m:
+            raise ValueError(f"segment ({a}, {b}) must lie in [0, {d}] with a length that is a multiple of {m}")
+        starts.append(np.arange(a, b, m))
+    first = np.concatenate(starts) if starts else np.zeros(0, dtype=np.int64)  # (groups,)
+    k = m - n
+    if first.size == 0:
+        return xp.ones(d, dtype=xp.bool), xp.astype(w64, w.dtype if _backend.is_array(w) else xp.float64)
+    idx = first[:, None] + np.arange(m)[None, :]  # (groups, m)
+    if method == "magnitude":
+        pruned = np.take_along_axis(idx, np.argsort(np.abs(_backend.to_host(w64)[idx]), axis=1)[:, :k], axis=1)
+        mask = np.ones(d, dtype=bool)
+        mask[pruned.reshape(-1)] = False
+        mask = xp.asarray(mask)
+        return mask, xp.astype(xp.where(mask, w64, 0.0), w.dtype if _backend.is_array(w) else xp.float64)
+    rows = np.repeat(idx, m, axis=1).reshape(-1)
+    cols = np.tile(idx, (1, m)).reshape(-1)
+    S = _backend.to_host(op.entries(xp.asarray(rows), xp.asarray(cols))).astype(np.float64).reshape(-1, m, m)
+    wg = _backend.to_host(w64)[idx]  # (groups, m)
+    subsets = np.array(list(itertools.combinations(range(m), k)))  # (c, k)
+    best_rho = np.full(first.size, np.inf)
+    best = np.zeros(first.size, dtype=np.int64)
+    for c, Q in enumerate(subsets):
+        SQ = S[:, Q[:, None], Q[None, :]]  # (groups, k, k)
+        wQ = wg[:, Q]
+        rho = 0.5 * np.einsum("gi,gi->g", wQ, np.linalg.solve(SQ, wQ[..., None])[..., 0])
+        better = rho < best_rho
+        best_rho, best = np.where(better, rho, best_rho), np.where(better, c, best)
+    Q = subsets[best]  # (groups, k) local positions
+    pruned = np.take_along_axis(idx, Q, axis=1)  # (groups, k) global indices
+    new = w64
+    if update == "exact":
+        SQ = np.take_along_axis(np.take_along_axis(S, Q[:, :, None], axis=1), Q[:, None, :], axis=2)
+        a = np.linalg.solve(SQ, np.take_along_axis(wg, Q, axis=1)[..., None])[..., 0]
+        rhs = np.zeros(d)
+        rhs[pruned.reshape(-1)] = a.reshape(-1)
+        new = w64 - xp.astype(op @ xp.asarray(rhs), xp.float64)
+    mask = np.ones(d, dtype=bool)
+    mask[pruned.reshape(-1)] = False
+    mask = xp.asarray(mask)
+    new = xp.where(mask, new, 0.0)
+    return mask, xp.astype(new, w.dtype if _backend.is_array(w) else xp.float64)
 
 
 def prune_groups(op, w, groups, count: int, *, update="exact"):

@@ -337,3 +337,53 @@ def test_jax_each_init_has_its_own_window_and_errors_are_clear():
         tx.update({"w": jnp.arange(5.0)}, b)
     with pytest.raises(TypeError, match="vmap"):
         jax.vmap(lambda gg: tx.update({"w": gg}, b)[0])(jnp.ones((2, 6)))
+
+
+def test_model_level_pruning_helpers():
+    """Blocks from a model agree with gradients() (frozen parameters excluded from both), flat
+    vectors and masks go back into the model, per-layer targets and N:M masks hold."""
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    model[0].bias.requires_grad_(False)
+    X, Y = torch.randn(200, 8), torch.randint(0, 4, (200,))
+    batches = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 200, 10)]
+    loss = lambda mdl, b: torch.nn.functional.cross_entropy(mdl(b[0]), b[1])  # noqa: E731
+    G = ta.gradients(model, loss, batches, 20)
+    blocks = ta.blocks_from_model(model)
+    assert blocks == [128, 68] and sum(ta.blocks_from_model(model, 50)) == G.shape[1]
+    op = r1.StaticInverse(G, 1e-2, block_size=blocks)  # used to fail: frozen parameters counted
+    assert op.block_sizes == (128, 68)
+    v = ta.model_vector(model)
+    ta.write_vector(model, v * 2)
+    assert np.allclose(ta.model_vector(model), 2 * v)
+    ta.write_vector(model, v)
+    frozen = model[0].bias.detach().clone()
+    masks = ta.prune_model(model, loss, batches, 0.5, ngrads=20, layer_sparsity={"0": 0.25})
+    assert set(masks) == {"0.weight", "2.weight", "2.bias"}
+    assert masks["0.weight"].float().mean() == 0.75 and masks["2.weight"].float().mean() == 0.5
+    assert torch.all(model[0].weight[~masks["0.weight"]] == 0) and torch.equal(model[0].bias, frozen)
+    ta.write_vector(model, v)
+    masks = ta.prune_model(model, loss, batches, None, ngrads=20, nm=(2, 4))
+    for name in ("0.weight", "2.weight"):
+        groups = masks[name].reshape(masks[name].shape[0], -1, 4)
+        assert torch.all(groups.sum(-1) == 2)  # 2:4 along the input dimension
+    ta.write_vector(model, v)
+    masks = ta.prune_model(model, loss, batches, 0.6, ngrads=20, steps=3, damp=1e-2)
+    assert abs(float(masks["0.weight"].float().mean() + 0) - 0.4) < 0.1
+
+
+def test_mfac_relative_damping():
+    from rank1inv.adapters import torch as ta
+
+    model = _mlp()
+    opt = ta.MFAC(model.parameters(), lr=0.05, ngrads=3, damp="relative:100")
+    assert opt._windows == [None]
+    x, y = _batch(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    opt.step()
+    assert opt._windows[0][0].damp == pytest.approx(100 * float(torch.mean(g**2)), rel=1e-12)
+    with pytest.raises(ValueError, match="relative"):
+        ta.MFAC(model.parameters(), lr=0.05, damp="relative:-1")

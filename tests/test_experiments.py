@@ -2,6 +2,7 @@
 pruning experiment and the demo run end to end."""
 
 import numpy as np
+import pytest
 
 from rank1inv import demo, experiments
 
@@ -39,3 +40,16 @@ def test_demo_part_one_reports_accuracy():
     lines = demo.accuracy_and_speed(m=16, d=120)
     text = "\n".join(lines)
     assert "backward error" in text and "faster" in text
+
+
+def test_nm_experiment_runs_small():
+    text = experiments.nm_report(ngrads=16, train_steps=100)
+    assert text.count("mask valid: True") == 6 and "2:4 OBS, exact group updates" in text
+
+
+def test_demo_writes_its_plot_where_asked(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(experiments, "pruning_table", lambda **kw: (0.9, 1e-3, {"magnitude": [0.5] * 5}))
+    demo.main(["--out", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "rank1inv_pruning.png").exists()
+    assert str(tmp_path / "plots") in capsys.readouterr().out

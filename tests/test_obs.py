@@ -119,3 +119,31 @@ def test_prune_in_steps_recomputes():
     assert mask.sum() == 10 and np.all(new[~mask] == 0.0)
     assert np.all(calls[2] <= calls[1]) and np.all(calls[1] <= calls[0])
     assert obs.cubic_schedule(0.9, 3)[-1] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_pruning_picks_the_best_subset_and_its_constrained_minimum(xp, n, m):
+    """One group of m weights N:M-pruned, the others free: the chosen subset is the one of least
+    loss increase and the update is that subset's constrained minimiser (to 1e-8)."""
+    import itertools
+
+    op, F, w = quadratic(m=10, d=24, seed=7)
+    mask, new = obs.prune_nm(op, xp.asarray(w), n, m, segments=[(8, 8 + m)])
+    Q = np.flatnonzero(~host(mask).astype(bool))
+    assert len(Q) == m - n and np.all((Q >= 8) & (Q < 8 + m))
+    losses = {S: constrained_min(F, w, list(S))[1] for S in itertools.combinations(range(8, 8 + m), m - n)}
+    assert tuple(Q) == min(losses, key=losses.get)
+    delta, _ = constrained_min(F, w, list(Q))
+    np.testing.assert_allclose(host(new), w + delta, rtol=1e-8, atol=1e-8 * np.abs(w).max())
+
+
+def test_nm_masks_have_exactly_n_of_every_m(xp):
+    op, F, w = quadratic(m=12, d=40, seed=8, blocks=[16, 24])
+    mask, new = obs.prune_nm(op, xp.asarray(w), 2, 4, segments=[(0, 16), (16, 40)])
+    groups = host(mask).reshape(-1, 4)
+    assert np.all(groups.sum(axis=1) == 2)
+    assert np.all(host(new)[~host(mask).astype(bool)] == 0)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        obs.prune_nm(op, xp.asarray(w), 2, 4, segments=[(0, 6)])
+    with pytest.raises(ValueError, match="0 < n < m"):
+        obs.prune_nm(op, xp.asarray(w), 4, 4)

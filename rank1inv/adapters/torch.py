@@ -153,6 +153,173 @@ def gradients(model: torch.nn.Module, loss_fn, batches, m: int):
     return to_array(G)
 
 
+# ------------------------------------------------------------------------------ models
+def trainable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of the parameters with ``requires_grad``, in the order of
+    ``model.named_parameters()``: the coordinates of ``gradients(model, ...)`` and of every flat
+    vector below. Frozen parameters are in none of them."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _layer_of(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def blocks_from_model(model: torch.nn.Module, per="layer") -> list[int]:
+    """Block lengths over the trainable parameters (``block_size=`` of StaticInverse):
+    ``per="layer"`` one block per module that owns parameters (its weight and bias together),
+    an int B each layer split into consecutive blocks of at most B (none straddles a layer)."""
+    layers = []
+    for name, p in trainable(model):
+        layer = _layer_of(name)
+        if layers and layers[-1][0] == layer:
+            layers[-1][1] += p.numel()
+        else:
+            layers.append([layer, p.numel()])
+    if per == "layer":
+        return [n for _, n in layers]
+    if isinstance(per, bool) or not isinstance(per, numbers.Integral) or per < 1:
+        raise ValueError(f"per must be 'layer' or a positive int, got {per!r}")
+    return [min(per, n - a) for _, n in layers for a in range(0, n, per)]
+
+
+def model_vector(model: torch.nn.Module):
+    """The trainable parameters as one flat NumPy/CuPy array (a copy, in their dtype)."""
+    return to_array(flatten([p for _, p in trainable(model)]).clone())
+
+
+def write_vector(model: torch.nn.Module, vector) -> None:
+    """Copy a flat vector (NumPy/CuPy/torch, length = trainable coordinates) into the model."""
+    params = [p for _, p in trainable(model)]
+    v = vector if isinstance(vector, torch.Tensor) else to_tensor(vector)
+    with torch.no_grad():
+        for p, view in zip(params, unflatten(v.to(device=params[0].device), params)):
+            p.copy_(view)
+
+
+def weight_mask(model: torch.nn.Module):
+    """A boolean flat array: True on weights of two or more dimensions (Linear, Conv), False on
+    biases and norms, which pruning usually keeps (``prunable=`` of ``obs.prune``)."""
+    return np.concatenate([np.full(p.numel(), p.ndim >= 2) for _, p in trainable(model)])
+
+
+def masks_for_model(model: torch.nn.Module, mask) -> dict[str, torch.Tensor]:
+    """A flat boolean mask (True = kept) as one boolean tensor per trainable parameter, shaped
+    like it (an N:M mask of a weight is the format ``torch.sparse.to_sparse_semi_structured``
+    accepts once the pruned entries are zero)."""
+    params = trainable(model)
+    m = torch.from_numpy(np.ascontiguousarray(_to_host(mask)).astype(bool))
+    out, a = {}, 0
+    for name, p in params:
+        out[name] = m[a : a + p.numel()].view(p.shape).to(p.device)
+        a += p.numel()
+    return out
+
+
+def nm_segments(model: torch.nn.Module, m: int = 4) -> list[tuple[int, int]]:
+    """(start, stop) of every weight (≥ 2 dimensions) whose input dimension — the last of
+    ``weight.reshape(out, -1)``, along which sparse tensor cores group — is a multiple of m, in
+    the flat vector of ``trainable(model)``; for ``obs.prune_nm``."""
+    out, a = [], 0
+    for _, p in trainable(model):
+        if p.ndim >= 2 and (p.numel() // p.shape[0]) % m == 0:
+            out.append((a, a + p.numel()))
+        a += p.numel()
+    return out
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def prune_model(model, loss_fn, batches, sparsity, *, ngrads: int = 64, damp="relative:1e-2", steps: int = 1,
+                per="layer", scope="global", method="obs", update="simultaneous", layer_sparsity=None, nm=None,
+                prunable=None):  # fmt: skip
+    """Prune a torch model in one call: ``ngrads`` gradients from ``batches`` (re-iterable: each
+    recomputation step iterates it again), a block-diagonal inverse Fisher (``per``, as in
+    ``blocks_from_model``), OBS pruning of its weights (``prunable``: default
+    ``weight_mask(model)``, biases kept) to ``sparsity`` in ``steps`` steps of the cubic schedule
+    with the inverse rebuilt at the pruned weights before each (``obs.prune_in_steps``), and
+    the result written into the model. ``layer_sparsity`` ({layer name: fraction}) sets
+    per-layer targets (then ``scope="block"`` with one block per layer). ``nm=(n, m)`` instead
+    prunes to N:M semi-structured sparsity in one shot (``obs.prune_nm`` over ``nm_segments``).
+    ``damp``: a float, or "relative:c" for c·mean diag(GᵀG/m) of the first gradients.
+    Returns ``masks_for_model`` of the result. Cost per step: m backward passes, one
+    StaticInverse build, one prune."""
+    from .. import StaticInverse, obs
+
+    names = [_layer_of(n) for n, _ in trainable(model)]
+    layers = list(dict.fromkeys(names))
+    blocks = blocks_from_model(model, per)
+    keep = weight_mask(model) if prunable is None else prunable
+
+    def fresh(w, mask):
+        write_vector(model, w)
+        return gradients(model, loss_fn, batches, ngrads)
+
+    w0 = model_vector(model)
+    G0 = fresh(w0, None)
+    if isinstance(damp, str):
+        if not damp.startswith("relative:"):
+            raise ValueError(f"damp must be a number or 'relative:<factor>', got {damp!r}")
+        lam = obs.relative_damp(G0, float(damp.split(":", 1)[1]))
+    else:
+        lam = float(damp)
+    xp = _backend_namespace(w0)
+    if nm is not None:
+        n, mm = nm
+        op = StaticInverse(G0, lam, block_size=blocks)
+        mask, w = obs.prune_nm(op, xp.astype(w0, xp.float64), n, mm, segments=nm_segments(model, mm))
+    else:
+        target = sparsity
+        if layer_sparsity is not None:
+            unknown = set(layer_sparsity) - set(layers)
+            if unknown:
+                raise ValueError(f"layer_sparsity names unknown layers {sorted(unknown)}; layers: {layers}")
+            if per != "layer":
+                raise ValueError("layer_sparsity needs per='layer' (one block per layer)")
+            target = [float(layer_sparsity.get(layer, sparsity)) for layer in layers]
+            scope = "block"
+        first = {"G": G0}
+
+        def gradients_at(w, mask):  # the first step reuses the gradients already taken
+            return first.pop("G") if "G" in first else fresh(w, mask)
+
+        if isinstance(target, list):
+            op = StaticInverse(G0, lam, block_size=blocks)
+            if steps != 1:
+                raise ValueError("per-layer targets are pruned in one step (steps=1)")
+            mask, w = obs.prune(op, xp.astype(w0, xp.float64), target, method=method, update=update, scope=scope,
+                                prunable=keep)  # fmt: skip
+        else:
+            mask, w = obs.prune_in_steps(xp.astype(w0, xp.float64), target, steps, gradients_at, lam, method=method,
+                                         update=update, scope=scope, block_size=blocks, prunable=keep)  # fmt: skip
+    write_vector(model, w)
+    return masks_for_model(model, mask)
+
+
+def _relative_factor(damp):
+    """c for damp="relative:c", None for a number; ValueError otherwise."""
+    if isinstance(damp, str):
+        head, _, value = damp.partition(":")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if head != "relative" or not factor > 0:
+            raise ValueError(f"damp must be a number > 0 or 'relative:<factor > 0>', got {damp!r}")
+        return factor
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp > 0:
+        raise ValueError(f"damp must be a number > 0 or 'relative:<factor>', got {damp!r}")
+    return None
+
+
+def _backend_namespace(a):
+    from .. import _backend
+
+    return _backend.namespace(a)
+
+
 # ------------------------------------------------------------------------------ optimizer
 class MFAC(torch.optim.Optimizer):
     """The M-FAC optimizer (M-FAC §4.2): θ ← θ − lr·F⁻¹g, with F the damped empirical Fisher of
@@ -224,6 +391,7 @@ class MFAC(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {wd} ({where})")
         if group["dtype"] is not None:
             group["dtype"] = _precision.of(group["dtype"]).name
+        _relative_factor(group["damp"])
         unknown = set(group) - {"params", "lr", "momentum", "weight_decay", *MFAC._WINDOW_KEYS}
         if unknown:
             raise ValueError(f"unknown option(s) {sorted(unknown)} ({where}); MFAC takes lr, momentum, "
@@ -273,30 +441,26 @@ class MFAC(torch.optim.Optimizer):
             if self.blocks == "groups" and id(unit[0]) in old:
                 windows.append(old[id(unit[0])])  # an existing group keeps its window
                 continue
-            t = buf.buffer
-            xp = None
-            if t.device.type == "cuda":
-                import cupy
-
-                xp = cupy
-            dtype = group["dtype"] or _TORCH_STORAGE[t.dtype]
-            d = t.numel()
-            size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
-            with _cuda_context(t):  # the window lives on the parameters' device
-                windows.append(
-                    [
-                        DynamicInverse(
-                            min(size, d - a),
-                            int(group["ngrads"]),
-                            float(group["damp"]),
-                            scale=group["scale"],
-                            dtype=dtype,
-                            xp=xp,
-                        )  # fmt: skip
-                        for a in range(0, d, size)
-                    ]
-                )
+            relative = _relative_factor(group["damp"])
+            windows.append(None if relative is not None else self._new_windows(buf, group, float(group["damp"])))
         return windows
+
+    def _new_windows(self, buf, group, damp: float):
+        """The windows of one unit (one per block of its flat vector), on its device."""
+        t = buf.buffer
+        xp = None
+        if t.device.type == "cuda":
+            import cupy
+
+            xp = cupy
+        dtype = group["dtype"] or _TORCH_STORAGE[t.dtype]
+        d = t.numel()
+        size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
+        with _cuda_context(t):  # the window lives on the parameters' device
+            return [
+                DynamicInverse(min(size, d - a), int(group["ngrads"]), damp, scale=group["scale"], dtype=dtype, xp=xp)
+                for a in range(0, d, size)
+            ]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -305,8 +469,9 @@ class MFAC(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # one step over every window: validated and staged everywhere before any is written
-        active, jobs = [], []
-        for buf, windows in zip(self._buffers, self._windows):
+        active, jobs, created = [], [], []
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for u, (buf, windows) in enumerate(zip(self._buffers, self._windows)):
             missing = [p.grad is None for p in buf.params]
             if all(missing):
                 continue  # torch.optim: no gradient, no step (nothing pushed)
@@ -317,6 +482,14 @@ class MFAC(torch.optim.Optimizer):
                     "blocks='groups' to give them separate windows"
                 )
             g = buf.gather()
+            if windows is None:  # damp="relative:c": λ = c·mean(g²) of the unit's first gradient
+                group = group_of[id(buf.params[0])]
+                scale = float(torch.mean(g.double() ** 2))
+                if not scale > 0:
+                    raise ValueError("damp='relative:…' needs a first gradient that is not all zero")
+                windows = self._new_windows(buf, group, _relative_factor(group["damp"]) * scale)
+                self._windows[u] = windows
+                created.append(u)
             active.append((buf, windows, g))
             a = 0
             for w in windows:
@@ -325,8 +498,13 @@ class MFAC(torch.optim.Optimizer):
                 a += n
         if not jobs:
             return loss
-        with _cuda_context(active[0][2], stream=True):  # CuPy works on torch's stream: no race on the buffers
-            results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
+        try:
+            with _cuda_context(active[0][2], stream=True):  # CuPy works on torch's stream: no race on the buffers
+                results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
+        except BaseException:
+            for u in created:  # the step did not happen: the relative damping is chosen again
+                self._windows[u] = None
+            raise
         for buf, windows, g in active:
             direction = torch.empty_like(g)
             a = 0
@@ -360,7 +538,7 @@ class MFAC(torch.optim.Optimizer):
         """torch.optim's state plus the windows (their arrays as CPU tensors, so the whole dict
         loads with ``torch.load(weights_only=True)``)."""
         state = super().state_dict()
-        state["mfac_windows"] = [[w.state_dict(xp=torch) for w in ws] for ws in self._windows]
+        state["mfac_windows"] = [[] if ws is None else [w.state_dict(xp=torch) for w in ws] for ws in self._windows]
         return state
 
     def load_state_dict(self, state_dict):
@@ -368,11 +546,16 @@ class MFAC(torch.optim.Optimizer):
         windows = state_dict.pop("mfac_windows", None)
         if windows is None:
             raise ValueError("state_dict has no 'mfac_windows' (not from an MFAC optimizer)")
-        if [len(ws) for ws in windows] != [len(ws) for ws in self._windows]:
-            raise ValueError("state_dict windows do not match this optimizer's layout")
         fresh = self._make_windows(reuse=False)
-        for ws, states in zip(fresh, windows):
-            for w, s in zip(ws, states):
+        if len(windows) != len(fresh):
+            raise ValueError("state_dict windows do not match this optimizer's layout")
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for u, (buf, states) in enumerate(zip(self._buffers, windows)):
+            if fresh[u] is None and states:  # relative damping chosen in the saved run
+                fresh[u] = self._new_windows(buf, group_of[id(buf.params[0])], 1.0)
+            if (fresh[u] is None) != (not states) or (fresh[u] is not None and len(fresh[u]) != len(states)):
+                raise ValueError("state_dict windows do not match this optimizer's layout")
+            for w, s in zip(fresh[u] or [], states):
                 w.load_state_dict(s)
         super().load_state_dict(state_dict)
         self._windows = fresh

@@ -70,7 +70,7 @@ def drop(xp, src, dst, n: int, k: int) -> None:
 
 
 def drop_rows_numpy(xp, src, dst, n: int, k: int) -> None:
-    """The array-API mirror of ``rank1inv/cpu/cholesky_update.c`` (same operations in the same
+    """The array-API mirror of ``rank1inv/cpu/window.c`` (same operations in the same
     order, one Givens rotation per row of the trailing block): n row steps of O(n) each."""
     x = xp.asarray(src[k, :n], copy=True)
     if k > 0:

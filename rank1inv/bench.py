@@ -168,6 +168,12 @@ def cpu_dynamic(rows, timer, xp, m=256, d=100_000):
     _row(rows, "push_apply of a duplicate (corrected form) / floor", again, "×", "five passes more")
 
 
+def _fill(w, G, m: int, chunk: int = 256) -> None:
+    """Push rows 0..m of G into w, ``chunk`` at a time (push_many holds its rows in float64)."""
+    for start in range(0, m, chunk):
+        w.push_many(G[start : min(m, start + chunk)])
+
+
 def window_scaling(rows, timer, xp, sizes, d):
     """push_apply of a full window against the floor for each capacity m (O(dm + m²) per step),
     and the time ratio between the two largest (O(m³) updates would give up to 8 for m×2)."""
@@ -176,7 +182,7 @@ def window_scaling(rows, timer, xp, sizes, d):
         gen = _LowRank(xp, d, seed=m)
         G = gen.matrix(m + FRESH)
         w = DynamicInverse(d, m, 1e-4, xp=xp)
-        w.push_many(G[:m])
+        _fill(w, G, m)
         x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
         c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
         Gw = w._G
@@ -210,7 +216,7 @@ def window_large(rows, timer, xp, m, d):
     """A window of m gradients in gradient space (d > m): push_apply time and the m×m state."""
     gen = _LowRank(xp, d, seed=11)
     w = DynamicInverse(d, m, 1e-4, xp=xp)
-    for start in range(0, m, 256):
+    for start in range(0, m, 256):  # rows made chunk by chunk: G need not exist twice
         w.push_many(gen.matrix(min(256, m - start)))
     fresh = [gen.row(m + i) for i in range(6)]
     it = iter(fresh)
@@ -344,7 +350,7 @@ def storage_speed(rows, timer, xp, m=256, d=2_000_000):
         G = base if name == "float32" else _backend.encode(xp, base, name)
         op = StaticInverse(G[:m], 1e-4)
         w = DynamicInverse(d, m, 1e-4, dtype=name, xp=xp)
-        w.push_many(G[:m])
+        _fill(w, G, m)
         fresh = iter(range(m, m + FRESH))
         times[name] = (timer(lambda: op @ x), timer(lambda: w.push_apply(G[next(fresh)]), repeat=5))
         op = w = G = None

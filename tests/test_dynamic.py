@@ -241,7 +241,7 @@ def test_push_apply_near_duplicate_windows(xp, dtype, seed):
 @pytest.mark.parametrize("seed", range(6))
 def test_ihvp_of_near_duplicate_float64_windows(xp, seed):
     """Random vectors against windows of clustered large gradients (float64 storage): M-FAC's
-    explicit inverse alone left η near 2e-11 here; the m-space refinement step meets 5e-12."""
+    explicit inverse B left η near 2e-11 here; the window's Cholesky factor meets 5e-12."""
     rng = np.random.default_rng(seed)
     pool = testing.gradients("clusters", 60, 40, scale=100.0, seed=seed, dtype="float64")
     w = r1.DynamicInverse(40, 16, 1e-4, dtype="float64", xp=xp)

@@ -47,9 +47,10 @@ class Timer:
         """Median over rounds of time(fn)/time(reference), with the two times of the median
         round. Each round times a block of ``reference`` calls, then a block of ``fn`` calls,
         with a pause of ``SPIN_PAUSE`` before each block: multi-threaded OpenBLAS keeps its idle
-        workers spinning for up to ~0.1 s after a call, and whatever runs next would share the
-        cores with them (on 2 vCPUs our compiled passes then take up to 1.7× as long). Rounds
-        make the ratio robust to a machine whose speed drifts during the run."""
+        workers spinning for a while after a call (measured here: more than 0.15 s, less than
+        0.5 s), and whatever runs next would share the cores with them (on 2 vCPUs our compiled
+        passes then take up to 1.7× as long). Rounds make the ratio robust to a machine whose
+        speed drifts during the run."""
         fn()
         reference()
         self._sync()
@@ -64,7 +65,7 @@ class Timer:
         return rounds[len(rounds) // 2]
 
 
-SPIN_PAUSE = 0.15  # seconds: longer than OpenBLAS's default spin-wait before its workers sleep
+SPIN_PAUSE = 0.5  # seconds: longer than OpenBLAS's spin-wait before its workers sleep (0.15 s was not, measured)
 
 
 class _LowRank:

@@ -420,3 +420,19 @@ def encode(xp, x, storage: str):
         bits = x.astype(xp.float32).view(xp.uint32)
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(xp.uint16)
     return x.astype(target, copy=True)
+
+
+def standard_normal(xp, rng, shape, anchor):
+    """float64 standard normals of ``shape`` in xp on ``anchor``'s device. ``rng``: None, a seed,
+    a ``numpy.random.Generator`` or (CuPy) a ``cupy.random.Generator``."""
+    if is_cupy(xp):
+        import cupy
+
+        if isinstance(rng, cupy.random.Generator):
+            return rng.standard_normal(shape, dtype=cupy.float64)
+        if rng is None or isinstance(rng, (int, np.integer)):
+            return cupy.random.default_rng(rng).standard_normal(shape, dtype=cupy.float64)
+    if isinstance(rng, bool) or not (rng is None or isinstance(rng, (int, np.integer, np.random.Generator))):
+        raise TypeError(f"rng must be None, an int seed or a random Generator, not {type(rng).__name__}")
+    z = np.random.default_rng(rng).standard_normal(shape)
+    return xp.asarray(z, device=device(anchor)) if is_cupy(xp) else z

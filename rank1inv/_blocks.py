@@ -25,19 +25,27 @@ class Run:
 
 
 class Layout:
-    """Block structure over ``dim`` coordinates; ``block_size`` as in StaticInverse."""
+    """Block structure over ``dim`` coordinates; ``block_size`` as in StaticInverse.
 
-    def __init__(self, dim: int, block_size=None):
+    ``keys`` (one value per block, e.g. its damping) keeps blocks with different keys in
+    different runs; ``run_keys[i]`` is the key of run i (None without keys)."""
+
+    def __init__(self, dim: int, block_size=None, keys=None):
         self.dim = dim
         sizes = self._sizes(dim, block_size)
+        if keys is not None and len(keys) != len(sizes):
+            raise ValueError(f"expected one value per block ({len(sizes)} blocks), got {len(keys)}")
         self.runs: list[Run] = []
+        self.run_keys: list = []
         start = 0
-        for size in sizes:
+        for i, size in enumerate(sizes):
+            key = None if keys is None else keys[i]
             last = self.runs[-1] if self.runs else None
-            if last is not None and last.size == size:
+            if last is not None and last.size == size and self.run_keys[-1] == key:
                 self.runs[-1] = Run(last.start, last.count + 1, size)
             else:
                 self.runs.append(Run(start, 1, size))
+                self.run_keys.append(key)
             start += size
         self.block_sizes = tuple(sizes)
         # run_starts[i] is the first coordinate of run i (host copy, for index mapping)

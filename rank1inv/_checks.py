@@ -26,6 +26,24 @@ def damp(value) -> float:
     return value
 
 
+def damps(value, blocks: int):
+    """A damp (float) or one per block (tuple of floats, collapsed to a float when all equal)."""
+    if isinstance(value, (list, tuple)) or (_backend.is_array(value) and getattr(value, "ndim", 0) == 1):
+        items = [float(v) for v in (_backend.to_host(value).tolist() if _backend.is_array(value) else value)]
+        if len(items) != blocks:
+            raise ValueError(
+                f"damp must be one number or one per block ({blocks} blocks), got {len(items)} values"
+                + (
+                    "; per-coordinate damping is not supported, use block_size=1 for a diagonal F"
+                    if blocks == 1
+                    else ""
+                )
+            )
+        values = tuple(damp(v) for v in items)
+        return values[0] if len(set(values)) == 1 else values
+    return damp(value)
+
+
 def scale(value):
     """None, "count" or a positive finite float."""
     if value is None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from . import _backend, _passes, _scaling
 
 
@@ -20,19 +22,32 @@ class DenseGroup(_backend.HoldsNamespace):
     """``nb`` equal blocks of width B (≤ m), as one batch. Gg has shape (nb, m, B); ``frame``
     is E. Construction O(nb·m·B²) for F̃ plus O(nb·B³) for its factor."""
 
-    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame: int = 0):
+    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame: int = 0, gram=None):
         self.xp, self.damp, self.scale, self.frame = xp, damp, scale, frame
         nb, m, B = Gg.shape
-        self.count, self.size = nb, B
+        self.count, self.size, self.width, self.block = nb, B, m, B
         self.mu = _scaling.frame_damping(damp, scale, frame)
-        self.scale_f, scale_e = _scaling.split(scale)
-        self.inverse_exponent = -2 * frame - scale_e
-        self.fisher_exponent = 2 * frame + scale_e
-        eye = xp.eye(B, dtype=xp.float64, device=_backend.device(Gg))
-        self.F = self.mu * eye + _passes.column_gram(xp, Gg, accumulate, _scaling.pow2(-frame))
-        self.C = _backend.cholesky(xp, self.F)
+        self.scale_f, self.scale_e = _scaling.split(scale)
+        self.inverse_exponent = -2 * frame - self.scale_e
+        self.fisher_exponent = 2 * frame + self.scale_e
+        if gram is None:
+            gram = _passes.column_gram(xp, Gg, accumulate, _scaling.pow2(-frame))
+        self.gram = gram  # G'ᵀG' per block, (nb, B, B) float64
+        self.C = _backend.cholesky(xp, self._F())
         self._inverse = None
-        self.block = B
+
+    def _F(self):
+        """F̃ = μ'I + G'ᵀG' (nb, B, B) float64, a new array."""
+        eye = self.xp.eye(self.block, dtype=self.xp.float64, device=_backend.device(self.gram))
+        return self.mu * eye + self.gram
+
+    def redamped(self, damp: float, frame: int, blocks=(0, None)):
+        """Blocks b0:b1 with damping λ' in frame ``frame``: O(nb·B³), G is not read."""
+        b0, b1 = blocks
+        gram = self.gram[b0:b1, ...]
+        gram = gram if frame == self.frame else gram * _scaling.pow2(2 * (self.frame - frame))
+        shape = _Shape(gram.shape[0], self.width, self.size)
+        return DenseGroup(self.xp, shape, damp, self.scale, "float64", frame=frame, gram=gram)
 
     def apply(self, X):
         """F̃⁻¹X/s_f for X (nb, B, k) float64: O(B²k) per block."""
@@ -40,15 +55,41 @@ class DenseGroup(_backend.HoldsNamespace):
 
     def apply_fisher(self, X):
         """s_f·F̃X."""
-        return self.scale_f * (self.F @ X)
+        return self.scale_f * (self.mu * X + self.gram @ X)
+
+    noise_width = 0  # standard normals per block beyond one per coordinate (``sample``)
+
+    def sample(self, Z, Z2=None):
+        """Draws with covariance F_b⁻¹: C⁻ᵀZ per block for F̃ = CCᵀ, scaled by (s·2^(2E))^(-1/2),
+        as (values, exponent); Z (nb, B, k) float64 (Z2 is empty: ``noise_width`` = 0). O(B²k)
+        per block."""
+        f, e = _scaling.power(self.scale_f, self.scale_e, -0.5)
+        Y = _backend.solve_triangular(self.xp, self.C, Z, lower=True, trans=True)
+        return Y * f, e - self.frame
+
+    def gram_spectrum(self):
+        """s·eig(G_bᵀG_b) per block: a host float64 array (nb, B), descending, clamped at 0;
+        O(B³) per block, cached."""
+        if getattr(self, "_gram_spectrum", None) is None:
+            lam = _backend.to_host(self.xp.linalg.eigvalsh(self.gram))[:, ::-1]
+            self._gram_spectrum = np.maximum(lam, 0.0) * math.ldexp(self.scale_f, self.scale_e + 2 * self.frame)
+        return self._gram_spectrum
+
+    def apply_power(self, X, p: float):
+        """F_b^p X per block as (values, exponent), from the eigendecomposition of F̃
+        (computed per call, O(B³) per block)."""
+        lam, Q = _backend.eigh(self.xp, self._F())
+        f, e = _scaling.power(self.scale_f, self.scale_e + 2 * self.frame, p)
+        Y = Q @ ((self.xp.matrix_transpose(Q) @ X) * (lam**p)[:, :, None])
+        return Y * f, e
 
     @property
     def inverse(self):
         """Explicit F̃⁻¹/s_f (nb, B, B) float64, computed on first use (O(B³) per block)."""
         if self._inverse is None:
             xp = self.xp
-            nb, B = self.F.shape[0], self.block
-            eye = xp.broadcast_to(xp.eye(B, dtype=xp.float64, device=_backend.device(self.F)), (nb, B, B))
+            nb, B = self.count, self.block
+            eye = xp.broadcast_to(xp.eye(B, dtype=xp.float64, device=_backend.device(self.C)), (nb, B, B))
             self._inverse = _backend.cho_solve(xp, self.C, xp.asarray(eye, copy=True)) / self.scale_f
         return self._inverse
 
@@ -70,11 +111,21 @@ class DenseGroup(_backend.HoldsNamespace):
         return xp.where(same, out, 0.0)
 
     def fisher_diag(self):
-        return self.xp.reshape(self.scale_f * self.xp.linalg.diagonal(self.F), (-1,))
+        return self.xp.reshape(self.scale_f * (self.mu + self.xp.linalg.diagonal(self.gram)), (-1,))
+
+    def logdets(self):
+        """log det F_b = log det F̃_b + B·(log s + 2E·log 2) per block: host float64 (nb,)."""
+        xp = self.xp
+        shift = self.block * (math.log(self.scale) + 2 * self.frame * math.log(2.0))
+        return _backend.to_host(2.0 * xp.sum(xp.log(xp.linalg.diagonal(self.C)), axis=-1)) + shift
 
     def logdet(self) -> float:
-        """Σ_b log det F_b = Σ_b [log det F̃_b + B·(log s + 2E·log 2)]."""
-        xp = self.xp
-        nb, B = self.F.shape[0], self.block
-        shift = nb * B * (math.log(self.scale) + 2 * self.frame * math.log(2.0))
-        return 2.0 * float(xp.sum(xp.log(xp.linalg.diagonal(self.C)))) + shift
+        """Σ_b log det F_b."""
+        return float(self.logdets().sum())
+
+
+class _Shape:
+    """Stands in for G where a group is rebuilt from its Gram matrix (only ``shape`` is read)."""
+
+    def __init__(self, *shape):
+        self.shape = shape

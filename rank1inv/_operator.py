@@ -14,6 +14,10 @@ output dtype raises OverflowError instead of returning inf.
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 from . import _backend, _checks, _precision
 from ._passes import tile_budget
 
@@ -245,7 +249,13 @@ class InverseOperator(_BlockOperator):
     @_backend.on_device
     def logdet(self) -> float:
         """log det F (a Python float), from the factors: O(m) per block after construction."""
-        return float(sum(grp.logdet() for grp in self._groups()))
+        return math.fsum(self.block_logdets().tolist())
+
+    @_backend.on_device
+    def block_logdets(self):
+        """log det F_b for every diagonal block, in block order: a NumPy float64 array
+        (len(block_sizes),). O(m) per block after construction."""
+        return np.concatenate([np.asarray(grp.logdets(), dtype=np.float64) for grp in self._groups()])
 
     def fisher(self):
         """An operator for F itself (same layout): products, diag, to_dense, aslinearoperator."""
@@ -253,6 +263,98 @@ class InverseOperator(_BlockOperator):
 
     def _width(self) -> int:
         return 1
+
+    def _gradient_count(self) -> int:
+        """How many gradients the groups hold (the rank of GᵀG at most)."""
+        return self._width()
+
+    # -- Laplace: samples and spectrum (docs/design.md §10) ---------------------------------
+    @property
+    def noise_dim(self) -> int:
+        """Length of the standard-normal vector that ``sample_from_noise`` maps to one sample:
+        d, plus m for every block wider than m (the Woodbury blocks)."""
+        return self._dim + sum(grp.count * grp.noise_width for grp in self._groups())
+
+    @_backend.on_device
+    def sample_from_noise(self, z):
+        """The documented map from standard normals to exact draws from N(0, F⁻¹).
+
+        z has shape (noise_dim,) or (n, noise_dim); the result (d,) or (n, d), op.dtype. z[:d]
+        is one value per coordinate (z₁); then, for each block wider than m in order, m values
+        (z₂, one per gradient slot). Per block, with K = GGᵀ + (λ/s)I:
+
+            Woodbury block: x = λ^(-1/2)·(z₁ − GᵀK⁻¹(G z₁ − √(λ/s)·z₂)) = F⁻¹(√λ z₁ + √s Gᵀz₂)
+            dense block:    x = C⁻ᵀ z₁,  F_b = C Cᵀ (Cholesky)
+
+        both linear maps M with M Mᵀ = F_b⁻¹. Cost: two passes over G per n ≤ 8 samples
+        (Woodbury), O(B²) per sample (dense); float64 accumulation."""
+        xp = self._xp
+        z = _checks.as_array(z, "z", xp)
+        _checks.same_backend(xp, z, "z", "this operator")
+        n_dim = self.noise_dim
+        if z.ndim not in (1, 2) or z.shape[-1] != n_dim:
+            raise ValueError(f"z must have shape ({n_dim},) or (n, {n_dim}), got {tuple(z.shape)}")
+        Z = xp.asarray(xp.matrix_transpose(z) if z.ndim == 2 else z[:, None], dtype=xp.float64, copy=True)
+        if not _backend.all_finite(xp, Z):
+            raise ValueError("z contains non-finite values (nan or inf)")
+        k = Z.shape[1]
+        out = xp.empty((self._dim, k), dtype=xp.float64, device=_backend.device(Z))
+        extra = self._dim
+        for run, grp in zip(self._layout.runs, self._groups()):
+            Z1 = xp.reshape(Z[run.start : run.stop, :], (run.count, run.size, k))
+            width = grp.noise_width
+            Z2 = xp.reshape(Z[extra : extra + run.count * width, :], (run.count, width, k))
+            extra += run.count * width
+            values, e = grp.sample(Z1, Z2)
+            out[run.start : run.stop, :] = xp.reshape(_backend.ldexp(xp, values, e), (-1, k))
+        Y = _backend.cast_result(xp, out, self.dtype, "the sample")
+        return Y[:, 0] if z.ndim == 1 else xp.matrix_transpose(Y)
+
+    @_backend.on_device
+    def sample(self, size=None, *, rng=None):
+        """Exact draws from N(0, F⁻¹): shape (d,) for size=None, else (size, d); op.dtype.
+
+        ``rng``: None, a seed, or a ``numpy.random.Generator`` (NumPy data; on CuPy the draws
+        are then copied to the device) or ``cupy.random.Generator`` (CuPy data). The draws are
+        ``sample_from_noise`` of ``noise_dim`` standard normals per sample. O(dm) per sample."""
+        n = 1 if size is None else _checks.positive_int(size, "size")
+        z = _backend.standard_normal(self._xp, rng, (n, self.noise_dim), self._anchor())
+        out = self.sample_from_noise(z)
+        return out[0, :] if size is None else out
+
+    def eigenvalues(self):
+        """The eigenvalues of F other than the copies of λ_b that the structure guarantees: per
+        block λ_b + s·eig(G_bᵀG_b) for its min(m, B) largest (as many as the window holds), so
+        d − Σ_b min(m_b, B) copies of λ are left out. Descending, a NumPy float64 array.
+        O(m³) per block once (``gram_spectra``)."""
+        count = self._gradient_count()
+        damps = self.damp if isinstance(self.damp, tuple) else (self.damp,) * len(self.block_sizes)
+        parts = [lam + S[: min(S.shape[0], count)] for S, lam in zip(self.gram_spectra(), damps)]
+        return np.sort(np.concatenate(parts))[::-1]
+
+    @_backend.on_device
+    def gram_spectra(self) -> list:
+        """For every diagonal block, in block order, the eigenvalues of s·G_bᵀG_b that can be
+        nonzero (min(m, B) of them; those of a window's empty slots are 0): a list of NumPy
+        float64 arrays, descending. With them log det F_b(λ) = B·log λ + Σ log1p(s·Λ_i/λ) for any
+        λ in O(m) (``rank1inv.laplace.tune_damp``). O(m³) per block once, cached."""
+        out = []
+        for grp in self._groups():
+            out.extend(np.asarray(row) for row in grp.gram_spectrum())
+        return out
+
+    def power(self, p):
+        """F^p as an operator (same layout): products ``@``/matvec/matmat, to_dense,
+        aslinearoperator. p real (e.g. −1, −1/2, 1/2, 2); ``power(-0.5) @ z`` for z ~ N(0, I_d) is
+        another exact sampler. From the eigendecomposition of each block's Gram matrix (O(m³) per
+        block, cached), then two passes over G per product. A vector in the span of the
+        gradients is not corrected for cancellation as the products of F⁻¹ are
+        (docs/numerics.md)."""
+        import numbers
+
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)):
+            raise TypeError(f"p must be a finite real number, got {p!r}")
+        return PowerOperator(self, float(p))
 
 
 class FisherOperator(_BlockOperator):
@@ -287,3 +389,26 @@ class FisherOperator(_BlockOperator):
     def inverse(self) -> InverseOperator:
         """The operator for F⁻¹ this one was made from."""
         return self._inverse_op
+
+
+class PowerOperator(_BlockOperator):
+    """F^p as an operator, sharing the groups of its InverseOperator."""
+
+    def __init__(self, inverse: InverseOperator, p: float):
+        self._inverse_op, self._p = inverse, p
+        self._xp, self._dim, self._dtype = inverse._xp, inverse._dim, inverse._dtype
+        self._damp, self._layout = inverse._damp, inverse._layout
+
+    @property
+    def exponent(self) -> float:
+        """p."""
+        return self._p
+
+    def _groups(self):
+        return self._inverse_op._groups()
+
+    def _group_product(self, group, X):
+        return group.apply_power(X, self._p)
+
+    def _anchor(self):
+        return self._inverse_op._anchor()

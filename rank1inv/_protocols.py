@@ -30,6 +30,9 @@ class Factor(Protocol):
     def logdet(self) -> float:
         """Σ over blocks of log det K."""
 
+    def logdets(self):
+        """log det K per block: a host float64 array (nb,)."""
+
 
 @runtime_checkable
 class Group(Protocol):
@@ -65,3 +68,22 @@ class Group(Protocol):
 
     def logdet(self) -> float:
         """Σ over the group's blocks of log det F_b (not scaled by any exponent)."""
+
+    def logdets(self):
+        """log det F_b per block: a host float64 array (count,)."""
+
+    noise_width: int  # standard normals per block beyond one per coordinate (``sample``)
+
+    def sample(self, Z1, Z2):
+        """(values, exponent) of draws with covariance F_b⁻¹ from standard normals Z1
+        (count, size, k) and Z2 (count, noise_width, k); Z1 may be overwritten."""
+
+    def apply_power(self, X, p: float):
+        """(values, exponent) of F_b^p X per block."""
+
+    def gram_spectrum(self):
+        """s·eig(GGᵀ) per block (the eigenvalues of s·G_bᵀG_b that can be nonzero): a host
+        float64 array (count, r), descending."""
+
+    def redamped(self, damp: float, frame: int, blocks=(0, None)):
+        """Blocks b0:b1 with damping ``damp`` in frame ``frame``, G not read again."""

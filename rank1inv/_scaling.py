@@ -60,3 +60,12 @@ def frame_damping(damp: float, scale: float, E: int) -> float:
         return math.ldexp(lf / sf, le - se - 2 * E)
     except OverflowError:  # pragma: no cover - E ≥ ⌈log2(λ/s)/2⌉ whenever a frame is taken
         return math.inf
+
+
+def power(fraction: float, exp: int, p: float) -> tuple[float, int]:
+    """(f, e) with (fraction·2^exp)^p = f·2^e, computed without overflow for any finite
+    exponent: e = ⌊p·exp⌋ and f = fraction^p·2^(p·exp − e) (exact scaling where p·exp is an
+    integer, e.g. p = ±1, or p = ±1/2 with exp even)."""
+    t = p * exp
+    e = math.floor(t)
+    return fraction**p * 2.0 ** (t - e), int(e)

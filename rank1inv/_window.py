@@ -214,6 +214,10 @@ class WindowFactor(_backend.HoldsNamespace):
         d = xp.linalg.diagonal(self.R)[: self.n]
         return 2.0 * float(xp.sum(xp.log(d))) + (self.cap - self.n) * self.log_mu
 
+    def logdets(self):
+        """``logdet()`` as a host array of one block."""
+        return np.array([self.logdet()])
+
 
 def mfac_coefficients(xp, R, n: int, damp: float, inverse_scale: float, frame: int, method=None):
     """M-FAC's D and B (n×n, age order; M-FAC eq. 8–10) from the window's factor.

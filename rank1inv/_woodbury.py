@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
+
 from . import _backend, _passes, _precision, _scaling
 
 CORRECTION_STEPS = 2
@@ -58,9 +60,13 @@ class CholeskyFactor(_backend.HoldsNamespace):
         milliseconds when a trsm follows the Gram matrix's GEMMs (docs/benchmarks.md)."""
         return self.L_inv[b0:b1, ...] @ P
 
-    def logdet(self) -> float:
+    def logdets(self):
+        """log det K per block: a host float64 array (nb,)."""
         xp = self.xp
-        return 2.0 * float(xp.sum(xp.log(xp.linalg.diagonal(self.L))))
+        return _backend.to_host(2.0 * xp.sum(xp.log(xp.linalg.diagonal(self.L)), axis=-1))
+
+    def logdet(self) -> float:
+        return float(self.logdets().sum())
 
 
 class SpectralFactor(_backend.HoldsNamespace):
@@ -94,18 +100,24 @@ class SpectralFactor(_backend.HoldsNamespace):
         Q = self.Q[b0:b1, ...]
         return (self.xp.matrix_transpose(Q) @ P) * self.xp.sqrt(self.inv[b0:b1, :, None])
 
-    def logdet(self) -> float:
-        """Σ log(Λ + μ) over the kept directions, log μ for each dropped one (Λ = 0 there)."""
+    def logdets(self):
+        """Per block: Σ log(Λ + μ) over the kept directions, log μ for each dropped one (Λ = 0
+        there); a host float64 array (nb,)."""
         xp = self.xp
-        kept = float(xp.sum(xp.where(self.keep, xp.log(xp.where(self.keep, self.lam + self.mu, 1.0)), 0.0)))
-        return kept + self.log_mu * float(xp.sum(xp.astype(~self.keep, xp.float64)))
+        kept = xp.sum(xp.where(self.keep, xp.log(xp.where(self.keep, self.lam + self.mu, 1.0)), 0.0), axis=-1)
+        dropped = xp.sum(xp.astype(~self.keep, xp.float64), axis=-1)
+        return _backend.to_host(kept) + self.log_mu * _backend.to_host(dropped)
+
+    def logdet(self) -> float:
+        return float(self.logdets().sum())
 
 
 class WoodburyGroup(_backend.HoldsNamespace):
     """``nb`` equal blocks of width B (> m), as one batch. Gg has shape (nb, m, B).
 
-    ``frame`` is E (σ = 2^-E). ``factor`` and ``gram`` (G'G'ᵀ in the frame, (nb, m, m)) come
-    together or not at all; without them the group computes both (O(nb·m²·B + nb·m³))."""
+    ``frame`` is E (σ = 2^-E). ``gram`` is G'G'ᵀ in the frame, (nb, m, m); without it the group
+    computes it (O(nb·m²·B)). Without ``factor`` (which needs ``gram``) the group factors
+    K' = gram + μ'I (O(nb·m³))."""
 
     def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame: int = 0, factor=None,
                  gram=None):  # fmt: skip
@@ -113,14 +125,15 @@ class WoodburyGroup(_backend.HoldsNamespace):
         self.count, m, self.size = Gg.shape
         self.sigma = _scaling.pow2(-frame)
         self.mu = _scaling.frame_damping(damp, scale, frame)  # K' = G'G'ᵀ + μ'I
-        self.damp_f, damp_e = _scaling.split(damp)
+        self.damp_f, self.damp_e = _scaling.split(damp)
         self.scale_f, self.scale_e = _scaling.split(scale)
-        self.inverse_exponent = -damp_e
+        self.inverse_exponent = -self.damp_e
         self.fisher_exponent = self.scale_e + 2 * frame
         self.frame = frame
         self.log_mu = math.log(damp) - math.log(scale) - 2 * frame * math.log(2.0)
         if factor is None:
-            gram = _passes.gram(xp, Gg, accumulate, self.sigma)
+            if gram is None:
+                gram = _passes.gram(xp, Gg, accumulate, self.sigma)
             eye = xp.eye(m, dtype=xp.float64, device=_backend.device(gram))
             try:
                 factor = CholeskyFactor(xp, gram + self.mu * eye)
@@ -220,6 +233,53 @@ class WoodburyGroup(_backend.HoldsNamespace):
             return self._combine(None, C, 0.0, 1.0 / self.scale_f), -self.frame - self.scale_e
         return self._corrected(X(), P), x_exponent + self.inverse_exponent
 
+    # -- Laplace: samples, spectrum, matrix functions, re-damping (docs/design.md §10) ---
+    @property
+    def noise_width(self) -> int:
+        """Standard normals per block beyond one per coordinate (``sample``): m."""
+        return self.Gg.shape[1]
+
+    def sample(self, Z1, Z2):
+        """Draws with covariance F_b⁻¹ from standard normals Z1 (nb, B, k) and Z2 (nb, m, k):
+        x = λ^(-1/2)·[z₁ − G'ᵀK'⁻¹(G'z₁ − √μ'·z₂)] (Hoffman–Ribak; = F⁻¹(√λ z₁ + √s Gᵀz₂)),
+        returned as (values, exponent). Two passes over G; Z1 is overwritten."""
+        P = self._project(Z1) - math.sqrt(self.mu) * Z2
+        C = self.factor.solve(P)
+        f, e = _scaling.power(self.damp_f, self.damp_e, -0.5)
+        return self._combine(Z1, C, f, -f, overwrite=True), e
+
+    def gram_spectrum(self):
+        """s·eig(G_bG_bᵀ) per block, the eigenvalues of s·G_bᵀG_b that can be nonzero: a host
+        float64 array (nb, m), descending, clamped at 0; O(m³) per block, cached."""
+        if getattr(self, "_gram_spectrum", None) is None:
+            lam = _backend.to_host(self.xp.linalg.eigvalsh(self._K0))[:, ::-1]
+            # s·Λ = λ·Λ'/μ' (Λ' in the frame), without forming s·2^(2E)
+            factor = self.damp / self.mu if self.mu > 0 else math.inf
+            self._gram_spectrum = np.where(lam > 0, lam * factor, 0.0)
+        return self._gram_spectrum
+
+    def apply_power(self, X, p: float):
+        """F_b^p X = λ^p·[x + G'ᵀQ·φ(Λ')·QᵀG'x] with G'G'ᵀ = QΛ'Qᵀ and
+        φ(Λ') = ((1 + Λ'/μ')^p − 1)/Λ' (→ p/μ' as Λ' → 0, computed as expm1(p·log1p(Λ'/μ'))/Λ'),
+        returned as (values, exponent). Two passes over G; the eigendecomposition is cached."""
+        xp = self.xp
+        sp = self.spectral
+        lam = xp.maximum(sp.lam, 0.0)
+        t = lam / self.mu
+        phi = xp.where(lam > 0, xp.expm1(p * xp.log1p(t)) / xp.where(lam > 0, lam, 1.0), p / self.mu)
+        Q = sp.Q
+        C = Q @ ((xp.matrix_transpose(Q) @ self._project(X)) * phi[:, :, None])
+        f, e = _scaling.power(self.damp_f, self.damp_e, p)
+        return self._combine(X, C, f, f, overwrite=True), e
+
+    def redamped(self, damp: float, frame: int, blocks=(0, None)):
+        """Blocks b0:b1 with damping λ' in frame ``frame``, reusing the Gram matrix: O(nb·m³),
+        G is not read."""
+        b0, b1 = blocks
+        gram = self._K0[b0:b1, ...]
+        gram = gram if frame == self.frame else gram * _scaling.pow2(2 * (self.frame - frame))
+        return WoodburyGroup(self.xp, self.Gg[b0:b1, ...], damp, self.scale, self.accumulate, frame=frame, gram=gram)
+
     # -- entries ----------------------------------------------------------------------
     @property
     def W(self):
@@ -317,9 +377,13 @@ class WoodburyGroup(_backend.HoldsNamespace):
         s = _passes.column_sumsq(self.xp, self.Gg, self.sigma)
         return self.xp.reshape(self.scale_f * (self.mu + s), (-1,))
 
-    def logdet(self) -> float:
-        """Σ_b log det F_b = Σ_b [B log λ + m log(s/λ) + log det K_b] (matrix determinant lemma),
-        with log det K_b = log det K'_b + 2mE·log 2."""
+    def logdets(self):
+        """log det F_b = B log λ + m log(s/λ) + log det K_b per block (matrix determinant lemma),
+        with log det K_b = log det K'_b + 2mE·log 2: a host float64 array (nb,)."""
         nb, m, B = self.Gg.shape
         per_block = B * math.log(self.damp) + m * (math.log(self.scale) - math.log(self.damp))
-        return nb * (per_block + 2 * m * self.frame * math.log(2.0)) + self.factor.logdet()
+        return (per_block + 2 * m * self.frame * math.log(2.0)) + self.factor.logdets()
+
+    def logdet(self) -> float:
+        """Σ_b log det F_b."""
+        return float(self.logdets().sum())

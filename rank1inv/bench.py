@@ -503,8 +503,13 @@ def main(argv=None):
     p.add_argument("--numerics", action="store_true", help="print the accuracy table of docs/numerics.md instead")
     p.add_argument("--drift", type=int, metavar="PUSHES", help="print the window accuracy table after PUSHES pushes")
     p.add_argument("--plot", metavar="PNG", help="also plot push_apply time against m (needs matplotlib)")
+    p.add_argument("--laplace", action="store_true", help="print the side-by-side with laplace-torch (bench extra)")
     args = p.parse_args(argv)
-    if args.numerics:
+    if args.laplace:
+        from . import bench_laplace
+
+        print(bench_laplace.run())
+    elif args.numerics:
         print(numerics_table())
     elif args.drift:
         print(drift_table(args.drift))

@@ -146,6 +146,9 @@ class DynamicInverse(InverseOperator):
     def _width(self) -> int:
         return self._capacity
 
+    def _gradient_count(self) -> int:
+        return len(self)
+
     def _anchor(self):
         return self._G
 
@@ -206,6 +209,24 @@ class DynamicInverse(InverseOperator):
             n = len(self)
             self._coef = _window.mfac_coefficients(self._xp, self._R, n, self._damp, self._n(n), self._frame)
         return self._coef
+
+    @_backend.on_device
+    def with_damp(self, damp):
+        """A StaticInverse of the window as it is now (oldest first) with damping λ' and this
+        window's scale: O(d·len) to copy the gradients plus O(len³), the window's Gram matrix
+        reused (no pass over G for it). The window itself is unchanged and can keep moving."""
+        from .static import StaticInverse
+
+        lam = _checks.damp(damp)
+        n = len(self)
+        if n == 0:
+            raise ValueError("the window is empty: there is no StaticInverse of zero gradients")
+        G = self.gradients()
+        if self._uses_dense or self._dim <= n:
+            return StaticInverse(G, lam, scale=self.scale, accumulate=self._accumulate)
+        order = self._xp.asarray(self._order(), device=_backend.device(self._G))
+        gram = self._xp.take(self._xp.take(self._gram, order, axis=0), order, axis=1)
+        return StaticInverse(G, lam, scale=self.scale, accumulate=self._accumulate, _gram=(gram, self._frame))
 
     # -- updates ----------------------------------------------------------------------------
     @_backend.on_device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 from . import _backend, _checks, _passes, _precision, _scaling
@@ -17,10 +18,12 @@ def group_view(xp, G, run):
     return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
 
 
-def make_group(xp, G, run, damp: float, scale: float, accumulate: str):
+def make_group(xp, G, run, damp: float, scale: float, accumulate: str, known=None):
     """The group serving one run of equal blocks of G (m, d): gradient space if the blocks are
     wider than m (Woodbury), parameter space otherwise (docs/design.md §3: no cancellation). Its frame
-    (docs/design.md §4) comes from the run's max|G|, which is also the finiteness check."""
+    (docs/design.md §4) comes from the run's max|G|, which is also the finiteness check (kept
+    on the group as ``max_abs`` for re-damping). ``known`` = (G'G'ᵀ, its frame) skips the Gram
+    pass of a one-block Woodbury group (a window's Gram matrix, ``DynamicInverse.with_damp``)."""
     Gg = group_view(xp, G, run)
     top = _passes.max_abs(xp, Gg)
     if not math.isfinite(top):
@@ -28,8 +31,32 @@ def make_group(xp, G, run, damp: float, scale: float, accumulate: str):
     exact = _precision.of_array(G, _backend.is_cupy(xp)).exact_products
     frame = _scaling.frame_exponent(top, damp, scale, exact)
     if run.size > G.shape[0]:
-        return WoodburyGroup(xp, Gg, damp, scale, accumulate, frame=frame)
-    return DenseGroup(xp, Gg, damp, scale, accumulate, frame=frame)
+        gram = None
+        if known is not None:
+            gram = known[0][None, ...] * _scaling.pow2(2 * (known[1] - frame))
+        group = WoodburyGroup(xp, Gg, damp, scale, accumulate, frame=frame, gram=gram)
+    else:
+        group = DenseGroup(xp, Gg, damp, scale, accumulate, frame=frame)
+    group.max_abs, group.exact_products = top, exact
+    return group
+
+
+def redamp_group(group, damp: float, blocks):
+    """Blocks b0:b1 of ``group`` with damping λ' (the frame recomputed for it), the Gram matrix
+    reused (frames are powers of two: rescaling it is exact)."""
+    frame = _scaling.frame_exponent(group.max_abs, damp, group.scale, group.exact_products)
+    new = group.redamped(damp, frame, blocks)
+    new.max_abs, new.exact_products = group.max_abs, group.exact_products
+    return new
+
+
+def _damp_layout(dim: int, block_size, damp):
+    """(damp as stored: a float or a tuple per block, the layout keyed by per-block damps)."""
+    sizes = Layout(dim, block_size).block_sizes
+    value = _checks.damps(damp, len(sizes))
+    if isinstance(value, tuple):
+        return value, Layout(dim, sizes, keys=[(v,) for v in value])
+    return value, Layout(dim, sizes)
 
 
 class StaticInverse(InverseOperator):
@@ -44,8 +71,9 @@ class StaticInverse(InverseOperator):
         while the operator is in use. Query results are float64 for float64 G and float32
         otherwise (a float64 x promotes its product). Torch and JAX tensors go through
         ``rank1inv.adapters`` (zero-copy); other arrays are refused with a TypeError.
-    damp : float > 0
-        λ.
+    damp : float > 0, or a sequence of them, one per block
+        λ (the prior precision, in Laplace terms): one value, or one per diagonal block of
+        ``block_size`` (per-layer priors). ``damp`` then returns the tuple.
     scale : None, "count" or float > 0
         s; None and "count" mean 1/m.
     block_size : None, int, or sequence of ints
@@ -60,7 +88,7 @@ class StaticInverse(InverseOperator):
     O(m) each after a one-time O(dm²) whitening (cached, 8·d·m bytes); see the user guide.
     """
 
-    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64"):
+    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64", _gram=None):
         G = _checks.as_array(G, "G")
         xp = _backend.namespace(G)
         if G.ndim != 2:
@@ -69,18 +97,40 @@ class StaticInverse(InverseOperator):
         m, d = G.shape
         if m < 1 or d < 1:
             raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
-        self._damp = _checks.damp(damp)
         s = _checks.scale(scale)
         self._scale = 1.0 / m if s in (None, "count") else s
         self._accumulate = _checks.accumulate(accumulate)
-        self._layout = Layout(d, block_size)
+        self._damp, self._layout = _damp_layout(d, block_size, damp)
         self._xp, self._dim, self._dtype = xp, d, _precision.of(policy).output
         self._storage = policy
         self._G = G
         with _backend.device_scope(xp, G):  # CuPy allocations on G's device, not the current one
             self._group_list = [
-                make_group(xp, G, run, self._damp, self._scale, self._accumulate) for run in self._layout.runs
+                make_group(xp, G, run, self._run_damp(i), self._scale, self._accumulate, _gram)
+                for i, run in enumerate(self._layout.runs)
             ]
+
+    def _run_damp(self, i: int) -> float:
+        key = self._layout.run_keys[i]
+        return self._damp if key is None else key[-1]
+
+    @_backend.on_device
+    def with_damp(self, damp) -> StaticInverse:
+        """The same gradients with damping λ' (a scalar, or one value per block): a new operator
+        sharing G and every Gram matrix, O(m³) per block and no pass over G, so a scan over many
+        damps costs one O(dm²) construction. This operator is unchanged."""
+        new_damp = _checks.damps(damp, len(self._layout.block_sizes))
+        per_block = new_damp if isinstance(new_damp, tuple) else (new_damp,) * len(self._layout.block_sizes)
+        old_run = [i for i, run in enumerate(self._layout.runs) for _ in range(run.count)]
+        # runs never cross the old ones, so each new run is a slice of one old group
+        layout = Layout(self._dim, self._layout.block_sizes, keys=list(zip(old_run, per_block)))
+        groups = []
+        for run, (i, lam) in zip(layout.runs, layout.run_keys):
+            b0 = (run.start - self._layout.runs[i].start) // run.size
+            groups.append(redamp_group(self._group_list[i], lam, (b0, b0 + run.count)))
+        new = copy.copy(self)
+        new._damp, new._layout, new._group_list = new_damp, layout, groups
+        return new
 
     def _groups(self):
         return self._group_list
@@ -108,6 +158,10 @@ class StaticInverse(InverseOperator):
 
     def __repr__(self) -> str:
         return (
-            f"StaticInverse(m={self.num_gradients}, d={self._dim}, storage={self._storage}, damp={self._damp:g}, "
+            f"StaticInverse(m={self.num_gradients}, d={self._dim}, storage={self._storage}, damp={_show(self._damp)}, "
             f"scale={self._scale:g}, blocks={len(self._layout.block_sizes)})"
         )
+
+
+def _show(damp) -> str:
+    return f"{damp:g}" if isinstance(damp, float) else "(" + ", ".join(f"{v:g}" for v in damp) + ")"

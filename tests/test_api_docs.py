@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 import rank1inv as r1
-from rank1inv import obs, testing
+from rank1inv import laplace, obs, testing
 
 API = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 
@@ -15,7 +15,8 @@ API = Path(__file__).resolve().parents[1] / "docs" / "api.md"
 def public_members():
     out = []
     fisher = type(r1.StaticInverse(np.ones((2, 3)), 1.0).fisher())
-    for cls in (r1.StaticInverse, r1.DynamicInverse, fisher):
+    power = type(r1.StaticInverse(np.ones((2, 3)), 1.0).power(0.5))
+    for cls in (r1.StaticInverse, r1.DynamicInverse, fisher, power):
         for name, member in inspect.getmembers(cls):
             if name.startswith("_") and name not in ("__matmul__",):
                 continue
@@ -24,6 +25,9 @@ def public_members():
     for name in ("saliency", "prune", "group_saliency", "prune_groups", "prune_in_steps", "cubic_schedule"):
         out.append((obs, name, getattr(obs, name)))
     out.append((r1.dynamic, "push_apply_all", r1.push_apply_all))
+    for name in ("log_marginal_likelihood", "tune_damp", "predictive_variance", "probit_probabilities",
+                 "expected_calibration_error"):  # fmt: skip
+        out.append((laplace, name, getattr(laplace, name)))
     for name in ("gradients", "dense_fisher", "backward_error", "relative_error", "entry_error",
                  "assert_inverse_close", "gradient_sets", "block_layouts", "static_problems"):  # fmt: skip
         out.append((testing, name, getattr(testing, name)))

@@ -53,3 +53,26 @@ def test_demo_writes_its_plot_where_asked(tmp_path, capsys, monkeypatch):
     demo.main(["--out", str(tmp_path / "plots")])
     assert (tmp_path / "plots" / "rank1inv_pruning.png").exists()
     assert str(tmp_path / "plots") in capsys.readouterr().out
+
+
+def test_laplace_experiment_curvatures_are_what_they_claim():
+    """Per-sample gradients sum to the batch gradient; the GGN rows give Σ J_iᵀ(diag p − ppᵀ)J_i."""
+    from rank1inv import experiments as E
+
+    X, y, _, _ = E.load_digits(0)
+    X, y = X[:7], y[:7]
+    w = E.init(1)
+    G = E.fisher_rows(w, X, y, "empirical")
+    np.testing.assert_allclose(G.sum(0), len(y) * E.loss_and_grad(w, X, y)[1], rtol=1e-10, atol=1e-12)
+    z, J = E.logits_and_jacobians(w, X)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    ggn = sum(J[i].T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ J[i] for i in range(len(y)))
+    R = E.fisher_rows(w, X, y, "ggn")
+    np.testing.assert_allclose(R.T @ R, ggn, rtol=1e-9, atol=1e-12 * np.abs(ggn).max())
+    v = np.random.default_rng(0).standard_normal(len(w))  # Jacobians against central differences
+    h = 1e-6
+    fd = (E.logits_and_jacobians(w + h * v, X)[0] - E.logits_and_jacobians(w - h * v, X)[0]) / (2 * h)
+    np.testing.assert_allclose(J @ v, fd, rtol=1e-6, atol=1e-8)
+    S = E.fisher_rows(w, X, y, "sampled", seed=3)
+    assert S.shape == G.shape

@@ -422,17 +422,29 @@ def encode(xp, x, storage: str):
     return x.astype(target, copy=True)
 
 
+def make_rng(xp, seed=None):
+    """A random generator for xp's arrays from None or an int seed: ``numpy.random.Generator``, or
+    ``cupy.random.Generator`` on CuPy."""
+    if is_cupy(xp):
+        import cupy
+
+        return cupy.random.default_rng(seed)
+    return np.random.default_rng(seed)
+
+
 def standard_normal(xp, rng, shape, anchor):
     """float64 standard normals of ``shape`` in xp on ``anchor``'s device. ``rng``: None, a seed,
-    a ``numpy.random.Generator`` or (CuPy) a ``cupy.random.Generator``."""
+    a ``numpy.random.Generator`` (drawn on the host) or, on CuPy, a ``cupy.random.Generator``."""
     if is_cupy(xp):
         import cupy
 
         if isinstance(rng, cupy.random.Generator):
             return rng.standard_normal(shape, dtype=cupy.float64)
-        if rng is None or isinstance(rng, (int, np.integer)):
-            return cupy.random.default_rng(rng).standard_normal(shape, dtype=cupy.float64)
     if isinstance(rng, bool) or not (rng is None or isinstance(rng, (int, np.integer, np.random.Generator))):
         raise TypeError(f"rng must be None, an int seed or a random Generator, not {type(rng).__name__}")
-    z = np.random.default_rng(rng).standard_normal(shape)
+    if not isinstance(rng, np.random.Generator):
+        rng = make_rng(xp, rng)
+        if is_cupy(xp):
+            return rng.standard_normal(shape, dtype=xp.float64)
+    z = rng.standard_normal(shape)
     return xp.asarray(z, device=device(anchor)) if is_cupy(xp) else z

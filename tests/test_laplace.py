@@ -140,6 +140,8 @@ def test_sample_is_the_documented_map_of_standard_normals():
     np.testing.assert_array_equal(op.sample(3, rng=11), op.sample_from_noise(z))
     np.testing.assert_array_equal(op.sample(rng=np.random.default_rng(11)), op.sample_from_noise(z[0]))
     assert op.sample().shape == (20,)
+    many = np.random.default_rng(5).standard_normal((21, op.noise_dim))  # several chunks, one stream
+    np.testing.assert_array_equal(op.sample(21, rng=5), op.sample_from_noise(many))
     z0 = z.copy()
     op.sample_from_noise(z)
     np.testing.assert_array_equal(z, z0)  # input not modified

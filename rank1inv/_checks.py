@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
+
 from . import _backend, _passes, _precision
 
 ACCUMULATE = ("float64", "native")
@@ -26,20 +28,26 @@ def damp(value) -> float:
     return value
 
 
-def damps(value, blocks: int):
-    """A damp (float) or one per block (tuple of floats, collapsed to a float when all equal)."""
+def damps(value, blocks: int, dim: int | None = None):
+    """A damp (float), one per block (tuple of floats, collapsed to a float when all equal), or,
+    with ``dim``, one per coordinate (a float64 NumPy array of length dim, when that is not the
+    number of blocks)."""
     if isinstance(value, (list, tuple)) or (_backend.is_array(value) and getattr(value, "ndim", 0) == 1):
-        items = [float(v) for v in (_backend.to_host(value).tolist() if _backend.is_array(value) else value)]
-        if len(items) != blocks:
+        host = _backend.to_host(value) if _backend.is_array(value) else None
+        n = len(value) if host is None else host.shape[0]
+        if dim is not None and n == dim and n != blocks:
+            from . import _prior
+
+            vector = np.array(value if host is None else host, dtype=np.float64)
+            _prior.check_range(vector)
+            return vector
+        if n != blocks:
             raise ValueError(
-                f"damp must be one number or one per block ({blocks} blocks), got {len(items)} values"
-                + (
-                    "; per-coordinate damping is not supported, use block_size=1 for a diagonal F"
-                    if blocks == 1
-                    else ""
-                )
+                f"damp must be one number, one per block ({blocks} blocks)"
+                + (f" or one per coordinate ({dim})" if dim is not None else "")
+                + f", got {n} values"
             )
-        values = tuple(damp(v) for v in items)
+        values = tuple(damp(v) for v in (value if host is None else host.tolist()))
         return values[0] if len(set(values)) == 1 else values
     return damp(value)
 

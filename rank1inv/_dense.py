@@ -22,11 +22,16 @@ class DenseGroup(_backend.HoldsNamespace):
     """``nb`` equal blocks of width B (≤ m), as one batch. Gg has shape (nb, m, B); ``frame``
     is E. Construction O(nb·m·B²) for F̃ plus O(nb·B³) for its factor."""
 
-    def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame: int = 0, gram=None):
+    def __init__(self, xp, Gg, damp, scale: float, accumulate: str, *, frame: int = 0, gram=None):
         self.xp, self.damp, self.scale, self.frame = xp, damp, scale, frame
         nb, m, B = Gg.shape
         self.count, self.size, self.width, self.block = nb, B, m, B
-        self.mu = _scaling.frame_damping(damp, scale, frame)
+        if isinstance(damp, float):
+            self.mu = _scaling.frame_damping(damp, scale, frame)
+        else:  # per-coordinate δ (nb, B): μ'_j = σ²δ_j/s, by exponents (no intermediate overflow)
+            e = _backend.frexp_exponent(xp, damp)
+            f = _backend.ldexp(xp, damp, -e) / _scaling.split(scale)[0]
+            self.mu = _backend.ldexp(xp, f, e - _scaling.split(scale)[1] - 2 * frame)
         self.scale_f, self.scale_e = _scaling.split(scale)
         self.inverse_exponent = -2 * frame - self.scale_e
         self.fisher_exponent = 2 * frame + self.scale_e
@@ -39,7 +44,11 @@ class DenseGroup(_backend.HoldsNamespace):
     def _F(self):
         """F̃ = μ'I + G'ᵀG' (nb, B, B) float64, a new array."""
         eye = self.xp.eye(self.block, dtype=self.xp.float64, device=_backend.device(self.gram))
-        return self.mu * eye + self.gram
+        return self._mu_column() * eye + self.gram
+
+    def _mu_column(self):
+        """μ' as a scalar or (nb, B, 1), for broadcasting against (nb, B, ·)."""
+        return self.mu if isinstance(self.mu, float) else self.mu[:, :, None]
 
     def redamped(self, damp: float, frame: int, blocks=(0, None)):
         """Blocks b0:b1 with damping λ' in frame ``frame``: O(nb·B³), G is not read."""
@@ -55,7 +64,7 @@ class DenseGroup(_backend.HoldsNamespace):
 
     def apply_fisher(self, X):
         """s_f·F̃X."""
-        return self.scale_f * (self.mu * X + self.gram @ X)
+        return self.scale_f * (self._mu_column() * X + self.gram @ X)
 
     noise_width = 0  # standard normals per block beyond one per coordinate (``sample``)
 

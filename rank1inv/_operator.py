@@ -334,6 +334,8 @@ class InverseOperator(_BlockOperator):
         block λ_b + s·eig(G_bᵀG_b) for its min(m, B) largest (as many as the window holds), so
         d − Σ_b min(m_b, B) copies of λ are left out. Descending, a NumPy float64 array.
         O(m³) per block once (``gram_spectra``)."""
+        if isinstance(self.damp, np.ndarray):
+            raise ValueError("eigenvalues() needs one damping value per block, not per coordinate")
         count = self._gradient_count()
         damps = self.damp if isinstance(self.damp, tuple) else (self.damp,) * len(self.block_sizes)
         parts = [lam + S[: min(S.shape[0], count)] for S, lam in zip(self.gram_spectra(), damps)]
@@ -359,8 +361,12 @@ class InverseOperator(_BlockOperator):
         (docs/numerics.md)."""
         import numbers
 
+        from ._prior import NO_POWER
+
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)):
             raise TypeError(f"p must be a finite real number, got {p!r}")
+        if isinstance(self.damp, np.ndarray):
+            raise ValueError(NO_POWER)
         return PowerOperator(self, float(p))
 
 

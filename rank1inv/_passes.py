@@ -95,12 +95,19 @@ def _single_call(xp, Gg, accumulate: str) -> bool:
     return policy.name == "float64" or (accumulate == "native" and policy.native == policy.name)
 
 
-def gram(xp, Gg, accumulate: str, scale: float = 1.0):
-    """(σGg)(σGg)ᵀ per block: (nb, m, m) float64. Cost O(nb·m²·B).
+def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
+    """(σGg·W)(σGg·W)ᵀ per block: (nb, m, m) float64, W = diag(``weights``) (nb, B) float64 or
+    None (the identity). Cost O(nb·m²·B).
 
     Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
     nearly dependent gradients is often not even positive definite."""
     nb, m, B = Gg.shape
+    if weights is not None:
+        out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
+        for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
+            tw = t * weights[b0:b1, None, c0:c1]
+            out[b0:b1, ...] += tw @ xp.matrix_transpose(tw)
+        return out
     if Gg.dtype == xp.float64 and scale == 1.0:
         return Gg @ xp.matrix_transpose(Gg)
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
@@ -171,25 +178,34 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
     return out
 
 
-def column_sumsq(xp, Gg, scale: float = 1.0):
-    """Σ_i (σG[i, j])² per column: (nb, B) float64. Cost O(nb·m·B)."""
+def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
+    """Σ_i (σG[i, j]·w_j)² per column: (nb, B) float64 (``weights`` as in ``gram``). Cost O(nb·m·B)."""
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
-    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
+    tile_scale = scale if _scaled_tiles(xp, Gg, scale) or weights is not None else 1.0
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
-        out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t)
+        out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t if weights is None else t * weights[b0:b1, None, c0:c1])
     return out if tile_scale == scale else out * (scale * scale)
 
 
-def map_tiles(xp, Gg, fn, scale: float = 1.0):
-    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of σGg, assembled along
-    the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m) or (b1-b0, c) (a per-column
-    reduction); the result is (nb, r, B) or (nb, B). fn must not keep the tile (see
-    ``float64_tiles``)."""
+def column_max_abs(xp, Gg):
+    """max_i |G[i, j]| per column: (nb, B) float64 (nan where a column has a nan). O(nb·m·B)."""
+    nb, m, B = Gg.shape
+    out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
+        out[b0:b1, c0:c1] = xp.max(xp.abs(t), axis=1)
+    return out
+
+
+def map_tiles(xp, Gg, fn, scale: float = 1.0, weights=None):
+    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of σGg·W (``weights`` as
+    in ``gram``), assembled along the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m)
+    or (b1-b0, c) (a per-column reduction); the result is (nb, r, B) or (nb, B). fn must not
+    keep the tile (see ``float64_tiles``)."""
     nb, m, B = Gg.shape
     out = None
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
-        part = fn(b0, b1, t)
+        part = fn(b0, b1, t if weights is None else t * weights[b0:b1, None, c0:c1])
         if out is None:
             out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_backend.device(Gg))
         out[b0:b1, ..., c0:c1] = part

@@ -120,8 +120,9 @@ class WoodburyGroup(_backend.HoldsNamespace):
     K' = gram + μ'I (O(nb·m³))."""
 
     def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame: int = 0, factor=None,
-                 gram=None):  # fmt: skip
+                 gram=None, weights=None):  # fmt: skip
         self.xp, self.Gg, self.damp, self.scale, self.accumulate = xp, Gg, damp, scale, accumulate
+        self.weights = weights  # column weights w (nb, B): the group's gradients are G·diag(w) (``_prior``)
         self.count, m, self.size = Gg.shape
         self.sigma = _scaling.pow2(-frame)
         self.mu = _scaling.frame_damping(damp, scale, frame)  # K' = G'G'ᵀ + μ'I
@@ -133,7 +134,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         self.log_mu = math.log(damp) - math.log(scale) - 2 * frame * math.log(2.0)
         if factor is None:
             if gram is None:
-                gram = _passes.gram(xp, Gg, accumulate, self.sigma)
+                gram = _passes.gram(xp, Gg, accumulate, self.sigma, weights)
             eye = xp.eye(m, dtype=xp.float64, device=_backend.device(gram))
             try:
                 factor = CholeskyFactor(xp, gram + self.mu * eye)
@@ -152,10 +153,20 @@ class WoodburyGroup(_backend.HoldsNamespace):
         self._diag = None
 
     def _project(self, X):
+        if self.weights is not None:
+            X = X * self.weights[:, :, None]
         return _passes.project(self.xp, self.Gg, X, self.accumulate, self.sigma)
 
     def _combine(self, X, C, alpha, beta, overwrite=False):
-        return _passes.combine(self.xp, self.Gg, X, C, alpha, beta, self.accumulate, self.sigma, overwrite=overwrite)
+        if self.weights is None:
+            return _passes.combine(
+                self.xp, self.Gg, X, C, alpha, beta, self.accumulate, self.sigma, overwrite=overwrite
+            )
+        w = self.weights[:, :, None]  # αX + β·W(σG)ᵀC = W·(α·X/W + β(σG)ᵀC)
+        out = _passes.combine(self.xp, self.Gg, None if X is None else X / w, C, alpha, beta, self.accumulate,
+                              self.sigma, overwrite=True)  # fmt: skip
+        out *= w
+        return out
 
     # -- products ---------------------------------------------------------------------
     def apply(self, X):
@@ -285,7 +296,9 @@ class WoodburyGroup(_backend.HoldsNamespace):
     def W(self):
         """L⁻¹G' per block: (nb, m, B) float64, laid out like G (column j = w_j)."""
         if self._W is None:
-            self._W = _passes.map_tiles(self.xp, self.Gg, lambda b0, b1, t: self.factor.whiten(t, b0, b1), self.sigma)
+            self._W = _passes.map_tiles(
+                self.xp, self.Gg, lambda b0, b1, t: self.factor.whiten(t, b0, b1), self.sigma, self.weights
+            )
         return self._W
 
     def diag(self):
@@ -300,9 +313,9 @@ class WoodburyGroup(_backend.HoldsNamespace):
 
             if self._W is not None:
                 sq = _backend.column_sumsq(xp, self._W)
-                col = _passes.column_sumsq(xp, self.Gg, self.sigma)
+                col = _passes.column_sumsq(xp, self.Gg, self.sigma, self.weights)
             else:
-                parts = _passes.map_tiles(xp, self.Gg, both, self.sigma)
+                parts = _passes.map_tiles(xp, self.Gg, both, self.sigma, self.weights)
                 sq, col = parts[:, 0, :], parts[:, 1, :]
             self._diag = xp.reshape(self._bounded(1.0 - sq, col), (-1,)) / self.damp_f
         return self._diag
@@ -331,6 +344,8 @@ class WoodburyGroup(_backend.HoldsNamespace):
         nb, m, B = self.Gg.shape
         cols = xp.empty((r.shape[0], m), dtype=xp.float64, device=_backend.device(r))
         _backend.decode_into(xp, cols, self.Gg[r // B, :, r % B])
+        if self.weights is not None:
+            cols *= self.weights[r // B, r % B][:, None]
         return cols * self.sigma if self.sigma != 1.0 else cols
 
     def _rows(self, r):
@@ -374,7 +389,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
     # -- Fisher side --------------------------------------------------------------------
     def fisher_diag(self):
         """diag F in the frame: s_f·(μ' + Σ_i G'[i, j]²)."""
-        s = _passes.column_sumsq(self.xp, self.Gg, self.sigma)
+        s = _passes.column_sumsq(self.xp, self.Gg, self.sigma, self.weights)
         return self.xp.reshape(self.scale_f * (self.mu + s), (-1,))
 
     def logdets(self):

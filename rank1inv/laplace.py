@@ -27,8 +27,8 @@ from . import _backend, _checks
 GOLDEN_STEPS = 80  # golden-section iterations: the log-λ bracket shrinks by 0.618^80 ≈ 2e-17
 
 
-def _block_sq(op, weights, prior_mean) -> np.ndarray:
-    """‖θ_b − θ₀_b‖² per diagonal block of the operator (host float64, block order)."""
+def _delta(op, weights, prior_mean):
+    """Δ = θ* − θ₀ as a float64 array of the operator's namespace, checked."""
     xp = op.namespace
     d = op.shape[0]
     theta = _checks.as_array(weights, "weights", xp)
@@ -42,7 +42,14 @@ def _block_sq(op, weights, prior_mean) -> np.ndarray:
         delta = delta - xp.astype(mean, xp.float64)
     if not _backend.all_finite(xp, delta):
         raise ValueError("weights (and prior_mean) must be finite")
-    top = float(xp.max(xp.abs(delta))) if d else 0.0
+    return delta
+
+
+def _block_sq(op, weights, prior_mean) -> np.ndarray:
+    """‖θ_b − θ₀_b‖² per diagonal block of the operator (host float64, block order)."""
+    xp = op.namespace
+    delta = _delta(op, weights, prior_mean)
+    top = float(xp.max(xp.abs(delta))) if delta.shape[0] else 0.0
     if top == 0.0:
         return np.zeros(len(op.block_sizes))
     delta = delta / top  # no overflow or underflow in the squares (scaled back below)
@@ -71,9 +78,17 @@ def log_marginal_likelihood(op, loss, weights, *, prior_mean=None) -> float:
     negative log likelihood L at ``weights`` (a float); weights: θ*, shape (d,), the operator's
     namespace; prior_mean θ₀ (default 0), Δ = θ* − θ₀. Cost O(d) plus ``op.logdet()``."""
     loss = _check_loss(loss)
-    damps, sizes = _block_damps(op), np.asarray(op.block_sizes, dtype=np.float64)
-    scatter = damps * _block_sq(op, weights, prior_mean)
-    return -loss - 0.5 * (math.fsum(scatter.tolist()) - math.fsum((sizes * np.log(damps)).tolist()) + op.logdet())
+    if isinstance(op.damp, np.ndarray):  # per-coordinate prior precision δ
+        xp = op.namespace
+        lam = op.damp
+        delta = _delta(op, weights, prior_mean)
+        scatter = float(xp.sum(xp.asarray(lam, device=_backend.device(delta)) * delta * delta))
+        log_prior = math.fsum(np.log(lam).tolist())
+    else:
+        damps, sizes = _block_damps(op), np.asarray(op.block_sizes, dtype=np.float64)
+        scatter = math.fsum((damps * _block_sq(op, weights, prior_mean)).tolist())
+        log_prior = math.fsum((sizes * np.log(damps)).tolist())
+    return -loss - 0.5 * (scatter - log_prior + op.logdet())
 
 
 def tune_damp(op, loss, weights, *, prior_mean=None, per_block: bool = False, bounds=(1e-8, 1e8)):
@@ -91,6 +106,8 @@ def tune_damp(op, loss, weights, *, prior_mean=None, per_block: bool = False, bo
     if not (0 < lo < hi and math.isfinite(hi)):
         raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds!r}")
     loss = _check_loss(loss)
+    if isinstance(op.damp, np.ndarray):
+        raise ValueError("tune_damp tunes one prior precision or one per block, not a per-coordinate prior")
     sq = _block_sq(op, weights, prior_mean)
     spectra = op.gram_spectra()
     nblocks = len(spectra)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
+
 from . import _backend, _checks, _passes, _precision, _scaling
 from ._blocks import Layout
 from ._dense import DenseGroup
 from ._operator import InverseOperator
+from ._prior import PriorGroup
 from ._woodbury import WoodburyGroup
 
 
@@ -18,7 +21,7 @@ def group_view(xp, G, run):
     return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
 
 
-def make_group(xp, G, run, damp: float, scale: float, accumulate: str, known=None):
+def make_group(xp, G, run, damp, scale: float, accumulate: str, known=None):
     """The group serving one run of equal blocks of G (m, d): gradient space if the blocks are
     wider than m (Woodbury), parameter space otherwise (docs/design.md §3: no cancellation). Its frame
     (docs/design.md §4) comes from the run's max|G|, which is also the finiteness check (kept
@@ -29,6 +32,12 @@ def make_group(xp, G, run, damp: float, scale: float, accumulate: str, known=Non
     if not math.isfinite(top):
         raise ValueError("G contains non-finite values (nan or inf)")
     exact = _precision.of_array(G, _backend.is_cupy(xp)).exact_products
+    if not isinstance(damp, float):  # per-coordinate δ for the run (docs/design.md §10)
+        delta = xp.reshape(xp.asarray(damp, device=_backend.device(G)), (run.count, run.size))
+        if run.size > G.shape[0]:
+            return PriorGroup(xp, Gg, delta, scale, accumulate, exact)
+        frame = _scaling.frame_exponent(top, float(xp.max(delta)), scale, exact)
+        return DenseGroup(xp, Gg, delta, scale, accumulate, frame=frame)
     frame = _scaling.frame_exponent(top, damp, scale, exact)
     if run.size > G.shape[0]:
         gram = None
@@ -53,7 +62,7 @@ def redamp_group(group, damp: float, blocks):
 def _damp_layout(dim: int, block_size, damp):
     """(damp as stored: a float or a tuple per block, the layout keyed by per-block damps)."""
     sizes = Layout(dim, block_size).block_sizes
-    value = _checks.damps(damp, len(sizes))
+    value = _checks.damps(damp, len(sizes), dim)
     if isinstance(value, tuple):
         return value, Layout(dim, sizes, keys=[(v,) for v in value])
     return value, Layout(dim, sizes)
@@ -71,9 +80,12 @@ class StaticInverse(InverseOperator):
         while the operator is in use. Query results are float64 for float64 G and float32
         otherwise (a float64 x promotes its product). Torch and JAX tensors go through
         ``rank1inv.adapters`` (zero-copy); other arrays are refused with a TypeError.
-    damp : float > 0, or a sequence of them, one per block
-        λ (the prior precision, in Laplace terms): one value, or one per diagonal block of
-        ``block_size`` (per-layer priors). ``damp`` then returns the tuple.
+    damp : float > 0, or a sequence of them, one per block or one per coordinate
+        λ (the prior precision, in Laplace terms): one value, one per diagonal block of
+        ``block_size`` (per-layer priors; ``damp`` then returns the tuple), or a vector δ of
+        length d for F = diag(δ) + s·GᵀG (Woodbury in the rescaled gradients G·diag(δ)^(-1/2),
+        never formed; max δ / min δ ≤ 2^1000; ``power``, ``eigenvalues`` and ``gram_spectra``
+        need one value per block).
     scale : None, "count" or float > 0
         s; None and "count" mean 1/m.
     block_size : None, int, or sequence of ints
@@ -110,16 +122,31 @@ class StaticInverse(InverseOperator):
                 for i, run in enumerate(self._layout.runs)
             ]
 
-    def _run_damp(self, i: int) -> float:
+    def _run_damp(self, i: int):
+        if isinstance(self._damp, np.ndarray):
+            run = self._layout.runs[i]
+            return self._damp[run.start : run.stop]
         key = self._layout.run_keys[i]
         return self._damp if key is None else key[-1]
+
+    @property
+    def damp(self):
+        """λ: a float, a tuple with one value per block, or (per-coordinate damping) a new
+        NumPy float64 array of length d."""
+        return self._damp.copy() if isinstance(self._damp, np.ndarray) else self._damp
 
     @_backend.on_device
     def with_damp(self, damp) -> StaticInverse:
         """The same gradients with damping λ' (a scalar, or one value per block): a new operator
         sharing G and every Gram matrix, O(m³) per block and no pass over G, so a scan over many
-        damps costs one O(dm²) construction. This operator is unchanged."""
-        new_damp = _checks.damps(damp, len(self._layout.block_sizes))
+        damps costs one O(dm²) construction. This operator is unchanged. A per-coordinate prior
+        (before or after) is the exception: its Gram matrix G·D⁻¹·Gᵀ changes, so the operator is
+        rebuilt, O(dm²)."""
+        new_damp = _checks.damps(damp, len(self._layout.block_sizes), self._dim)
+        if isinstance(new_damp, np.ndarray) or isinstance(self._damp, np.ndarray):
+            # a per-coordinate prior changes the rescaled gradients G·Ĉ: their Gram matrix is new
+            return StaticInverse(self._G, new_damp, scale=self._scale, block_size=self._layout.block_sizes,
+                                 accumulate=self._accumulate)  # fmt: skip
         per_block = new_damp if isinstance(new_damp, tuple) else (new_damp,) * len(self._layout.block_sizes)
         old_run = [i for i, run in enumerate(self._layout.runs) for _ in range(run.count)]
         # runs never cross the old ones, so each new run is a slice of one old group
@@ -164,4 +191,6 @@ class StaticInverse(InverseOperator):
 
 
 def _show(damp) -> str:
+    if isinstance(damp, np.ndarray):
+        return f"per-coordinate ({damp.min():g}…{damp.max():g})"
     return f"{damp:g}" if isinstance(damp, float) else "(" + ", ".join(f"{v:g}" for v in damp) + ")"

@@ -293,8 +293,8 @@ def test_per_block_damping_errors():
     G = np.ones((2, 10))
     with pytest.raises(ValueError, match="one per block"):
         r1.StaticInverse(G, [1.0, 2.0], block_size=3)
-    with pytest.raises(ValueError, match="per-coordinate"):
-        r1.StaticInverse(G, np.ones(10))
+    with pytest.raises(ValueError, match="one per coordinate"):
+        r1.StaticInverse(G, np.ones(9))
     with pytest.raises(ValueError, match="> 0"):
         r1.StaticInverse(G, [1.0, -1.0], block_size=5)
     op = r1.StaticInverse(G, [1.0, 2.0], block_size=5)
@@ -453,3 +453,111 @@ def test_sample_power_and_redamp_on_every_backend(xp):
         w.push(xp.asarray(row))
     S = host(w.sample_from_noise(xp.eye(w.noise_dim, dtype=xp.float64)))
     assert normwise(S.T @ S, exact_inverse(host(w.gradients()), [0.2], w.scale, [24])) <= 1e-6
+
+
+# ------------------------------------------------------------------------------ per-coordinate priors
+def exact_inverse_vector(G, delta, scale, block_sizes, dps=40):
+    """diag(δ) + s·GᵀG inverted block by block in mpmath."""
+    mpmath.mp.dps = dps
+    G = host(G)
+    out = np.zeros((G.shape[1],) * 2)
+    o = 0
+    for B in block_sizes:
+        Gb = mpmath.matrix(G[:, o : o + B].tolist())
+        D = mpmath.diag([mpmath.mpf(float(v)) for v in delta[o : o + B]])
+        out[o : o + B, o : o + B] = np.array(((D + mpmath.mpf(scale) * Gb.T * Gb) ** -1).tolist(), dtype=np.float64)
+        o += B
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("layout", [None, [20, 10], 5])
+@pytest.mark.parametrize("family", ["iid", "clusters", "huge_row"])
+def test_per_coordinate_damping_answers_every_query(dtype, layout, family, rng):
+    G = helpers_family(family, 6, 30, dtype)
+    delta = np.exp(np.random.default_rng(1).uniform(-6, 6, 30))
+    op = r1.StaticInverse(G, delta, block_size=layout)
+    np.testing.assert_array_equal(op.damp, delta)
+    Fi = exact_inverse_vector(G, delta, op.scale, op.block_sizes)
+    F = block_dense(G, np.zeros(len(op.block_sizes)), op.scale, op.block_sizes) + np.diag(delta)
+    eta, rel = (5e-12, 1e-10) if dtype == "float64" else (1e-7, 1e-6)
+    x = rng.standard_normal(30)
+    y = host(op @ x)
+    assert testing.backward_error(F, y, x) <= eta
+    cond = np.linalg.cond(F)
+    if cond <= 1e9:  # docs/design.md §8: entries of F⁻¹ within 1e-6 where cond(F) ≤ 1e9
+        rel = 1e-6
+        assert testing.relative_error(host(op.diag()), np.diag(Fi)) <= rel
+        r, c = rng.integers(0, 30, 25), rng.integers(0, 30, 25)
+        assert testing.entry_error(host(op.entries(r, c)), Fi, r, c) <= rel
+        idx = np.array([3, 17, 25])
+        assert normwise(op.submatrix(idx), Fi[np.ix_(idx, idx)]) <= rel
+        assert normwise(covariance_of_map(op), Fi) <= rel
+    rel = 1e-10 if dtype == "float64" else 1e-6
+    logdet = np.linalg.slogdet(F)[1]
+    assert abs(op.logdet() - logdet) <= max(rel * abs(logdet), 64 * EPS * cond)
+    assert normwise(op.fisher().to_dense(), F) <= rel
+    assert testing.relative_error(host(op.fisher().diag()), np.diag(F)) <= rel
+
+
+def helpers_family(name, m, d, dtype):
+    from helpers import family
+
+    return family(name, m, d, seed=2, dtype=dtype)
+
+
+def test_per_coordinate_damping_is_invariant_under_power_of_two_scaling():
+    G = testing.gradients("lowrank", 6, 24, seed=8, dtype="float64")
+    delta = np.exp(np.random.default_rng(2).uniform(-20, 20, 24))
+    x = np.random.default_rng(3).standard_normal(24)
+    for layout in (None, [18, 6]):
+        base = r1.StaticInverse(G, delta, block_size=layout)
+        y0, d0 = base @ x, base.diag()
+        for k in (-400, 250, 450):  # G·2^k, δ·4^k: F scales by 4^k exactly
+            op = r1.StaticInverse(G * 2.0**k, delta * 4.0**k, block_size=layout)
+            np.testing.assert_allclose(op @ x * 4.0**k, y0, rtol=1e-13)
+            np.testing.assert_allclose(op.diag() * 4.0**k, d0, rtol=1e-13)
+
+
+def test_per_coordinate_damping_refusals_and_redamping():
+    G = testing.gradients("iid", 4, 12, seed=1, dtype="float64")
+    delta = np.linspace(0.1, 2.0, 12)
+    op = r1.StaticInverse(G, delta)
+    with pytest.raises(ValueError, match="2\\^1000"):
+        r1.StaticInverse(G, np.concatenate([[1e-300], np.ones(11) * 1e10]))
+    with pytest.raises(ValueError, match="> 0"):
+        r1.StaticInverse(G, np.concatenate([[-1.0], np.ones(11)]))
+    with pytest.raises(ValueError, match="one per coordinate"):
+        r1.StaticInverse(G, np.ones(11))
+    for call in (lambda: op.power(0.5), op.eigenvalues, lambda: laplace.tune_damp(op, 0.0, np.zeros(12))):
+        with pytest.raises(ValueError, match="per"):
+            call()
+    x = np.random.default_rng(0).standard_normal(12)
+    scalar = op.with_damp(0.5)  # from a vector prior back to one value: rebuilt
+    np.testing.assert_allclose(scalar @ x, r1.StaticInverse(G, 0.5) @ x, rtol=1e-13)
+    vec = r1.StaticInverse(G, 0.5).with_damp(delta)
+    np.testing.assert_allclose(vec @ x, op @ x, rtol=1e-13)
+    theta = np.random.default_rng(1).standard_normal(12)
+    F = np.diag(delta) + op.scale * G.T @ G
+    ref = -3.0 - 0.5 * (np.sum(delta * theta**2) - np.sum(np.log(delta)) + np.linalg.slogdet(F)[1])
+    assert abs(laplace.log_marginal_likelihood(op, 3.0, theta) - ref) <= 1e-12 * abs(ref)
+
+
+@given(data=st.data())
+def test_property_per_coordinate_damping(data):
+    m = data.draw(st.integers(1, 6))
+    d = data.draw(st.integers(1, 14))
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((m, d)) * data.draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    delta = np.exp(rng.uniform(-1, 1, d) * data.draw(st.sampled_from([0.0, 3.0, 20.0])))
+    sizes = data.draw(st.sampled_from([None, 1, 3]))
+    op = r1.StaticInverse(G, delta, block_size=sizes) if d > 1 or sizes is None else None
+    if op is None or len(op.block_sizes) == d:  # one block per coordinate: a per-block damp
+        op = r1.StaticInverse(G, list(delta), block_size=1)
+    Fi = exact_inverse_vector(G, delta, op.scale, op.block_sizes, dps=30)
+    F = block_dense(G, np.zeros(len(op.block_sizes)), op.scale, op.block_sizes) + np.diag(delta)
+    x = rng.standard_normal(d)
+    assert testing.backward_error(F, host(op @ x), x) <= 5e-12
+    cond = np.linalg.cond(F)
+    assert normwise(covariance_of_map(op), Fi) <= max(1e-10, 64 * EPS * cond)

@@ -8,7 +8,8 @@ See ``docs/guide.md``.
 from . import obs
 from ._precision import AccuracyWarning
 from .dynamic import DynamicInverse, push_apply_all
+from .factored import FactoredGradients
 from .static import StaticInverse
 
-__all__ = ["StaticInverse", "DynamicInverse", "push_apply_all", "AccuracyWarning", "obs"]
+__all__ = ["StaticInverse", "DynamicInverse", "FactoredGradients", "push_apply_all", "AccuracyWarning", "obs"]
 __version__ = "0.1.0"

@@ -11,7 +11,9 @@ it computes with σG. Where float64 products of stored values are exact and cann
 (float32 and 16-bit storage) σ is folded into the vectors or results, exactly; float64
 storage with σ ≠ 1 (only for gradients beyond 2^±256) is scaled tile by tile.
 
-A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G.
+A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G, or a
+``rank1inv.factored.FactoredView`` of that shape (gradients as layer factors): each pass
+dispatches such views to their factored formulas in one line.
 With float32 storage, passes with few vectors (the IHVP and push_apply hot path has one) go to
 compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
 (``rank1inv.cpu``, up to 8 vectors, any number of blocks) on NumPy, the RawKernels
@@ -26,6 +28,26 @@ from . import _backend, _precision
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
 BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
 GPU_TILE_ELEMENTS = 1 << 25  # on CuPy for all work (256 MiB): each tile costs kernel launches
+
+
+def is_factored(Gg) -> bool:
+    """Whether Gg is a ``rank1inv.factored.FactoredView`` (gradients given as layer factors)."""
+    from .factored import FactoredView
+
+    return isinstance(Gg, FactoredView)
+
+
+def _device(Gg):
+    return _backend.device(Gg.source.anchor if is_factored(Gg) else Gg)
+
+
+def columns(xp, Gg, blocks, offsets):
+    """Columns g_j of blocks ``blocks`` at local ``offsets``: (n, m) float64 (decoded exactly)."""
+    if is_factored(Gg):
+        return Gg.columns(blocks, offsets)
+    cols = xp.empty((offsets.shape[0], Gg.shape[1]), dtype=xp.float64, device=_backend.device(offsets))
+    _backend.decode_into(xp, cols, Gg[blocks, :, offsets])
+    return cols
 
 
 def tile_budget(xp, matrix: bool = False) -> int:
@@ -61,6 +83,9 @@ def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale: fl
     costs page faults comparable to the conversion itself), so a tile is only valid until the
     next one is yielded, and must not be written to (float64 storage with σ = 1 yields views
     of G)."""
+    if is_factored(Gg):  # rank1inv.factored: tiles built from the factors
+        yield from Gg.float64_tiles(tile_budget(xp, matrix), rows=rows, scale=scale)
+        return
     nb, m, B = Gg.shape
     length, width = (m, B) if rows else (B, m)
     buf = None
@@ -102,15 +127,17 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
     Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
     nearly dependent gradients is often not even positive definite."""
     nb, m, B = Gg.shape
+    if weights is None and is_factored(Gg):
+        return Gg.gram(scale, tile_budget(xp, True))  # Σ (AAᵀ) ⊙ (EEᵀ), seed eq. 22
     if weights is not None:
-        out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
+        out = xp.zeros((nb, m, m), dtype=xp.float64, device=_device(Gg))
         for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
             tw = t * weights[b0:b1, None, c0:c1]
             out[b0:b1, ...] += tw @ xp.matrix_transpose(tw)
         return out
     if Gg.dtype == xp.float64 and scale == 1.0:
         return Gg @ xp.matrix_transpose(Gg)
-    out = xp.zeros((nb, m, m), dtype=xp.float64, device=_backend.device(Gg))
+    out = xp.zeros((nb, m, m), dtype=xp.float64, device=_device(Gg))
     tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
     for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, scale=tile_scale):
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
@@ -120,9 +147,9 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
 def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
     """(σGg)ᵀ(σGg) per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
     nb, m, B = Gg.shape
-    if Gg.dtype == xp.float64 and scale == 1.0:
+    if Gg.dtype == xp.float64 and scale == 1.0 and not is_factored(Gg):
         return xp.matrix_transpose(Gg) @ Gg
-    out = xp.zeros((nb, B, B), dtype=xp.float64, device=_backend.device(Gg))
+    out = xp.zeros((nb, B, B), dtype=xp.float64, device=_device(Gg))
     tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
     for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True, scale=tile_scale):
         out[b0:b1, ...] += xp.matrix_transpose(t) @ t
@@ -131,6 +158,8 @@ def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
 
 def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
     """(σGg) X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
+    if is_factored(Gg):
+        return Gg.project(X, scale, tile_budget(xp))  # rowsum(A ⊙ (E·U)), seed eq. 21
     nb, m, B = Gg.shape
     k = X.shape[-1]
     if _scaled_tiles(xp, Gg, scale):
@@ -159,6 +188,8 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
     With ``overwrite`` the result may be written into X (a d-long float64 array less: each
     element of X is read before its result is written).
     """
+    if is_factored(Gg):  # Eᵀ·diag(c)·A per layer, seed eq. 23
+        return Gg.combine(X, C, alpha, beta, scale, tile_budget(xp), out=X if (overwrite and X is not None) else None)
     nb, m, B = Gg.shape
     k = C.shape[-1]
     tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
@@ -181,7 +212,7 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
 def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
     """Σ_i (σG[i, j]·w_j)² per column: (nb, B) float64 (``weights`` as in ``gram``). Cost O(nb·m·B)."""
     nb, m, B = Gg.shape
-    out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
+    out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
     tile_scale = scale if _scaled_tiles(xp, Gg, scale) or weights is not None else 1.0
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
         out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t if weights is None else t * weights[b0:b1, None, c0:c1])
@@ -191,7 +222,7 @@ def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
 def column_max_abs(xp, Gg):
     """max_i |G[i, j]| per column: (nb, B) float64 (nan where a column has a nan). O(nb·m·B)."""
     nb, m, B = Gg.shape
-    out = xp.empty((nb, B), dtype=xp.float64, device=_backend.device(Gg))
+    out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
         out[b0:b1, c0:c1] = xp.max(xp.abs(t), axis=1)
     return out
@@ -207,7 +238,7 @@ def map_tiles(xp, Gg, fn, scale: float = 1.0, weights=None):
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
         part = fn(b0, b1, t if weights is None else t * weights[b0:b1, None, c0:c1])
         if out is None:
-            out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_backend.device(Gg))
+            out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_device(Gg))
         out[b0:b1, ..., c0:c1] = part
     return out
 
@@ -216,6 +247,8 @@ def max_abs(xp, Gg) -> float:
     """max |Gg| for a group (nb, m, B), a matrix (m, d) or a vector (d,) of any storage dtype, as
     a host float (nan or inf if there is a non-finite value; 0.0 if empty). In tiles of about
     ``TILE_ELEMENTS`` values, so the check costs no m·d temporary; one scalar read back."""
+    if is_factored(Gg):
+        return Gg.max_abs()
     if Gg.ndim < 3:
         Gg = xp.reshape(Gg, (1,) * (3 - Gg.ndim) + tuple(Gg.shape))
     nb, m, B = Gg.shape

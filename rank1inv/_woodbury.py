@@ -342,8 +342,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         """σg_r (columns r of G' by local offsets): (len r, m) float64. O(m) each."""
         xp = self.xp
         nb, m, B = self.Gg.shape
-        cols = xp.empty((r.shape[0], m), dtype=xp.float64, device=_backend.device(r))
-        _backend.decode_into(xp, cols, self.Gg[r // B, :, r % B])
+        cols = _passes.columns(xp, self.Gg, r // B, r % B)
         if self.weights is not None:
             cols *= self.weights[r // B, r % B][:, None]
         return cols * self.sigma if self.sigma != 1.0 else cols
@@ -352,7 +351,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         """w_r for local offsets r: (len r, m). From the cached W when it fits in
         ``W_CACHE_BYTES``, else whitened on demand from the gathered columns (O(m²) each)."""
         nb, m, B = self.Gg.shape
-        if self._W is not None or 8 * nb * m * B <= W_CACHE_BYTES:
+        if self._W is not None or (8 * nb * m * B <= W_CACHE_BYTES and not _passes.is_factored(self.Gg)):
             return self.W[r // B, :, r % B]
         xp = self.xp
         blocks = r // B

@@ -13,10 +13,14 @@ from ._dense import DenseGroup
 from ._operator import InverseOperator
 from ._prior import PriorGroup
 from ._woodbury import WoodburyGroup
+from .factored import FactoredGradients
 
 
 def group_view(xp, G, run):
-    """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy."""
+    """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy (for
+    factored gradients a ``FactoredView``)."""
+    if isinstance(G, FactoredGradients):
+        return G.view(run.start, run.count, run.size)
     m = G.shape[0]
     return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
 
@@ -73,7 +77,9 @@ class StaticInverse(InverseOperator):
 
     Parameters
     ----------
-    G : array (m, d), NumPy or CuPy; float64, float32, bfloat16 or float16
+    G : array (m, d), NumPy or CuPy; float64, float32, bfloat16 or float16; or a
+        ``rank1inv.FactoredGradients`` (per-sample gradients of linear layers as factors: no
+        m×d array is formed)
         bfloat16 is ``ml_dtypes.bfloat16`` on NumPy and its bit patterns in a uint16 array on CuPy
         (which has no bfloat16 dtype).
         The gradients, one per row. Referenced, not copied, and never modified: do not modify it
@@ -101,11 +107,15 @@ class StaticInverse(InverseOperator):
     """
 
     def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64", _gram=None):
-        G = _checks.as_array(G, "G")
-        xp = _backend.namespace(G)
-        if G.ndim != 2:
-            raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
-        policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
+        if isinstance(G, FactoredGradients):  # layer factors, never an m×d array
+            xp = G.xp
+            policy = _precision.name_of(G.dtype)
+        else:
+            G = _checks.as_array(G, "G")
+            xp = _backend.namespace(G)
+            if G.ndim != 2:
+                raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
+            policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
         m, d = G.shape
         if m < 1 or d < 1:
             raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
@@ -116,7 +126,7 @@ class StaticInverse(InverseOperator):
         self._xp, self._dim, self._dtype = xp, d, _precision.of(policy).output
         self._storage = policy
         self._G = G
-        with _backend.device_scope(xp, G):  # CuPy allocations on G's device, not the current one
+        with _backend.device_scope(xp, self._anchor()):  # CuPy allocations on G's device, not the current one
             self._group_list = [
                 make_group(xp, G, run, self._run_damp(i), self._scale, self._accumulate, _gram)
                 for i, run in enumerate(self._layout.runs)
@@ -163,7 +173,7 @@ class StaticInverse(InverseOperator):
         return self._group_list
 
     def _anchor(self):
-        return self._G
+        return self._G.anchor if isinstance(self._G, FactoredGradients) else self._G
 
     def _width(self) -> int:
         return self._G.shape[0]

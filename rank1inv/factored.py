@@ -1,0 +1,281 @@
+"""Gradients of linear layers given as factors, never as an m×d array (seed 003 §2.1, app. I).
+
+For a mini-batch of m samples, the per-sample gradient of a linear layer's weight is the outer
+product e_i a_iᵀ of the backpropagated error e_i (n_out) and the input activation a_i (n_in).
+With A (m × n_in) and E (m × n_out) per layer, G's rows are never formed:
+
+    G·u  = Σ_k rowsum(A_k ⊙ (E_k·mat(u_k)))        (seed eq. 21)
+    GGᵀ  = Σ_k (A_kA_kᵀ) ⊙ (E_kE_kᵀ)                (eq. 22)
+    Gᵀw  = per layer E_kᵀ·diag(w)·A_k               (eq. 23, in the weight's own layout)
+
+Flattening order (``torch.nn.Linear``): each layer's weight (n_out, n_in) row-major, then, with
+a bias, its n_out bias entries (the bias's per-sample gradient is e_i: a factor pair (1, E)).
+
+``FactoredGradients`` is accepted by ``StaticInverse`` wherever an (m, d) array is. Inside, a
+run of blocks sees a ``FactoredView`` of shape (count, m, size), which the passes of
+``rank1inv._passes`` recognise (one dispatch line each): whole segments use the formulas above
+(O(m·size) for products, O(m²·(n_in + n_out)) for the Gram matrix), other column ranges build
+float64 tiles of G on the fly. Memory: the factors (and float64 copies of them), O(m²) per
+block, and tiles of at most ``TILE_ELEMENTS`` float64 values; entries whiten their columns on demand
+(O(m²) per index) instead of caching L⁻¹G. Convolutions (per-sample gradients that are sums of
+T outer products) are not supported: ``FactoredGradients`` refuses 3-D factors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _backend, _precision
+
+TILE_ELEMENTS = 1 << 18  # float64 elements per tile of G built from the factors (2 MiB)
+
+
+class FactoredGradients:
+    """m per-sample gradients of linear layers, as factor pairs.
+
+    Parameters
+    ----------
+    layers : sequence of (A, E)
+        A (m, n_in) input activations and E (m, n_out) backpropagated errors per layer, all with
+        the same m; NumPy or CuPy (one namespace), float32 or float64 (the result dtype of all
+        factors is the storage dtype). Referenced, not copied.
+    bias : bool or sequence of bool
+        Whether each layer has a bias (its n_out coordinates follow the weight's).
+
+    Shape (m, d) with d = Σ_k n_out·n_in (+ n_out with a bias). Cost of every query: see the
+    module docstring; memory m·Σ_k (n_in + n_out) for the factors, never m·d.
+    """
+
+    def __init__(self, layers, *, bias=False):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("layers must hold at least one (A, E) pair")
+        biases = [bool(bias)] * len(layers) if isinstance(bias, (bool, np.bool_)) else [bool(b) for b in bias]
+        if len(biases) != len(layers):
+            raise ValueError(f"bias must be a bool or one per layer ({len(layers)}), got {len(biases)}")
+        arrays = [a for pair in layers for a in _pair(pair)]
+        self.xp = _backend.namespace(*arrays)
+        m = arrays[0].shape[0]
+        names = set()
+        for k, (A, E) in enumerate(_pair(p) for p in layers):
+            for name, X in (("A", A), ("E", E)):
+                if X.ndim != 2:
+                    raise ValueError(
+                        f"layer {k}: {name} must be 2-D (m, n); per-sample gradients that are sums of outer "
+                        "products (convolutions, sequences) are not supported"
+                    )
+                if X.shape[0] != m:
+                    raise ValueError(f"layer {k}: {name} has {X.shape[0]} rows, layer 0 has {m}")
+                kind = _precision.name_of(X.dtype)
+                if kind not in ("float32", "float64"):
+                    raise TypeError(f"layer {k}: {name} must be float32 or float64, got {X.dtype}")
+                names.add(kind)
+        self.dtype = self.xp.float64 if "float64" in names else self.xp.float32
+        self.segments = []  # (A, E, start): coordinates start .. start + n_out·n_in, row-major (n_out, n_in)
+        start = 0
+        self.layer_sizes = []
+        for (A, E), has_bias in zip((_pair(p) for p in layers), biases):
+            size = 0
+            for a, e in [(A, E)] + ([(None, E)] if has_bias else []):
+                n_in = 1 if a is None else a.shape[1]
+                self.segments.append(Segment(self.xp, a, e, start + size, self.dtype))
+                size += e.shape[1] * n_in
+            self.layer_sizes.append(size)
+            start += size
+        self.shape = (m, start)
+        self.ndim = 2
+
+    @property
+    def anchor(self):
+        """An array on the factors' device (for allocations)."""
+        return self.segments[0].E
+
+    def to_dense(self, dtype=None):
+        """The explicit (m, d) G: O(m·d) memory, for tests and small problems. float64 by
+        default, the exact products e_r·a_c (what the operator uses); ``dtype`` rounds them."""
+        G = _columns(self.xp, self.segments, 0, self.shape[1])
+        return G if dtype is None else self.xp.astype(G, dtype)
+
+    def view(self, start: int, count: int, size: int) -> FactoredView:
+        """The blocks G[:, start + b·size : start + (b+1)·size], b < count, as a group view."""
+        return FactoredView(self, start, count, size)
+
+
+def _pair(pair):
+    try:
+        A, E = pair
+    except (TypeError, ValueError) as err:
+        raise TypeError("every layer must be an (A, E) pair of arrays") from err
+    from . import _checks
+
+    return _checks.as_array(A, "A"), _checks.as_array(E, "E")
+
+
+class Segment:
+    """One factored outer-product segment: coordinates start + r·n_in + c hold e_r·a_c (a = 1 for
+    a bias). Values are read as float64."""
+
+    def __init__(self, xp, A, E, start: int, dtype):
+        self.xp, self.start = xp, start
+        m = E.shape[0]
+        self.A64 = xp.ones((m, 1), dtype=xp.float64, device=_backend.device(E)) if A is None else _f64(xp, A, dtype)
+        self.E64 = _f64(xp, E, dtype)
+        self.E = E
+        self.n_in, self.n_out = self.A64.shape[1], self.E64.shape[1]
+        self.size = self.n_in * self.n_out
+        self.stop = start + self.size
+
+
+def _f64(xp, X, dtype):
+    """X rounded to the storage dtype, as float64 (its exact value)."""
+    return xp.astype(xp.astype(X, dtype), xp.float64)
+
+
+def _columns(xp, segments, c0: int, c1: int):
+    """Columns c0:c1 of G as a float64 (m, c1 − c0) array, built from the factors."""
+    m = segments[0].E64.shape[0]
+    out = xp.zeros((m, c1 - c0), dtype=xp.float64, device=_backend.device(segments[0].E64))
+    for s in segments:
+        lo, hi = max(c0, s.start), min(c1, s.stop)
+        if lo >= hi:
+            continue
+        j = xp.arange(lo - s.start, hi - s.start)
+        r, c = j // s.n_in, j % s.n_in
+        out[:, lo - c0 : hi - c0] = xp.take(s.E64, r, axis=1) * xp.take(s.A64, c, axis=1)
+    return out
+
+
+class FactoredView:
+    """``count`` consecutive blocks of ``size`` columns of a FactoredGradients, starting at
+    ``start``: the (count, m, size) group array that ``rank1inv._passes`` knows how to reduce."""
+
+    def __init__(self, source: FactoredGradients, start: int, count: int, size: int):
+        self.source, self.start, self.count, self.size = source, start, count, size
+        self.xp = source.xp
+        self.shape = (count, source.shape[0], size)
+        self.dtype = source.dtype
+        self.ndim = 3
+
+    def _block_segments(self, b: int):
+        """(segment, whole) for the segments overlapping block b; whole = the segment lies
+        inside the block."""
+        lo, hi = self.start + b * self.size, self.start + (b + 1) * self.size
+        return [(s, lo <= s.start and s.stop <= hi) for s in self.source.segments if s.start < hi and s.stop > lo]
+
+    def block_columns(self, b: int, c0: int, c1: int):
+        """Columns c0:c1 (local) of block b as float64 (m, c1 − c0)."""
+        base = self.start + b * self.size
+        return _columns(self.xp, self.source.segments, base + c0, base + c1)
+
+    def float64_tiles(self, budget: int, rows: bool = False, scale: float = 1.0):
+        """Tiles as ``_passes.float64_tiles`` yields them, built from the factors, of at most
+        ``TILE_ELEMENTS`` (whatever the caller's budget: the point is never to hold much of G)."""
+        m = self.shape[1]
+        budget = min(budget, TILE_ELEMENTS)
+        if rows:  # whole blocks, all rows (the dense group's column Gram matrix: size ≤ m)
+            for b in range(self.count):
+                t = self.block_columns(b, 0, self.size)[None, ...]
+                yield b, b + 1, 0, m, (t * scale if scale != 1.0 else t)
+            return
+        step = max(1, budget // max(m, 1))
+        for b in range(self.count):
+            for c0 in range(0, self.size, step):
+                c1 = min(self.size, c0 + step)
+                t = self.block_columns(b, c0, c1)[None, ...]
+                yield b, b + 1, c0, c1, (t * scale if scale != 1.0 else t)
+
+    # -- the factored formulas (seed eq. 21–23) per whole segment, tiles elsewhere ----------
+    def gram(self, scale: float, budget: int):
+        """(σG_b)(σG_b)ᵀ per block, (count, m, m) float64: Σ over whole segments of
+        (AAᵀ) ⊙ (EEᵀ), tiles for the rest."""
+        xp = self.xp
+        m = self.shape[1]
+        out = xp.zeros((self.count, m, m), dtype=xp.float64, device=_backend.device(self.source.anchor))
+        for b in range(self.count):
+            for s, whole in self._block_segments(b):
+                if whole:
+                    out[b, ...] += (s.A64 @ xp.matrix_transpose(s.A64)) * (s.E64 @ xp.matrix_transpose(s.E64))
+                else:
+                    lo = max(self.start + b * self.size, s.start) - (self.start + b * self.size)
+                    for _, t in self._partial_with_offsets(b, s, lo, budget):
+                        out[b, ...] += t @ xp.matrix_transpose(t)
+        return out * (scale * scale) if scale != 1.0 else out
+
+    def _segment_columns(self, b: int, s: Segment, c0: int, c1: int):
+        base = self.start + b * self.size
+        return _columns(self.xp, [s], base + c0, base + c1)
+
+    def project(self, X, scale: float, budget: int):
+        """(σG_b)·X per block for X (count, size, k) float64 → (count, m, k)."""
+        xp = self.xp
+        m, k = self.shape[1], X.shape[-1]
+        out = xp.zeros((self.count, m, k), dtype=xp.float64, device=_backend.device(X))
+        for b in range(self.count):
+            base = self.start + b * self.size
+            for s, whole in self._block_segments(b):
+                if whole:
+                    U = xp.reshape(X[b, s.start - base : s.stop - base, :], (s.n_out, s.n_in, k))
+                    for q in range(k):  # g_i·u = e_iᵀ·U·a_i = rowsum(A ⊙ (E·U))
+                        out[b, :, q] += xp.sum(s.A64 * (s.E64 @ U[:, :, q]), axis=1)
+                else:
+                    lo = max(base, s.start) - base
+                    for c0, t in self._partial_with_offsets(b, s, lo, budget):
+                        out[b, ...] += t @ X[b, c0 : c0 + t.shape[1], :]
+        return out * scale if scale != 1.0 else out
+
+    def _partial_with_offsets(self, b: int, s: Segment, lo: int, budget: int):
+        hi = min(self.start + (b + 1) * self.size, s.stop) - (self.start + b * self.size)
+        step = max(1, min(budget, TILE_ELEMENTS) // max(self.shape[1], 1))
+        for c0 in range(lo, hi, step):
+            yield c0, self._segment_columns(b, s, c0, min(hi, c0 + step))
+
+    def combine(self, X, C, alpha: float, beta: float, scale: float, budget: int, out=None):
+        """alpha·X + beta·(σG_b)ᵀC per block, (count, size, k) float64."""
+        xp = self.xp
+        k = C.shape[-1]
+        if out is None:
+            out = xp.empty((self.count, self.size, k), dtype=xp.float64, device=_backend.device(C))
+        beta = beta * scale
+        for b in range(self.count):
+            base = self.start + b * self.size
+            low = xp.zeros((self.size, k), dtype=xp.float64, device=_backend.device(C))
+            for s, whole in self._block_segments(b):
+                if whole:
+                    for q in range(k):  # per layer Eᵀ·diag(c)·A, the weight's own layout
+                        W = xp.matrix_transpose(s.E64) @ (s.A64 * C[b, :, q][:, None])
+                        low[s.start - base : s.stop - base, q] = xp.reshape(W, (-1,))
+                else:
+                    lo = max(base, s.start) - base
+                    for c0, t in self._partial_with_offsets(b, s, lo, budget):
+                        low[c0 : c0 + t.shape[1], :] += xp.matrix_transpose(t) @ C[b, ...]
+            out[b, ...] = beta * low if X is None else alpha * X[b, ...] + beta * low
+        return out
+
+    def columns(self, blocks, offsets):
+        """σ-free columns g_j for (block, local offset) pairs: (n, m) float64."""
+        xp = self.xp
+        m = self.shape[1]
+        n = offsets.shape[0]
+        out = xp.empty((n, m), dtype=xp.float64, device=_backend.device(offsets))
+        j = _backend.to_host(blocks) * self.size + _backend.to_host(offsets) + self.start
+        for t, col in enumerate(j.tolist()):
+            out[t, :] = _columns(xp, self.source.segments, col, col + 1)[:, 0]
+        return out
+
+    def max_abs(self) -> float:
+        """max |G| over the view, from the factors: max over segments of max|E|·max|A| per
+        column pair, computed exactly as max_r,c |e_r|·|a_c| = max over the outer product."""
+        xp = self.xp
+        top = 0.0
+        for b in range(self.count):
+            for s, _ in self._block_segments(b):
+                ea = float(xp.max(xp.abs(s.E64))) if s.E64.size else 0.0
+                aa = float(xp.max(xp.abs(s.A64))) if s.A64.size else 0.0
+                # an upper bound at most (max|e|·max|a| is attained only if in one row); exact
+                # enough for a frame (power of two) and the finiteness check
+                top = max(top, ea * aa) if np.isfinite(ea * aa) else float("inf")
+        return top
+
+
+def is_view(Gg) -> bool:
+    return isinstance(Gg, FactoredView)

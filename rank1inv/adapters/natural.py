@@ -1,0 +1,290 @@
+"""PyTorch: layer factors of per-sample gradients, the exact subsampled natural gradient and FOOF
+(seed 003: §2.1 and appendix I for the factors and the natural gradient, §4 and appendix K for
+FOOF).
+
+``linear_factors`` runs one forward and one backward pass and returns the per-sample gradients
+of every ``nn.Linear`` as a ``rank1inv.FactoredGradients`` (A: each layer's inputs, E: the
+gradients of each sample's own loss with respect to the layer's outputs), without forming the
+B×d per-sample gradients and without touching ``.grad``. The optimizers below are built on it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..factored import FactoredGradients
+from ..static import StaticInverse
+from .torch import to_array, to_tensor, trainable
+
+
+def _linear_layers(model: torch.nn.Module):
+    """The model's nn.Linear modules in parameter order; ValueError unless every trainable
+    parameter is the weight or bias of one of them (the order of ``model_vector``)."""
+    owner = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            for name in ("weight", "bias"):
+                p = getattr(module, name)
+                if p is not None:
+                    owner[id(p)] = module
+    layers = []
+    for name, p in trainable(model):
+        module = owner.get(id(p))
+        if module is None:
+            raise ValueError(
+                f"parameter {name!r} is not the weight or bias of an nn.Linear: layer factors cover linear "
+                "layers only (freeze it, or use per-sample gradients and StaticInverse)"
+            )
+        if p is module.weight:
+            if layers and layers[-1][0] is module:
+                raise ValueError(f"parameter {name!r}: a layer's weight must come before its bias")
+            layers.append([module, False])
+        elif not layers or layers[-1][0] is not module:
+            raise ValueError(f"parameter {name!r}: a bias is trainable while its weight is not")
+        else:
+            layers[-1][1] = True
+    if not layers:
+        raise ValueError("the model has no trainable nn.Linear layers")
+    return [(module, has_bias) for module, has_bias in layers]
+
+
+def linear_factors(model: torch.nn.Module, inputs, targets=None, *, fisher: str = "true", generator=None,
+                   loss: str = "cross_entropy") -> FactoredGradients:  # fmt: skip
+    """Per-sample gradients of every trainable nn.Linear of ``model`` at ``inputs``, as factors.
+
+    fisher="true": labels drawn from the model's predictive distribution (softmax of the
+    outputs; ``generator`` a torch.Generator): F̂ estimates the Fisher (seed eq. 1).
+    fisher="empirical": the given ``targets``. The per-sample losses are summed, so row i is the
+    gradient of sample i's own loss (a mean-reduced batch loss would scale every row by 1/B).
+    loss: "cross_entropy" (classification) or "mse" (½‖f − y‖², labels drawn from N(f, I) for
+    the true Fisher). Shape (B, d), d in the order of ``model_vector(model)``; the model and its
+    ``.grad`` are not changed. Each Linear must be applied once per forward, to (B, n_in) inputs.
+    """
+    if fisher not in ("true", "empirical"):
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+    if loss not in ("cross_entropy", "mse"):
+        raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+    if fisher == "empirical" and targets is None:
+        raise ValueError("fisher='empirical' needs the targets")
+    layers = _linear_layers(model)
+    seen = {id(m): [] for m, _ in layers}
+
+    def hook(module, args, output):
+        seen[id(module)].append((args[0], output))
+
+    handles = [m.register_forward_hook(hook) for m, _ in layers]
+    try:
+        with torch.enable_grad():
+            out = model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for calls in (seen[id(m)] for m, _ in layers):
+        if len(calls) != 1:
+            raise ValueError(
+                f"an nn.Linear was applied {len(calls)} times in one forward pass; factors need exactly one"
+            )
+        a = calls[0][0]
+        if a.ndim != 2:
+            raise ValueError(
+                f"an nn.Linear got inputs of shape {tuple(a.shape)}: per-sample gradients of layers applied to "
+                "sequences or patches are sums of outer products, which layer factors do not support"
+            )
+    with torch.no_grad():
+        if fisher == "true":
+            if loss == "cross_entropy":
+                y = torch.multinomial(torch.softmax(out.detach(), dim=1), 1, generator=generator)[:, 0]
+            else:
+                y = out.detach() + torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+        else:
+            y = targets
+    if loss == "cross_entropy":
+        total = torch.nn.functional.cross_entropy(out, y, reduction="sum")
+    else:
+        total = 0.5 * torch.sum((out - y) ** 2)
+    outputs = [seen[id(m)][0][1] for m, _ in layers]
+    errors = torch.autograd.grad(total, outputs)
+    pairs = [(to_array(seen[id(m)][0][0].detach().contiguous()), to_array(e.detach().contiguous()))
+             for (m, _), e in zip(layers, errors)]  # fmt: skip
+    return FactoredGradients(pairs, bias=[b for _, b in layers])
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+class NaturalGradient(torch.optim.Optimizer):
+    """The exact subsampled natural gradient (seed 003, appendix I): θ ← θ − lr·(λI + F̂)⁻¹g,
+    F̂ = (1/B)·Σ_i g_ig_iᵀ over the per-sample gradients of a batch, from layer factors (no B×d
+    array), through ``StaticInverse`` (Woodbury in gradient space where d > B).
+
+    ``step(inputs, targets=None)`` uses the gradients already in ``.grad`` (from the caller's
+    ``loss.backward()``) and builds F̂ at ``inputs``: the same batch, or an independent one
+    (appendix I.5). ``fisher``: "true" (sampled labels) or "empirical" (needs targets). The model's
+    trainable parameters must all belong to nn.Linear layers. ``momentum`` (heavy ball on the
+    direction) and decoupled ``weight_decay`` as in ``MFAC``. Cost per step: a forward and
+    backward pass for the factors, O(B²·Σ(n_in + n_out)) for the Gram matrix, O(B³), and O(B·d)
+    for the product.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, fisher="true", momentum=0.0, weight_decay=0.0,
+                 generator=None):  # fmt: skip
+        _linear_layers(model)
+        if fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.model, self.fisher, self.generator = model, fisher, generator
+        defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,
+                        weight_decay=weight_decay)  # fmt: skip
+        super().__init__([p for _, p in trainable(model)], defaults)
+        if len(self.param_groups) != 1:  # pragma: no cover - built from one list
+            raise ValueError("NaturalGradient takes one parameter group")
+
+    def step(self, inputs, targets=None):  # noqa: D102 - documented in the class
+        group = self.param_groups[0]
+        params = group["params"]
+        if any(p.grad is None for p in params):
+            raise ValueError("every trainable parameter needs a gradient (call loss.backward() first)")
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        factors = linear_factors(self.model, inputs, targets, fisher=self.fisher, generator=self.generator)
+        batch = factors.shape[0]
+        op = StaticInverse(factors, group["damp"], scale=1.0 / batch)
+        direction = to_tensor(op @ to_array(g.detach().to(torch.float64 if g.dtype == torch.float64 else g.dtype)))
+        direction = direction.to(device=g.device, dtype=g.dtype)
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                n = p.numel()
+                d = direction[offset : offset + n].view_as(p)
+                offset += n
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum")
+                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                    self.state[p]["momentum"] = buf
+                    d = buf
+                p.add_(d, alpha=-group["lr"])
+        return None
+
+
+class FOOF(torch.optim.Optimizer):
+    """FOOF (seed 003 §4, eq. 6, appendix K): per nn.Linear, ΔW = ∇W·(λI + C)⁻¹ with C an
+    exponential moving average (decay ``ema``) of the layer's input second moments aaᵀ (bias as
+    a constant input 1), re-inverted every ``inverse_every`` steps; momentum and decoupled weight
+    decay as in ``MFAC``.
+
+    Inputs are captured by forward hooks during the caller's own forward pass, so a step is
+    ``loss.backward(); opt.step()``. Layers whose input width (plus 1 with a bias) is at most
+    ``window`` keep C as a dense matrix and a Cholesky factor; wider ones keep the last ``window``
+    rows of scaled inputs (√(weight)·a over the recent batches: a truncated EMA, weights
+    below ema^k dropped) and invert through ``StaticInverse`` (Woodbury), the rule of the block
+    groups. Memory: n_in² per narrow layer, window·n_in per wide one.
+    """
+
+    def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, ema=0.95, inverse_every=1, momentum=0.9,
+                 weight_decay=0.0, window=1024):  # fmt: skip
+        self.layers = _linear_layers(model)
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {ema}")
+        if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
+            raise ValueError(f"inverse_every must be an int >= 1, got {inverse_every!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,
+                        weight_decay=weight_decay)  # fmt: skip
+        super().__init__([p for _, p in trainable(model)], defaults)
+        self.ema, self.inverse_every, self.window = ema, inverse_every, int(window)
+        self._inputs = {}
+        self._stats = {id(m): {} for m, _ in self.layers}
+        self._steps = 0
+        self._handles = [m.register_forward_hook(self._capture) for m, _ in self.layers]
+
+    def _capture(self, module, args, output):
+        if torch.is_grad_enabled():
+            self._inputs[id(module)] = args[0].detach()
+
+    def remove_hooks(self) -> None:
+        """Detach the input-capturing hooks from the model."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _update_statistics(self, module, has_bias) -> None:
+        a = self._inputs.get(id(module))
+        if a is None:
+            raise ValueError("no input was captured for a layer: run a forward pass with gradients enabled first")
+        if a.ndim != 2:
+            a = a.reshape(-1, a.shape[-1])  # tokens/patches as samples (appendix K)
+        a = a.to(torch.float64)
+        if has_bias:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
+        st = self._stats[id(module)]
+        n = a.shape[1]
+        if n <= self.window:  # dense C
+            cov = a.T @ a / a.shape[0]
+            st["C"] = cov if "C" not in st else self.ema * st["C"] + (1 - self.ema) * cov
+        else:  # rows √w·a of the recent batches, newest last; weights decay by ema per step
+            rows = a / math.sqrt(a.shape[0])
+            old = st.get("rows")
+            if old is None:
+                st["rows"] = rows
+            else:
+                st["rows"] = torch.cat([old * math.sqrt(self.ema), rows * math.sqrt(1 - self.ema)], 0)[-self.window :]
+
+    def _refresh(self, module, damp) -> None:
+        st = self._stats[id(module)]
+        if "C" in st:
+            n = st["C"].shape[0]
+            st["chol"] = torch.linalg.cholesky(
+                st["C"] + damp * torch.eye(n, dtype=st["C"].dtype, device=st["C"].device)
+            )
+            st.pop("op", None)
+        else:
+            rows = to_array(st["rows"].contiguous())
+            st["op"] = StaticInverse(rows, damp, scale=1.0)
+
+    def _precondition(self, module, grad):
+        """grad (n_out, n) times (λI + C)⁻¹ (C symmetric)."""
+        st = self._stats[id(module)]
+        g = grad.to(torch.float64)
+        if "chol" in st:
+            return torch.cholesky_solve(g.T, st["chol"]).T
+        return to_tensor(st["op"].matmat(to_array(g.T.contiguous()))).to(g.device).T
+
+    def step(self, closure=None):  # noqa: D102 - documented in the class
+        group = self.param_groups[0]
+        lr, damp = group["lr"], group["damp"]
+        for module, has_bias in self.layers:
+            self._update_statistics(module, has_bias)
+            if self._steps % self.inverse_every == 0 or ("chol" not in self._stats[id(module)]
+                                                         and "op" not in self._stats[id(module)]):  # fmt: skip
+                self._refresh(module, damp)
+        self._steps += 1
+        with torch.no_grad():
+            for module, has_bias in self.layers:
+                W = module.weight
+                if W.grad is None:
+                    continue
+                grad = W.grad if not has_bias else torch.cat([W.grad, module.bias.grad[:, None]], 1)
+                delta = self._precondition(module, grad).to(W.dtype)
+                parts = [(W, delta[:, : W.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
+                for p, d in parts:
+                    if group["weight_decay"]:
+                        p.mul_(1.0 - lr * group["weight_decay"])
+                    if group["momentum"]:
+                        buf = self.state[p].get("momentum")
+                        buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
+                        self.state[p]["momentum"] = buf
+                        d = buf
+                    p.add_(d, alpha=-lr)
+        self._inputs.clear()
+        return None

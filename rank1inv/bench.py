@@ -504,8 +504,13 @@ def main(argv=None):
     p.add_argument("--drift", type=int, metavar="PUSHES", help="print the window accuracy table after PUSHES pushes")
     p.add_argument("--plot", metavar="PNG", help="also plot push_apply time against m (needs matplotlib)")
     p.add_argument("--laplace", action="store_true", help="print the side-by-side with laplace-torch (bench extra)")
+    p.add_argument("--natural", action="store_true", help="print the factored natural-gradient step benchmark (torch)")
     args = p.parse_args(argv)
-    if args.laplace:
+    if args.natural:
+        from . import bench_natural
+
+        print(bench_natural.run())
+    elif args.laplace:
         from . import bench_laplace
 
         print(bench_laplace.run())

@@ -76,3 +76,12 @@ def test_laplace_experiment_curvatures_are_what_they_claim():
     np.testing.assert_allclose(J @ v, fd, rtol=1e-6, atol=1e-8)
     S = E.fisher_rows(w, X, y, "sampled", seed=3)
     assert S.shape == G.shape
+
+
+def test_optimizers_experiment_runs():
+    pytest.importorskip("torch")
+    from rank1inv import experiments as E
+
+    text = E.optimizers_report(steps=20, seeds=(0,), quick=True)
+    for name in ("SGD", "Adam", "natural gradient", "FOOF"):
+        assert f"| {name} |" in text

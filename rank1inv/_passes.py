@@ -23,11 +23,43 @@ makes one BLAS call.
 
 from __future__ import annotations
 
+import numpy as np
+
 from . import _backend, _precision
 
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
 BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
 GPU_TILE_ELEMENTS = 1 << 25  # on CuPy for all work (256 MiB): each tile costs kernel launches
+
+
+class ShardedView:
+    """A group array (nb, m, B_local) holding this rank's columns of gradients sharded along d
+    (``rank1inv.sharded``). Passes that reduce over d reduce across ranks here, and only here
+    (docs/design.md §12); the others work on the local columns."""
+
+    def __init__(self, local, comm, global_size: int):
+        self.local, self.comm, self.global_size = local, comm, global_size
+        self.shape, self.dtype, self.ndim = local.shape, local.dtype, 3
+
+    def sum(self, xp, a):
+        return xp.asarray(self.comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
+
+
+def _local(Gg):
+    """(the local group array, its ShardedView or None)."""
+    return (Gg.local, Gg) if isinstance(Gg, ShardedView) else (Gg, None)
+
+
+def global_width(Gg) -> int:
+    """B of the group's blocks over all shards."""
+    return Gg.global_size if isinstance(Gg, ShardedView) else Gg.shape[2]
+
+
+def sumsq(xp, Gg, X):
+    """Σ_i X[b, i, j]² for X (nb, B, k) in the group's coordinates, over all shards: (nb, k)."""
+    Gg, shard = _local(Gg)
+    out = _backend.sumsq(xp, X)
+    return out if shard is None else shard.sum(xp, out)
 
 
 def is_factored(Gg) -> bool:
@@ -38,11 +70,13 @@ def is_factored(Gg) -> bool:
 
 
 def _device(Gg):
+    Gg, _ = _local(Gg)
     return _backend.device(Gg.source.anchor if is_factored(Gg) else Gg)
 
 
 def columns(xp, Gg, blocks, offsets):
     """Columns g_j of blocks ``blocks`` at local ``offsets``: (n, m) float64 (decoded exactly)."""
+    Gg, _ = _local(Gg)
     if is_factored(Gg):
         return Gg.columns(blocks, offsets)
     cols = xp.empty((offsets.shape[0], Gg.shape[1]), dtype=xp.float64, device=_backend.device(offsets))
@@ -83,6 +117,7 @@ def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale: fl
     costs page faults comparable to the conversion itself), so a tile is only valid until the
     next one is yielded, and must not be written to (float64 storage with σ = 1 yields views
     of G)."""
+    Gg, _ = _local(Gg)
     if is_factored(Gg):  # rank1inv.factored: tiles built from the factors
         yield from Gg.float64_tiles(tile_budget(xp, matrix), rows=rows, scale=scale)
         return
@@ -126,6 +161,9 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
 
     Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
     nearly dependent gradients is often not even positive definite."""
+    Gg, shard = _local(Gg)
+    if shard is not None:
+        return shard.sum(xp, gram(xp, Gg, accumulate, scale, weights))
     nb, m, B = Gg.shape
     if weights is None and is_factored(Gg):
         return Gg.gram(scale, tile_budget(xp, True))  # Σ (AAᵀ) ⊙ (EEᵀ), seed eq. 22
@@ -146,6 +184,8 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
 
 def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
     """(σGg)ᵀ(σGg) per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
+    if isinstance(Gg, ShardedView):
+        raise ValueError("blocks no wider than m (parameter space) cannot be sharded along d")
     nb, m, B = Gg.shape
     if Gg.dtype == xp.float64 and scale == 1.0 and not is_factored(Gg):
         return xp.matrix_transpose(Gg) @ Gg
@@ -158,6 +198,9 @@ def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
 
 def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
     """(σGg) X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
+    Gg, shard = _local(Gg)
+    if shard is not None:
+        return shard.sum(xp, project(xp, Gg, X, accumulate, scale))
     if is_factored(Gg):
         return Gg.project(X, scale, tile_budget(xp))  # rowsum(A ⊙ (E·U)), seed eq. 21
     nb, m, B = Gg.shape
@@ -188,6 +231,7 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
     With ``overwrite`` the result may be written into X (a d-long float64 array less: each
     element of X is read before its result is written).
     """
+    Gg, _ = _local(Gg)  # the output pass is local to each shard
     if is_factored(Gg):  # Eᵀ·diag(c)·A per layer, seed eq. 23
         return Gg.combine(X, C, alpha, beta, scale, tile_budget(xp), out=X if (overwrite and X is not None) else None)
     nb, m, B = Gg.shape
@@ -211,6 +255,7 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
 
 def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
     """Σ_i (σG[i, j]·w_j)² per column: (nb, B) float64 (``weights`` as in ``gram``). Cost O(nb·m·B)."""
+    Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
     tile_scale = scale if _scaled_tiles(xp, Gg, scale) or weights is not None else 1.0
@@ -221,6 +266,7 @@ def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
 
 def column_max_abs(xp, Gg):
     """max_i |G[i, j]| per column: (nb, B) float64 (nan where a column has a nan). O(nb·m·B)."""
+    Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
@@ -233,6 +279,7 @@ def map_tiles(xp, Gg, fn, scale: float = 1.0, weights=None):
     in ``gram``), assembled along the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m)
     or (b1-b0, c) (a per-column reduction); the result is (nb, r, B) or (nb, B). fn must not
     keep the tile (see ``float64_tiles``)."""
+    Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
     out = None
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
@@ -247,6 +294,8 @@ def max_abs(xp, Gg) -> float:
     """max |Gg| for a group (nb, m, B), a matrix (m, d) or a vector (d,) of any storage dtype, as
     a host float (nan or inf if there is a non-finite value; 0.0 if empty). In tiles of about
     ``TILE_ELEMENTS`` values, so the check costs no m·d temporary; one scalar read back."""
+    if isinstance(Gg, ShardedView):
+        return float(Gg.comm.allreduce_max(np.array([max_abs(xp, Gg.local)]))[0])
     if is_factored(Gg):
         return Gg.max_abs()
     if Gg.ndim < 3:

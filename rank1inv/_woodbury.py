@@ -181,7 +181,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         P = self._project(X)
         C = self.factor.solve(P)
         # ‖x − G'ᵀc‖² = ‖x‖² − cᵀp − μ'‖c‖² (K'c = p), O(mk): how much of x survives
-        xx = _backend.sumsq(xp, X)
+        xx = _passes.sumsq(xp, self.Gg, X)  # over all shards when G is sharded along d
         rest = xx - xp.sum(C * P, axis=1) - self.mu * xp.sum(C * C, axis=1)
         if not self._cancelled(rest, xx):
             return self._combine(X, C, 1.0 / self.damp_f, -1.0 / self.damp_f, overwrite=True)
@@ -394,7 +394,8 @@ class WoodburyGroup(_backend.HoldsNamespace):
     def logdets(self):
         """log det F_b = B log λ + m log(s/λ) + log det K_b per block (matrix determinant lemma),
         with log det K_b = log det K'_b + 2mE·log 2: a host float64 array (nb,)."""
-        nb, m, B = self.Gg.shape
+        nb, m, _ = self.Gg.shape
+        B = _passes.global_width(self.Gg)
         per_block = B * math.log(self.damp) + m * (math.log(self.scale) - math.log(self.damp))
         return (per_block + 2 * m * self.frame * math.log(2.0)) + self.factor.logdets()
 

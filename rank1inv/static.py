@@ -18,9 +18,11 @@ from .factored import FactoredGradients
 
 def group_view(xp, G, run):
     """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy (for
-    factored gradients a ``FactoredView``)."""
+    factored gradients a ``FactoredView``, for sharded ones a ``_passes.ShardedView``)."""
     if isinstance(G, FactoredGradients):
         return G.view(run.start, run.count, run.size)
+    if isinstance(G, _passes.ShardedView):
+        return G
     m = G.shape[0]
     return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
 
@@ -38,12 +40,12 @@ def make_group(xp, G, run, damp, scale: float, accumulate: str, known=None):
     exact = _precision.of_array(G, _backend.is_cupy(xp)).exact_products
     if not isinstance(damp, float):  # per-coordinate δ for the run (docs/design.md §10)
         delta = xp.reshape(xp.asarray(damp, device=_backend.device(G)), (run.count, run.size))
-        if run.size > G.shape[0]:
+        if run.size > Gg.shape[1]:
             return PriorGroup(xp, Gg, delta, scale, accumulate, exact)
         frame = _scaling.frame_exponent(top, float(xp.max(delta)), scale, exact)
         return DenseGroup(xp, Gg, delta, scale, accumulate, frame=frame)
     frame = _scaling.frame_exponent(top, damp, scale, exact)
-    if run.size > G.shape[0]:
+    if _passes.global_width(Gg) > Gg.shape[1]:  # wider than m (over all shards)
         gram = None
         if known is not None:
             gram = known[0][None, ...] * _scaling.pow2(2 * (known[1] - frame))
@@ -106,7 +108,7 @@ class StaticInverse(InverseOperator):
     O(m) each after a one-time O(dm²) whitening (cached, 8·d·m bytes); see the user guide.
     """
 
-    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64", _gram=None):
+    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64", _gram=None, comm=None):
         if isinstance(G, FactoredGradients):  # layer factors, never an m×d array
             xp = G.xp
             policy = _precision.name_of(G.dtype)
@@ -126,11 +128,23 @@ class StaticInverse(InverseOperator):
         self._xp, self._dim, self._dtype = xp, d, _precision.of(policy).output
         self._storage = policy
         self._G = G
+        source = self._make_source(G)
         with _backend.device_scope(xp, self._anchor()):  # CuPy allocations on G's device, not the current one
             self._group_list = [
-                make_group(xp, G, run, self._run_damp(i), self._scale, self._accumulate, _gram)
+                make_group(xp, source, run, self._run_damp(i), self._scale, self._accumulate, _gram)
                 for i, run in enumerate(self._layout.runs)
             ]
+
+    def __new__(cls, *args, comm=None, **kwargs):
+        if comm is not None and cls is StaticInverse:  # gradients sharded along d
+            from .sharded import ShardedInverse
+
+            return super().__new__(ShardedInverse)
+        return super().__new__(cls)
+
+    def _make_source(self, G):
+        """What the groups read the gradients from (overridden for sharded gradients)."""
+        return G
 
     def _run_damp(self, i: int):
         if isinstance(self._damp, np.ndarray):

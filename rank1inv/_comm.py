@@ -1,0 +1,120 @@
+"""Communicators for operators whose gradients are sharded along d (docs/design.md §12).
+
+Every reduction over d is a sum of per-shard partial results (an m-vector or an m×m matrix),
+so an operator over shards needs three collectives, all on host float64 NumPy arrays:
+``allreduce_sum``, ``allreduce_max`` and ``broadcast`` from rank 0. ``Communicator`` is that
+protocol; ``TorchCommunicator`` wraps a torch.distributed process group (gloo; NCCL groups
+need CUDA tensors and are not handled here), ``MPICommunicator`` an mpi4py communicator.
+Both count the bytes each rank sends (``bytes_sent``), so the communication of a query can be
+measured.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    rank: int
+    size: int
+    bytes_sent: int
+
+    def allreduce_sum(self, a: np.ndarray) -> np.ndarray:
+        """The elementwise sum over ranks of a float64 array (same shape on every rank)."""
+
+    def allreduce_max(self, a: np.ndarray) -> np.ndarray:
+        """The elementwise maximum over ranks (nan if any rank has a nan)."""
+
+    def broadcast(self, a: np.ndarray) -> np.ndarray:
+        """Rank 0's array, on every rank."""
+
+
+class TorchCommunicator:
+    """A torch.distributed process group (default: the world) as a ``Communicator``."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError("torch.distributed is not initialized (call init_process_group first)")
+        self._dist, self._group = dist, group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.bytes_sent = 0
+
+    def _reduce(self, a, op):
+        import torch
+
+        t = torch.from_numpy(np.array(a, dtype=np.float64, copy=True))
+        self.bytes_sent += t.numel() * 8
+        self._dist.all_reduce(t, op=op, group=self._group)
+        return t.numpy()
+
+    def allreduce_sum(self, a):
+        return self._reduce(a, self._dist.ReduceOp.SUM)
+
+    def allreduce_max(self, a):
+        a = np.asarray(a, dtype=np.float64)
+        nan = np.isnan(a)
+        out = self._reduce(np.where(nan, np.inf, a), self._dist.ReduceOp.MAX)
+        any_nan = self._reduce(nan.astype(np.float64), self._dist.ReduceOp.MAX) > 0
+        return np.where(any_nan, np.nan, out)
+
+    def broadcast(self, a):
+        import torch
+
+        t = torch.from_numpy(np.array(a, dtype=np.float64, copy=True))
+        self.bytes_sent += t.numel() * 8 if self.rank == 0 else 0
+        self._dist.broadcast(t, src=self._dist.get_global_rank(self._group, 0) if self._group else 0, group=self._group)
+        return t.numpy()
+
+
+class MPICommunicator:
+    """An mpi4py communicator as a ``Communicator``."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+
+        self._comm, self._mpi = comm, MPI
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.bytes_sent = 0
+
+    def _reduce(self, a, op):
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        out = np.empty_like(a)
+        self.bytes_sent += a.nbytes
+        self._comm.Allreduce(a, out, op=op)
+        return out
+
+    def allreduce_sum(self, a):
+        return self._reduce(a, self._mpi.SUM)
+
+    def allreduce_max(self, a):
+        a = np.asarray(a, dtype=np.float64)
+        nan = np.isnan(a)
+        out = self._reduce(np.where(nan, np.inf, a), self._mpi.MAX)
+        return np.where(self._reduce(nan.astype(np.float64), self._mpi.MAX) > 0, np.nan, out)
+
+    def broadcast(self, a):
+        a = np.array(a, dtype=np.float64, copy=True)
+        self.bytes_sent += a.nbytes if self.rank == 0 else 0
+        self._comm.Bcast(a, root=0)
+        return a
+
+
+def as_communicator(comm) -> Communicator:
+    """``comm`` as a Communicator: one already, an mpi4py communicator, a torch.distributed
+    ProcessGroup, or "torch" for the default torch.distributed group."""
+    if isinstance(comm, Communicator) and not isinstance(comm, type):
+        return comm
+    if isinstance(comm, str) and comm == "torch":
+        return TorchCommunicator()
+    module = type(comm).__module__
+    if module.startswith("mpi4py"):
+        return MPICommunicator(comm)
+    if module.startswith("torch"):
+        return TorchCommunicator(comm)
+    raise TypeError(f"comm must be an mpi4py communicator, a torch.distributed process group or 'torch', not {comm!r}")

@@ -1,0 +1,124 @@
+"""StaticInverse over gradients sharded along d: 2 and 4 processes with torch.distributed (gloo on
+127.0.0.1), every query against the single-process operator (docs/design.md §12)."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cuts(d, world):
+    return np.linspace(0, d, world + 1).astype(int)
+
+
+def worker(rank, world, port, out_dir):
+    import datetime
+
+    import rank1inv as r1
+    from rank1inv import testing
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    results = {}
+    try:
+        for dtype in ("float64", "float32"):
+            for family in ("iid", "clusters", "huge_row"):
+                G = testing.gradients(family, 10, 157, seed=3, dtype=dtype)
+                m, d = G.shape
+                lo, hi = cuts(d, world)[rank], cuts(d, world)[rank + 1]
+                op = r1.StaticInverse(np.ascontiguousarray(G[:, lo:hi]), 1e-3, comm="torch")
+                assert op.local_range == (lo, hi) and op.global_dim == d
+                rng = np.random.default_rng(7)
+                X = rng.standard_normal((d, 2))
+                before = op.communicator.bytes_sent
+                Y = op @ X[lo:hi]
+                sent = op.communicator.bytes_sent - before
+                idx = np.array([0, 5, d // 2, d - 1])
+                z = rng.standard_normal((2, d + m))  # the global noise: z₁ (d), z₂ (m)
+                S = op.sample_from_noise(np.concatenate([z[:, lo:hi], z[:, d:]], axis=1))
+                results[f"{dtype}-{family}"] = dict(
+                    Y=np.asarray(Y, dtype=np.float64).tolist(), diag=np.asarray(op.diag(), np.float64).tolist(),
+                    entries=np.asarray(op.entries(idx, idx[::-1]), np.float64).tolist(),
+                    sub=np.asarray(op.submatrix(idx), np.float64).tolist(), logdet=op.logdet(),
+                    column=np.asarray(op.column(d // 2), np.float64).tolist(),
+                    sample=np.asarray(S, np.float64).tolist(), bytes=sent, m=m,
+                    draws=np.asarray(op.sample(3, rng=11), np.float64).tolist(),
+                )  # fmt: skip
+        try:  # a rank with a different m: every rank gets the error, none hangs
+            r1.StaticInverse(np.ones((3 if rank == 0 else 4, 40)), 1.0, comm="torch")
+            results["mismatch"] = "accepted"
+        except ValueError as err:
+            results["mismatch"] = str(err)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_static_inverse_equals_single_process(world, tmp_path):
+    import torch.multiprocessing as mp
+
+    import rank1inv as r1
+    from rank1inv import testing
+
+    ctx = mp.start_processes(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = __import__("time").monotonic() + 3 * TIMEOUT_S
+    while not ctx.join(timeout=1):
+        if __import__("time").monotonic() > deadline:  # pragma: no cover - a hang is a failure, not a wait
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for dtype in ("float64", "float32"):
+        eta, rel = (5e-12, 1e-6) if dtype == "float64" else (1e-7, 1e-6)
+        for family in ("iid", "clusters", "huge_row"):
+            key = f"{dtype}-{family}"
+            G = testing.gradients(family, 10, 157, seed=3, dtype=dtype)
+            m, d = G.shape
+            ref = r1.StaticInverse(G, 1e-3)
+            F = testing.dense_fisher(G.astype(np.float64), 1e-3, 1.0 / m)
+            rng = np.random.default_rng(7)
+            X = rng.standard_normal((d, 2))
+            z = rng.standard_normal((2, d + m))
+            Y = np.concatenate([np.array(rk[key]["Y"]) for rk in ranks])
+            assert testing.backward_error(F, Y, X) <= eta, key
+            np.testing.assert_allclose(Y, np.asarray(ref @ X, np.float64), rtol=0, atol=1e-6 * np.abs(Y).max())
+            diag = np.concatenate([rk[key]["diag"] for rk in ranks])
+            np.testing.assert_allclose(diag, np.asarray(ref.diag(), np.float64), rtol=rel)
+            idx = np.array([0, 5, d // 2, d - 1])
+            for rk in ranks:  # global-index queries: the same values on every rank
+                assert rk[key]["entries"] == ranks[0][key]["entries"] and rk[key]["logdet"] == ranks[0][key]["logdet"]
+                np.testing.assert_allclose(rk[key]["entries"], ref.entries(idx, idx[::-1]), rtol=rel, atol=1e-12)
+                np.testing.assert_allclose(rk[key]["sub"], ref.submatrix(idx), rtol=rel, atol=1e-9)
+                assert abs(rk[key]["logdet"] - ref.logdet()) <= 1e-10 * abs(ref.logdet())
+                assert rk[key]["bytes"] <= 8 * 2 * (m + 4)  # O(m) per product, independent of d
+            column = np.concatenate([rk[key]["column"] for rk in ranks])
+            np.testing.assert_allclose(column, np.asarray(ref.column(d // 2), np.float64), rtol=0,
+                                       atol=1e-6 * np.abs(column).max())  # fmt: skip
+            S = np.concatenate([np.array(rk[key]["sample"]) for rk in ranks], axis=1)
+            np.testing.assert_allclose(S, np.asarray(ref.sample_from_noise(z), np.float64), rtol=0,
+                                       atol=1e-6 * np.abs(S).max())  # fmt: skip
+            draws = [np.array(rk[key]["draws"]) for rk in ranks]
+            assert all(np.isfinite(x).all() for x in draws)
+            if world > 1:  # independent z₁ across ranks even with one seed
+                assert not np.allclose(draws[0][:, :3], draws[1][:, :3])
+    for rk in ranks:
+        assert "same number of gradients" in rk["mismatch"]

@@ -122,3 +122,23 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
                 assert not np.allclose(draws[0][:, :3], draws[1][:, :3])
     for rk in ranks:
         assert "same number of gradients" in rk["mismatch"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_static_inverse_over_mpi(world):
+    """``mpiexec -n 2/4`` with mpi4py and an MPI from pip wheels (mpich), on this host only."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("mpi4py")
+    mpiexec = shutil.which("mpiexec")
+    if mpiexec is None:
+        pytest.skip("no mpiexec (pip install mpich)")
+    worker = Path(__file__).resolve().parent / "workers" / "mpi_sharded.py"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(worker.parents[2]), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([mpiexec, "-n", str(world), "-host", "localhost", sys.executable, str(worker)],
+                         capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(": ok") == world, res.stdout

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _backend, _checks, _passes, _precision, _scaling, _window
 from ._blocks import Layout
+from ._comm import as_communicator
 from ._dense import DenseGroup
 from ._operator import InverseOperator
 from ._woodbury import WoodburyGroup
@@ -88,8 +89,27 @@ class DynamicInverse(InverseOperator):
     Every mutating call either succeeds or raises and leaves the window bit-for-bit unchanged.
     """
 
-    def __init__(self, dim, capacity, damp, *, scale=None, dtype="float32", xp=None, accumulate="float64"):
+    def __new__(cls, *args, comm=None, **kwargs):
+        if comm is not None and cls is DynamicInverse:  # gradients sharded along d
+            from .sharded import ShardedWindow
+
+            return super().__new__(ShardedWindow)
+        return super().__new__(cls)
+
+    def __init__(self, dim, capacity, damp, *, scale=None, dtype="float32", xp=None, accumulate="float64",
+                 comm=None):  # fmt: skip
         self._dim = _checks.positive_int(dim, "dim")
+        self._comm = None if comm is None else as_communicator(comm)
+        self._global_dim = self._dim
+        if self._comm is not None:  # gradients sharded along d (docs/design.md §12)
+            sizes = self._comm.allreduce_sum(np.eye(self._comm.size)[self._comm.rank] * self._dim).astype(np.int64)
+            self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+            self._global_dim = int(self._offsets[-1])
+            same = self._comm.allreduce_max(np.array([capacity, -capacity], dtype=np.float64))
+            if same[0] != -same[1]:
+                raise ValueError(f"every rank must use the same capacity; this rank has {capacity}")
+            if self._global_dim <= capacity:
+                raise ValueError(f"a sharded window needs dim > capacity (got dim = {self._global_dim})")
         self._capacity = _checks.positive_int(capacity, "capacity")
         self._damp = _checks.damp(damp)
         self._scale_mode = _checks.scale(scale)
@@ -141,7 +161,25 @@ class DynamicInverse(InverseOperator):
 
     @property
     def _uses_dense(self) -> bool:
-        return self._dim <= self._capacity
+        return self._global_dim <= self._capacity
+
+    # -- shards (docs/design.md §12): reductions over d across ranks --------------------------
+    def _view(self, Gg):
+        return Gg if self._comm is None else _passes.ShardedView(Gg, self._comm, self._global_dim)
+
+    def _max_abs(self, a) -> float:
+        top = _passes.max_abs(self._xp, a)
+        return top if self._comm is None else float(self._comm.allreduce_max(np.array([top]))[0])
+
+    def _sum(self, a):
+        if self._comm is None:
+            return a
+        return self._xp.asarray(self._comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
+
+    def _global_max(self, top):
+        if self._comm is None:
+            return top
+        return self._xp.asarray(self._comm.allreduce_max(_backend.to_host(top)), device=_backend.device(top))
 
     def _width(self) -> int:
         return self._capacity
@@ -181,7 +219,7 @@ class DynamicInverse(InverseOperator):
                 mu = self._mu(n, self._frame)
                 factor = _window.WindowFactor(xp, self._R, order, mu, self._log_mu(n, self._frame))
                 self._group = WoodburyGroup(
-                    xp, self._G[None, ...], self._damp, self.scale, self._accumulate, frame=self._frame,
+                    xp, self._view(self._G[None, ...]), self._damp, self.scale, self._accumulate, frame=self._frame,
                     factor=factor, gram=self._gram[None, ...],
                 )  # fmt: skip
         return [self._group]
@@ -340,7 +378,7 @@ class DynamicInverse(InverseOperator):
         form needs no float64 copy of g; the corrected form builds it on demand."""
         xp = self._xp
         grp = self._groups()[0]
-        e_x = _scaling.exponent(_passes.max_abs(xp, g_s))
+        e_x = _scaling.exponent(self._max_abs(g_s))
 
         def normalized():
             g64 = xp.empty((1, self._dim, 1), dtype=xp.float64, device=_backend.device(self._G))
@@ -369,7 +407,7 @@ class DynamicInverse(InverseOperator):
         if g.ndim != 1 or g.shape[0] != self._dim:
             raise ValueError(f"{name} must have shape ({self._dim},), got {tuple(g.shape)}")
         _checks.float_kind(g, name, cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
-        top = _passes.max_abs(xp, g)
+        top = self._max_abs(g)
         if not math.isfinite(top):
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
         if top > self._policy.max_value:
@@ -440,11 +478,11 @@ class DynamicInverse(InverseOperator):
         hi = int(occupied[-1]) + 1 if occupied.size else 0
         cross = xp.zeros((self._capacity, k), dtype=xp.float64, device=_backend.device(self._G))
         if hi:
-            cross[:hi, :] = _passes.project(xp, self._G[None, :hi, :], X, self._accumulate, sigma)[0, ...]
+            cross[:hi, :] = _passes.project(xp, self._view(self._G[None, :hi, :]), X, self._accumulate, sigma)[0, ...]
         if k == 1:  # no BLAS call (it would wake multi-threaded BLAS, docs/benchmarks.md), no temporary
-            inner = _backend.sumsq(xp, X)
+            inner = self._sum(_backend.sumsq(xp, X))
         else:
-            inner = xp.matrix_transpose(X[0, ...]) @ X[0, ...]  # (k, k)
+            inner = self._sum(xp.matrix_transpose(X[0, ...]) @ X[0, ...])  # (k, k)
         holder, step_rows = {}, []  # holder: slot -> batch item stored there now
         for t, (slot, _, _) in enumerate(items):
             row = xp.asarray(cross[:, t], copy=True)
@@ -709,6 +747,8 @@ class DynamicInverse(InverseOperator):
             raise ValueError("state['counter'] must be an int larger than every age")
         G_host = grads.view(_precision.numpy_dtype("bfloat16")) if self._storage == "bfloat16" else grads
         tops = np.array([_passes.max_abs(_backend.namespace(G_host), G_host[i]) for i in range(cap)])
+        if self._comm is not None:
+            tops = self._comm.allreduce_max(tops)
         if not np.all(np.isfinite(tops)):
             raise ValueError("state['gradients'] contains non-finite values")
         if np.any(tops[ages < 0] != 0):
@@ -717,7 +757,8 @@ class DynamicInverse(InverseOperator):
         slot_exp[ages < 0] = 0
 
         # the window as it would be, then its derived arrays checked against the gradients
-        trial = DynamicInverse(dim, cap, damp, scale=scale_mode, dtype=self._storage, xp=xp, accumulate=accumulate)
+        trial = DynamicInverse(dim, cap, damp, scale=scale_mode, dtype=self._storage, xp=xp, accumulate=accumulate,
+                               comm=self._comm)  # fmt: skip
         G_dev = xp.asarray(grads, copy=True)
         if self._storage == "bfloat16" and not _backend.is_cupy(xp):
             G_dev = G_dev.view(_precision.numpy_dtype("bfloat16"))
@@ -728,14 +769,14 @@ class DynamicInverse(InverseOperator):
             raise ValueError(f"state['frame'] = {frame} does not fit the gradients (expected about {required})")
         trial._frame = frame
         sigma = _scaling.pow2(-frame)
-        fresh = _passes.gram(xp, G_dev[None, ...], accumulate, sigma)[0, ...]
+        fresh = _passes.gram(xp, trial._view(G_dev[None, ...]), accumulate, sigma)[0, ...]
         if rebuild:
             gram = fresh
         else:
             gram_state = _host_array(state["gram"], "gram")
             _expect_float64(gram_state, (cap, cap), "gram")
             gram = xp.asarray(gram_state * (sigma * sigma) if v1 else gram_state, copy=True)
-            _check_gram(xp, gram, fresh, dim)
+            _check_gram(xp, gram, fresh, trial._global_dim)
         trial._gram = gram
         n = len(occ)
         K_age = trial._K_age(_Staged(gram=gram, gram_rows={}, ages=ages, frame=frame))

@@ -15,10 +15,127 @@ import numpy as np
 from . import _backend, _checks
 from ._comm import as_communicator
 from ._passes import ShardedView
+from .dynamic import DynamicInverse
 from .static import StaticInverse
 
 
-class ShardedInverse(StaticInverse):
+class ShardedQueries:
+    """The queries of an operator over shards that need more than the local passes: global
+    indices, the normalization of right-hand sides, joint samples. Needs ``_comm``, ``_offsets``
+    (the ranks' first coordinates and d) and ``_global_dim``."""
+
+    @property
+    def global_dim(self) -> int:
+        """d over all ranks."""
+        return self._global_dim
+
+    @property
+    def communicator(self):
+        """The Communicator (``bytes_sent`` counts what this rank sent)."""
+        return self._comm
+
+    @property
+    def local_range(self) -> tuple[int, int]:
+        """(first, stop) global coordinates held by this rank."""
+        r = self._comm.rank
+        return int(self._offsets[r]), int(self._offsets[r + 1])
+
+    def _global_max(self, top):
+        xp = self._xp
+        return xp.asarray(self._comm.allreduce_max(_backend.to_host(top)), device=_backend.device(top))
+
+    def to_dense(self, max_dim: int = 0):
+        """Refused: the matrix is spread over the ranks (use ``submatrix`` with global indices)."""
+        raise ValueError("to_dense of a sharded operator would be only this rank's diagonal block")
+
+    def _entries64(self, r, c, out_dtype):
+        """F⁻¹[r_t, c_t] for global indices, the same on every rank: each rank whitens the columns
+        it owns, two all-reduces of n·m floats assemble them."""
+        xp = self._xp
+        (grp,) = self._groups()
+        lo, hi = self.local_range
+        m = grp.Gg.shape[1]
+
+        def gathered(idx):
+            host = _backend.to_host(idx)
+            mine = np.nonzero((host >= lo) & (host < hi))[0]
+            W = np.zeros((host.shape[0], m + 1))
+            if mine.size:
+                local = xp.asarray(host[mine] - lo, device=_backend.device(idx))
+                W[mine, :m] = _backend.to_host(grp._rows(local))
+                W[mine, m] = _backend.to_host(xp.sum(grp._columns(local) ** 2, axis=1))
+            return self._comm.allreduce_sum(W)
+
+        Wr, Wc = gathered(r), gathered(c)
+        same = _backend.to_host(r) == _backend.to_host(c)
+        value = same.astype(np.float64) - np.sum(Wr[:, :m] * Wc[:, :m], axis=1)
+        if same.any():
+            value[same] = _backend.to_host(grp._bounded(xp.asarray(value[same]), xp.asarray(Wr[same, m])))
+        out = _backend.ldexp(xp, xp.asarray(value / grp.damp_f), grp.inverse_exponent)
+        return _backend.cast_result(xp, out, out_dtype, "the entries")
+
+    def diag(self, indices=None):
+        """The local slice of diag F⁻¹ (indices=None), or entries at global ``indices``."""
+        if indices is None:
+            return super().diag()
+        xp = self._xp
+        idx = _checks.indices(xp, indices, self._global_dim, "indices")
+        return self._entries64(idx, idx, out_dtype=self.dtype)
+
+    def entries(self, rows, cols):
+        """F⁻¹[rows[t], cols[t]] for global indices, shape (n,), the same on every rank."""
+        xp = self._xp
+        r = _checks.indices(xp, rows, self._global_dim, "rows")
+        c = _checks.indices(xp, cols, self._global_dim, "cols")
+        if r.shape != c.shape:
+            raise ValueError(f"rows and cols must have the same length, got {r.shape[0]} and {c.shape[0]}")
+        return self._entries64(r, c, out_dtype=self.dtype)
+
+    def submatrix(self, indices):
+        """Dense F⁻¹[indices][:, indices] for global indices, (k, k), the same on every rank."""
+        xp = self._xp
+        idx = _backend.to_host(_checks.indices(xp, indices, self._global_dim, "indices"))
+        k = idx.shape[0]
+        rr, cc = np.repeat(idx, k), np.tile(idx, k)
+        vals = self._entries64(xp.asarray(rr), xp.asarray(cc), out_dtype=self.dtype)
+        return xp.reshape(vals, (k, k))
+
+    def column(self, j):
+        """This rank's slice of F⁻¹e_j for a global index j."""
+        xp = self._xp
+        (j,) = _backend.to_host(_checks.indices(xp, j, self._global_dim, "j")).tolist()
+        lo, hi = self.local_range
+        e = xp.zeros((self._dim, 1), dtype=xp.float64, device=_backend.device(self._anchor()))
+        if lo <= j < hi:
+            e[j - lo, 0] = 1.0
+        return _backend.cast_result(xp, self._apply64(e)[:, 0], self.dtype, "the column")
+
+    def sample_from_noise(self, z):
+        """As ``StaticInverse.sample_from_noise`` on this rank's slice: z = (z₁ for the local
+        coordinates, z₂ of length m); z₂ is taken from rank 0 (broadcast), so the draw is one
+        joint sample whatever the other ranks pass."""
+        xp = self._xp
+        z = _checks.as_array(z, "z", xp)
+        m = self._groups()[0].Gg.shape[1]
+        host = np.array(_backend.to_host(z), dtype=np.float64)
+        if host.ndim not in (1, 2) or host.shape[-1] != self.noise_dim:
+            raise ValueError(f"z must have shape ({self.noise_dim},) or (n, {self.noise_dim}), got {host.shape}")
+        host[..., -m:] = self._comm.broadcast(host[..., -m:])
+        return super().sample_from_noise(xp.asarray(host, device=_backend.device(self._anchor())))
+
+    def sample(self, size=None, *, rng=None):
+        """This rank's slice of exact draws from N(0, F⁻¹): z₁ from a stream mixed with the rank
+        (independent across ranks even when every rank passes the same seed or generator),
+        z₂ from rank 0."""
+        n = 1 if size is None else _checks.positive_int(size, "size")
+        base = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
+        local = np.random.default_rng([int(base.integers(2**63)), self._comm.rank])
+        z = local.standard_normal((n, self.noise_dim))
+        out = self.sample_from_noise(z)
+        return out[0, :] if size is None else out
+
+
+class ShardedInverse(ShardedQueries, StaticInverse):
     """``StaticInverse(G_local, damp, comm=...)``: F⁻¹ for F = λI + s·GᵀG with G's columns split
     across the ranks of ``comm`` (an mpi4py communicator, a torch.distributed process group, or
     "torch" for the default group). Every rank passes the same m, damp, scale and dtype.
@@ -46,116 +163,19 @@ class ShardedInverse(StaticInverse):
             raise ValueError(f"every rank must hold the same number of gradients; this rank has m = {m}")
         sizes = self._comm.allreduce_sum(np.eye(self._comm.size)[self._comm.rank] * d_local).astype(np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
-        self.global_dim = int(self._offsets[-1])
-        if self.global_dim <= m:
-            raise ValueError(f"sharded gradients need d > m (got d = {self.global_dim}, m = {m})")
-        self._sharded_source = G
+        self._global_dim = int(self._offsets[-1])
+        if self._global_dim <= m:
+            raise ValueError(f"sharded gradients need d > m (got d = {self._global_dim}, m = {m})")
         super().__init__(G, damp, scale=scale, accumulate=accumulate)
 
     def _make_source(self, G):  # used by StaticInverse: the group sees this rank's columns only
-        return ShardedView(G[None, ...], self._comm, self.global_dim)
+        return ShardedView(G[None, ...], self._comm, self._global_dim)
 
-    @property
-    def communicator(self):
-        """The Communicator (``bytes_sent`` counts what this rank sent)."""
-        return self._comm
 
-    @property
-    def local_range(self) -> tuple[int, int]:
-        """(first, stop) global coordinates held by this rank."""
-        r = self._comm.rank
-        return int(self._offsets[r]), int(self._offsets[r + 1])
-
-    def _global_max(self, top):
-        xp = self._xp
-        return xp.asarray(self._comm.allreduce_max(_backend.to_host(top)), device=_backend.device(top))
-
-    def to_dense(self, max_dim: int = 0):
-        """Refused: the matrix is spread over the ranks (use ``submatrix`` with global indices)."""
-        raise ValueError("to_dense of a sharded operator would be only this rank's diagonal block")
-
-    def _entries64(self, r, c, out_dtype):
-        """F⁻¹[r_t, c_t] for global indices, the same on every rank: each rank whitens the columns
-        it owns, two all-reduces of n·m floats assemble them."""
-        xp = self._xp
-        (grp,) = self._groups()
-        lo, hi = self.local_range
-        m = self.num_gradients
-
-        def gathered(idx):
-            host = _backend.to_host(idx)
-            mine = np.nonzero((host >= lo) & (host < hi))[0]
-            W = np.zeros((host.shape[0], m + 1))
-            if mine.size:
-                local = xp.asarray(host[mine] - lo, device=_backend.device(idx))
-                W[mine, :m] = _backend.to_host(grp._rows(local))
-                W[mine, m] = _backend.to_host(xp.sum(grp._columns(local) ** 2, axis=1))
-            return self._comm.allreduce_sum(W)
-
-        Wr, Wc = gathered(r), gathered(c)
-        same = _backend.to_host(r) == _backend.to_host(c)
-        value = same.astype(np.float64) - np.sum(Wr[:, :m] * Wc[:, :m], axis=1)
-        if same.any():
-            value[same] = _backend.to_host(grp._bounded(xp.asarray(value[same]), xp.asarray(Wr[same, m])))
-        out = _backend.ldexp(xp, xp.asarray(value / grp.damp_f), grp.inverse_exponent)
-        return _backend.cast_result(xp, out, out_dtype, "the entries")
-
-    def diag(self, indices=None):
-        """The local slice of diag F⁻¹ (indices=None), or entries at global ``indices``."""
-        if indices is None:
-            return super().diag()
-        xp = self._xp
-        idx = _checks.indices(xp, indices, self.global_dim, "indices")
-        return self._entries64(idx, idx, out_dtype=self.dtype)
-
-    def entries(self, rows, cols):
-        """F⁻¹[rows[t], cols[t]] for global indices, shape (n,), the same on every rank."""
-        xp = self._xp
-        r = _checks.indices(xp, rows, self.global_dim, "rows")
-        c = _checks.indices(xp, cols, self.global_dim, "cols")
-        if r.shape != c.shape:
-            raise ValueError(f"rows and cols must have the same length, got {r.shape[0]} and {c.shape[0]}")
-        return self._entries64(r, c, out_dtype=self.dtype)
-
-    def submatrix(self, indices):
-        """Dense F⁻¹[indices][:, indices] for global indices, (k, k), the same on every rank."""
-        xp = self._xp
-        idx = _backend.to_host(_checks.indices(xp, indices, self.global_dim, "indices"))
-        k = idx.shape[0]
-        rr, cc = np.repeat(idx, k), np.tile(idx, k)
-        vals = self._entries64(xp.asarray(rr), xp.asarray(cc), out_dtype=self.dtype)
-        return xp.reshape(vals, (k, k))
-
-    def column(self, j):
-        """This rank's slice of F⁻¹e_j for a global index j."""
-        xp = self._xp
-        (j,) = _backend.to_host(_checks.indices(xp, j, self.global_dim, "j")).tolist()
-        lo, hi = self.local_range
-        e = xp.zeros((self._dim, 1), dtype=xp.float64, device=_backend.device(self._anchor()))
-        if lo <= j < hi:
-            e[j - lo, 0] = 1.0
-        return _backend.cast_result(xp, self._apply64(e)[:, 0], self.dtype, "the column")
-
-    def sample_from_noise(self, z):
-        """As ``StaticInverse.sample_from_noise`` on this rank's slice: z = (z₁ for the local
-        coordinates, z₂ of length m); z₂ is taken from rank 0 (broadcast), so the draw is one
-        joint sample whatever the other ranks pass."""
-        xp = self._xp
-        z = _checks.as_array(z, "z", xp)
-        m = self.num_gradients
-        host = np.array(_backend.to_host(z), dtype=np.float64)
-        if host.ndim not in (1, 2) or host.shape[-1] != self.noise_dim:
-            raise ValueError(f"z must have shape ({self.noise_dim},) or (n, {self.noise_dim}), got {host.shape}")
-        host[..., -m:] = self._comm.broadcast(host[..., -m:])
-        return super().sample_from_noise(xp.asarray(host, device=_backend.device(self._anchor())))
-
-    def sample(self, size=None, *, rng=None):
-        """This rank's slice of exact draws from N(0, F⁻¹): z₁ from a stream mixed with the rank
-        (independent across ranks even when every rank passes the same seed or generator),
-        z₂ from rank 0."""
-        n = 1 if size is None else _checks.positive_int(size, "size")
-        base = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-        local = np.random.default_rng([int(base.integers(2**63)), self._comm.rank])
-        z = local.standard_normal((n, self.noise_dim))
-        out = self.sample_from_noise(z)
-        return out[0, :] if size is None else out
+class ShardedWindow(ShardedQueries, DynamicInverse):
+    """``DynamicInverse(dim_local, capacity, damp, comm=...)``: a sliding window whose gradients
+    are sharded along d: each rank stores its slice of every gradient (capacity × dim_local) and
+    pushes its slice of each new gradient; the m×m state (Gram matrix, factor) is replicated.
+    A push or push_apply costs one all-reduce of about capacity floats for the new Gram row (plus
+    a few scalars), an IHVP one of capacity·k. Queries as ``ShardedInverse``. ``state_dict`` is
+    per rank (its slice of the gradients) and loads on the same layout of ranks."""

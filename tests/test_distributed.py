@@ -60,6 +60,26 @@ def worker(rank, world, port, out_dir):
                     sample=np.asarray(S, np.float64).tolist(), bytes=sent, m=m,
                     draws=np.asarray(op.sample(3, rng=11), np.float64).tolist(),
                 )  # fmt: skip
+        for dtype in ("float64", "float32"):  # the sliding window over shards
+            pool = testing.gradients("clusters", 13, 157, seed=5, dtype=dtype)
+            d = pool.shape[1]
+            lo, hi = cuts(d, world)[rank], cuts(d, world)[rank + 1]
+            w = r1.DynamicInverse(hi - lo, 8, 1e-2, dtype=dtype, comm="torch")
+            for g in pool[:12]:
+                w.push(np.ascontiguousarray(g[lo:hi]))
+            before = w.communicator.bytes_sent
+            y = w.push_apply(np.ascontiguousarray(pool[12, lo:hi]))
+            sent = w.communicator.bytes_sent - before
+            X = np.random.default_rng(8).standard_normal((d, 2))
+            state = w.state_dict()
+            w2 = r1.DynamicInverse(hi - lo, 8, 1e-2, dtype=dtype, comm="torch")
+            w2.load_state_dict(state)
+            results[f"window-{dtype}"] = dict(
+                y=np.asarray(y, np.float64).tolist(), Y=np.asarray(w @ X[lo:hi], np.float64).tolist(),
+                Y2=np.asarray(w2 @ X[lo:hi], np.float64).tolist(), diag=np.asarray(w.diag(), np.float64).tolist(),
+                entries=np.asarray(w.entries([0, 100], [3, 100]), np.float64).tolist(), logdet=w.logdet(), bytes=sent,
+            )  # fmt: skip
+        results["mfac"] = mfac_run(world, rank)
         try:  # a rank with a different m: every rank gets the error, none hangs
             r1.StaticInverse(np.ones((3 if rank == 0 else 4, 40)), 1.0, comm="torch")
             results["mismatch"] = "accepted"
@@ -69,6 +89,27 @@ def worker(rank, world, port, out_dir):
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh)
+
+
+def mfac_run(world, rank, steps=6):
+    """M-FAC on L(w) = Σ_i (c_i·w − y_i)², w sharded across ranks (or whole for world = 1):
+    the final w (this rank's slice)."""
+    from rank1inv.adapters.torch import MFAC
+
+    rng = np.random.default_rng(2)
+    C, target = rng.standard_normal((20, 157)), rng.standard_normal(20)
+    lo, hi = cuts(157, world)[rank], cuts(157, world)[rank + 1]
+    w = torch.nn.Parameter(torch.zeros(hi - lo, dtype=torch.float64))
+    opt = MFAC([w], lr=0.5, ngrads=4, damp=1e-1, comm="torch" if world > 1 else None)
+    Cr = torch.from_numpy(C[:, lo:hi])
+    for _ in range(steps):
+        partial = Cr @ w.detach()
+        if world > 1:
+            dist.all_reduce(partial)
+        residual = partial - torch.from_numpy(target)
+        w.grad = 2 * Cr.T @ residual
+        opt.step()
+    return w.detach().numpy().tolist()
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -120,6 +161,26 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
             assert all(np.isfinite(x).all() for x in draws)
             if world > 1:  # independent z₁ across ranks even with one seed
                 assert not np.allclose(draws[0][:, :3], draws[1][:, :3])
+    for dtype in ("float64", "float32"):  # windows
+        key = f"window-{dtype}"
+        pool = testing.gradients("clusters", 13, 157, seed=5, dtype=dtype)
+        ref = r1.DynamicInverse(157, 8, 1e-2, dtype=dtype)
+        for g in pool[:12]:
+            ref.push(g)
+        y_ref = np.asarray(ref.push_apply(pool[12]), np.float64)
+        X = np.random.default_rng(8).standard_normal((157, 2))
+        tol = 1e-12 if dtype == "float64" else 1e-6
+        for name, want in (("y", y_ref), ("Y", ref @ X), ("Y2", ref @ X), ("diag", ref.diag())):
+            got = np.concatenate([np.array(rk[key][name]) for rk in ranks])
+            np.testing.assert_allclose(got, np.asarray(want, np.float64), rtol=0, atol=tol * np.abs(want).max(),
+                                       err_msg=f"{key} {name}")  # fmt: skip
+        for rk in ranks:
+            np.testing.assert_allclose(rk[key]["entries"], ref.entries([0, 100], [3, 100]), rtol=1e-6, atol=1e-9)
+            assert abs(rk[key]["logdet"] - ref.logdet()) <= 1e-10 * abs(ref.logdet())
+            assert rk[key]["bytes"] <= 8 * (3 * 8 + 16)  # push_apply: O(capacity), not O(d)
+    w = np.concatenate([np.array(rk["mfac"]) for rk in ranks])
+    ref_w = np.array(mfac_run(1, 0))  # sums over shards in another order: equal to rounding
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-9 * np.abs(ref_w).max())
     for rk in ranks:
         assert "same number of gradients" in rk["mismatch"]
 

@@ -381,6 +381,13 @@ class MFAC(torch.optim.Optimizer):
     ``add_param_group`` adds a window (``blocks="groups"``) or restarts the windows over the
     enlarged parameter vector. A step happens in every window or in none.
 
+    ``comm`` (an mpi4py communicator, a torch.distributed process group or "torch"): the
+    parameters given to this rank's optimizer are its shard of one model (plain per-rank shards,
+    e.g. the local tensors of an FSDP2/DTensor model); the window is sharded along d with them
+    (``DynamicInverse(comm=...)``): each rank stores ngrads × its own coordinates, and a step
+    costs an all-reduce of about ngrads floats for the new Gram row and one for the IHVP. Every
+    rank must step together.
+
     Memory: ngrads × d gradients in ``dtype``, on the parameters' device. ``state_dict()``
     carries the windows (as CPU tensors: it loads with ``torch.load(weights_only=True)``), so a
     resumed run continues bit for bit.
@@ -389,11 +396,13 @@ class MFAC(torch.optim.Optimizer):
     _WINDOW_KEYS = ("ngrads", "damp", "scale", "dtype")
 
     def __init__(self, params, lr, *, ngrads=1024, damp=1e-5, momentum=0.0, weight_decay=0.0, scale=None, blocks=None,
-                 dtype=None):  # fmt: skip
+                 dtype=None, comm=None):  # fmt: skip
         int_blocks = isinstance(blocks, numbers.Integral) and not isinstance(blocks, bool)
         if not (blocks is None or (isinstance(blocks, str) and blocks == "groups") or (int_blocks and blocks >= 1)):
             raise ValueError(f"blocks must be None, 'groups' or a positive int, got {blocks!r}")
-        self.blocks = blocks
+        if comm is not None and (blocks is not None or isinstance(damp, str)):
+            raise ValueError("with comm (parameters sharded across ranks) use blocks=None and a numeric damp")
+        self.blocks, self._comm = blocks, comm
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ngrads=ngrads, damp=damp, scale=scale,
                         dtype=dtype)  # fmt: skip
         self._check_group(defaults, "the optimizer")
@@ -482,7 +491,8 @@ class MFAC(torch.optim.Optimizer):
         size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
         with _cuda_context(t):  # the window lives on the parameters' device
             return [
-                DynamicInverse(min(size, d - a), int(group["ngrads"]), damp, scale=group["scale"], dtype=dtype, xp=xp)
+                DynamicInverse(min(size, d - a), int(group["ngrads"]), damp, scale=group["scale"], dtype=dtype, xp=xp,
+                               comm=self._comm)
                 for a in range(0, d, size)
             ]
 

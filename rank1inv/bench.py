@@ -505,8 +505,13 @@ def main(argv=None):
     p.add_argument("--plot", metavar="PNG", help="also plot push_apply time against m (needs matplotlib)")
     p.add_argument("--laplace", action="store_true", help="print the side-by-side with laplace-torch (bench extra)")
     p.add_argument("--natural", action="store_true", help="print the factored natural-gradient step benchmark (torch)")
+    p.add_argument("--out-of-core", metavar="DIR", help="print the memory-mapped IHVP benchmark (writes ~4 GB in DIR)")
     args = p.parse_args(argv)
-    if args.natural:
+    if args.out_of_core:
+        from . import bench_streaming
+
+        print(bench_streaming.run(args.out_of_core))
+    elif args.natural:
         from . import bench_natural
 
         print(bench_natural.run())

@@ -23,6 +23,8 @@ T outer products) are not supported: ``FactoredGradients`` refuses 3-D factors.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _backend, _precision
@@ -131,17 +133,34 @@ def _f64(xp, X, dtype):
     return xp.astype(xp.astype(X, dtype), xp.float64)
 
 
-def _columns(xp, segments, c0: int, c1: int):
-    """Columns c0:c1 of G as a float64 (m, c1 − c0) array, built from the factors."""
+def _split(scale: float) -> tuple[float, float]:
+    """(σ_a, σ_e), powers of two with σ_a·σ_e = σ (a power of two): each factor takes half of
+    the frame, so that neither e·a nor the Gram matrix's products overflow before it is applied
+    (docs/design.md §4)."""
+    k = math.frexp(scale)[1] - 1
+    return math.ldexp(1.0, k // 2), math.ldexp(1.0, k - k // 2)
+
+
+def _scaled(s, scale: float):
+    """(σ_a·A, σ_e·E) of a segment, float64."""
+    if scale == 1.0:
+        return s.A64, s.E64
+    sa, se = _split(scale)
+    return s.A64 * sa, s.E64 * se
+
+
+def _columns(xp, segments, c0: int, c1: int, scale: float = 1.0):
+    """Columns c0:c1 of σG as a float64 (m, c1 − c0) array, built from the factors."""
     m = segments[0].E64.shape[0]
     out = xp.zeros((m, c1 - c0), dtype=xp.float64, device=_backend.device(segments[0].E64))
     for s in segments:
         lo, hi = max(c0, s.start), min(c1, s.stop)
         if lo >= hi:
             continue
+        A, E = _scaled(s, scale)
         j = xp.arange(lo - s.start, hi - s.start)
         r, c = j // s.n_in, j % s.n_in
-        out[:, lo - c0 : hi - c0] = xp.take(s.E64, r, axis=1) * xp.take(s.A64, c, axis=1)
+        out[:, lo - c0 : hi - c0] = xp.take(E, r, axis=1) * xp.take(A, c, axis=1)
     return out
 
 
@@ -162,10 +181,10 @@ class FactoredView:
         lo, hi = self.start + b * self.size, self.start + (b + 1) * self.size
         return [(s, lo <= s.start and s.stop <= hi) for s in self.source.segments if s.start < hi and s.stop > lo]
 
-    def block_columns(self, b: int, c0: int, c1: int):
-        """Columns c0:c1 (local) of block b as float64 (m, c1 − c0)."""
+    def block_columns(self, b: int, c0: int, c1: int, scale: float = 1.0):
+        """Columns c0:c1 (local) of block b of σG as float64 (m, c1 − c0)."""
         base = self.start + b * self.size
-        return _columns(self.xp, self.source.segments, base + c0, base + c1)
+        return _columns(self.xp, self.source.segments, base + c0, base + c1, scale)
 
     def float64_tiles(self, budget: int, rows: bool = False, scale: float = 1.0):
         """Tiles as ``_passes.float64_tiles`` yields them, built from the factors, of at most
@@ -174,15 +193,13 @@ class FactoredView:
         budget = min(budget, TILE_ELEMENTS)
         if rows:  # whole blocks, all rows (the dense group's column Gram matrix: size ≤ m)
             for b in range(self.count):
-                t = self.block_columns(b, 0, self.size)[None, ...]
-                yield b, b + 1, 0, m, (t * scale if scale != 1.0 else t)
+                yield b, b + 1, 0, m, self.block_columns(b, 0, self.size, scale)[None, ...]
             return
         step = max(1, budget // max(m, 1))
         for b in range(self.count):
             for c0 in range(0, self.size, step):
                 c1 = min(self.size, c0 + step)
-                t = self.block_columns(b, c0, c1)[None, ...]
-                yield b, b + 1, c0, c1, (t * scale if scale != 1.0 else t)
+                yield b, b + 1, c0, c1, self.block_columns(b, c0, c1, scale)[None, ...]
 
     # -- the factored formulas (seed eq. 21–23) per whole segment, tiles elsewhere ----------
     def gram(self, scale: float, budget: int):
@@ -194,16 +211,17 @@ class FactoredView:
         for b in range(self.count):
             for s, whole in self._block_segments(b):
                 if whole:
-                    out[b, ...] += (s.A64 @ xp.matrix_transpose(s.A64)) * (s.E64 @ xp.matrix_transpose(s.E64))
+                    A, E = _scaled(s, scale)
+                    out[b, ...] += (A @ xp.matrix_transpose(A)) * (E @ xp.matrix_transpose(E))
                 else:
                     lo = max(self.start + b * self.size, s.start) - (self.start + b * self.size)
-                    for _, t in self._partial_with_offsets(b, s, lo, budget):
+                    for _, t in self._partial_with_offsets(b, s, lo, budget, scale):
                         out[b, ...] += t @ xp.matrix_transpose(t)
-        return out * (scale * scale) if scale != 1.0 else out
+        return out
 
-    def _segment_columns(self, b: int, s: Segment, c0: int, c1: int):
+    def _segment_columns(self, b: int, s: Segment, c0: int, c1: int, scale: float = 1.0):
         base = self.start + b * self.size
-        return _columns(self.xp, [s], base + c0, base + c1)
+        return _columns(self.xp, [s], base + c0, base + c1, scale)
 
     def project(self, X, scale: float, budget: int):
         """(σG_b)·X per block for X (count, size, k) float64 → (count, m, k)."""
@@ -214,20 +232,21 @@ class FactoredView:
             base = self.start + b * self.size
             for s, whole in self._block_segments(b):
                 if whole:
+                    A, E = _scaled(s, scale)
                     U = xp.reshape(X[b, s.start - base : s.stop - base, :], (s.n_out, s.n_in, k))
                     for q in range(k):  # g_i·u = e_iᵀ·U·a_i = rowsum(A ⊙ (E·U))
-                        out[b, :, q] += xp.sum(s.A64 * (s.E64 @ U[:, :, q]), axis=1)
+                        out[b, :, q] += xp.sum(A * (E @ U[:, :, q]), axis=1)
                 else:
                     lo = max(base, s.start) - base
-                    for c0, t in self._partial_with_offsets(b, s, lo, budget):
+                    for c0, t in self._partial_with_offsets(b, s, lo, budget, scale):
                         out[b, ...] += t @ X[b, c0 : c0 + t.shape[1], :]
-        return out * scale if scale != 1.0 else out
+        return out
 
-    def _partial_with_offsets(self, b: int, s: Segment, lo: int, budget: int):
+    def _partial_with_offsets(self, b: int, s: Segment, lo: int, budget: int, scale: float = 1.0):
         hi = min(self.start + (b + 1) * self.size, s.stop) - (self.start + b * self.size)
         step = max(1, min(budget, TILE_ELEMENTS) // max(self.shape[1], 1))
         for c0 in range(lo, hi, step):
-            yield c0, self._segment_columns(b, s, c0, min(hi, c0 + step))
+            yield c0, self._segment_columns(b, s, c0, min(hi, c0 + step), scale)
 
     def combine(self, X, C, alpha: float, beta: float, scale: float, budget: int, out=None):
         """alpha·X + beta·(σG_b)ᵀC per block, (count, size, k) float64."""
@@ -235,18 +254,18 @@ class FactoredView:
         k = C.shape[-1]
         if out is None:
             out = xp.empty((self.count, self.size, k), dtype=xp.float64, device=_backend.device(C))
-        beta = beta * scale
         for b in range(self.count):
             base = self.start + b * self.size
             low = xp.zeros((self.size, k), dtype=xp.float64, device=_backend.device(C))
             for s, whole in self._block_segments(b):
                 if whole:
+                    A, E = _scaled(s, scale)
                     for q in range(k):  # per layer Eᵀ·diag(c)·A, the weight's own layout
-                        W = xp.matrix_transpose(s.E64) @ (s.A64 * C[b, :, q][:, None])
+                        W = xp.matrix_transpose(E) @ (A * C[b, :, q][:, None])
                         low[s.start - base : s.stop - base, q] = xp.reshape(W, (-1,))
                 else:
                     lo = max(base, s.start) - base
-                    for c0, t in self._partial_with_offsets(b, s, lo, budget):
+                    for c0, t in self._partial_with_offsets(b, s, lo, budget, scale):
                         low[c0 : c0 + t.shape[1], :] += xp.matrix_transpose(t) @ C[b, ...]
             out[b, ...] = beta * low if X is None else alpha * X[b, ...] + beta * low
         return out

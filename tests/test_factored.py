@@ -135,3 +135,19 @@ def test_property_factored_layers(data):
                               bias=bias)  # fmt: skip
     block = data.draw(st.sampled_from([None, "layers", 1, 3]))
     check(FG, data.draw(st.sampled_from([1e-2, 1.0])), FG.layer_sizes if block == "layers" else block, dtype, rng)
+
+
+@pytest.mark.parametrize("sa,se,damp", [(1e150, 1e150, 1e290), (1e-75, 1e-75, 1e-300), (1e200, 1e-100, 1e190)])
+def test_factored_at_extreme_magnitudes(sa, se, damp):
+    """Factors whose products (or their Gram matrix) leave the float64 range before the frame is
+    applied: each factor takes half of the frame (docs/design.md §11), as the explicit G does."""
+    rng = np.random.default_rng(3)
+    A, E = rng.standard_normal((4, 30)) * sa, rng.standard_normal((4, 5)) * se
+    FG = r1.FactoredGradients([(A, E), (A[:, :3], E[:, :2])], bias=True)
+    G = FG.to_dense()
+    x = rng.standard_normal(G.shape[1])
+    for block_size in (None, FG.layer_sizes, 4):
+        a, b = r1.StaticInverse(FG, damp, block_size=block_size), r1.StaticInverse(G, damp, block_size=block_size)
+        np.testing.assert_allclose(a @ x, b @ x, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(a.diag(), b.diag(), rtol=1e-12)
+        assert abs(a.logdet() - b.logdet()) <= 1e-12 * abs(b.logdet())

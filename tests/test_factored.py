@@ -2,6 +2,7 @@
 G built from the same factors (exact float64 products), the torch.nn.Linear layout, memory."""
 
 import tracemalloc
+import warnings
 
 import numpy as np
 import pytest
@@ -149,5 +150,9 @@ def test_factored_at_extreme_magnitudes(sa, se, damp):
     for block_size in (None, FG.layer_sizes, 4):
         a, b = r1.StaticInverse(FG, damp, block_size=block_size), r1.StaticInverse(G, damp, block_size=block_size)
         np.testing.assert_allclose(a @ x, b @ x, rtol=1e-12, atol=0)
-        np.testing.assert_allclose(a.diag(), b.diag(), rtol=1e-12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", r1.AccuracyWarning)
+            da, db = a.diag(), b.diag()
+        kept = db * damp > 1e-10  # coordinates whose diagonal has digits left (docs/numerics.md)
+        np.testing.assert_allclose(da[kept], db[kept], rtol=1e-12)
         assert abs(a.logdet() - b.logdet()) <= 1e-12 * abs(b.logdet())

@@ -179,3 +179,34 @@ class ShardedWindow(ShardedQueries, DynamicInverse):
     A push or push_apply costs one all-reduce of about capacity floats for the new Gram row (plus
     a few scalars), an IHVP one of capacity·k. Queries as ``ShardedInverse``. ``state_dict`` is
     per rank (its slice of the gradients) and loads on the same layout of ranks."""
+
+
+def reshard(states, sizes) -> list[dict]:
+    """Window states saved by P ranks (``state_dict()`` of each, in rank order; P = 1 for an
+    unsharded window) as states for len(sizes) ranks holding ``sizes`` coordinates each (in
+    order, summing to the total dim): the gradients are concatenated along d and split again,
+    the replicated m×m state is checked equal across the inputs and copied. Host NumPy arrays;
+    each rank then calls ``load_state_dict`` on its state (which re-checks the Gram matrix
+    across the new ranks). O(capacity·d) memory on the calling process."""
+    states = [dict(s) for s in states]
+    if not states:
+        raise ValueError("reshard needs at least one state")
+    replicated = ("format", "capacity", "damp", "scale", "dtype", "accumulate", "ages", "counter", "frame", "steps",
+                  "gram", "factor")  # fmt: skip
+    first = states[0]
+    for r, s in enumerate(states[1:], 1):
+        for key in replicated:
+            a, b = np.asarray(first[key]), np.asarray(s[key])
+            if a.shape != b.shape or not np.array_equal(a, b):
+                raise ValueError(f"state {r} differs from state 0 in {key!r}: not shards of one window")
+    G = np.concatenate([np.asarray(_backend.to_host(s["gradients"])) for s in states], axis=1)
+    sizes = [int(v) for v in sizes]
+    if any(v < 1 for v in sizes) or sum(sizes) != G.shape[1]:
+        raise ValueError(f"sizes must be positive and sum to dim = {G.shape[1]}, got {sizes}")
+    cuts = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        s = {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v) for k, v in first.items()}
+        s["dim"], s["gradients"] = int(b - a), np.ascontiguousarray(G[:, a:b])
+        out.append(s)
+    return out

@@ -79,6 +79,15 @@ def worker(rank, world, port, out_dir):
                 Y2=np.asarray(w2 @ X[lo:hi], np.float64).tolist(), diag=np.asarray(w.diag(), np.float64).tolist(),
                 entries=np.asarray(w.entries([0, 100], [3, 100]), np.float64).tolist(), logdet=w.logdet(), bytes=sent,
             )  # fmt: skip
+            np.savez(os.path.join(out_dir, f"state-{dtype}-{rank}.npz"), **state)
+            if dtype == "float64":  # a window saved by one process, loaded on `world` ranks
+                from rank1inv.sharded import reshard
+
+                single = dict(np.load(os.path.join(out_dir, "single.npz")))
+                mine = reshard([single], np.diff(cuts(d, world)))[rank]
+                w3 = r1.DynamicInverse(hi - lo, 8, 1e-2, dtype=dtype, comm="torch")
+                w3.load_state_dict(mine)
+                results["resharded"] = np.asarray(w3 @ X[lo:hi], np.float64).tolist()
         results["mfac"] = mfac_run(world, rank)
         try:  # a rank with a different m: every rank gets the error, none hangs
             r1.StaticInverse(np.ones((3 if rank == 0 else 4, 40)), 1.0, comm="torch")
@@ -119,6 +128,11 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
     import rank1inv as r1
     from rank1inv import testing
 
+    single = r1.DynamicInverse(157, 8, 1e-2, dtype="float64")  # saved by one process
+    pool = testing.gradients("clusters", 13, 157, seed=5, dtype="float64")
+    for g in pool:
+        single.push(g)
+    np.savez(tmp_path / "single.npz", **single.state_dict())
     ctx = mp.start_processes(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")  # fmt: skip
     deadline = __import__("time").monotonic() + 3 * TIMEOUT_S
@@ -178,6 +192,21 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
             np.testing.assert_allclose(rk[key]["entries"], ref.entries([0, 100], [3, 100]), rtol=1e-6, atol=1e-9)
             assert abs(rk[key]["logdet"] - ref.logdet()) <= 1e-10 * abs(ref.logdet())
             assert rk[key]["bytes"] <= 8 * (3 * 8 + 16)  # push_apply: O(capacity), not O(d)
+    X = np.random.default_rng(8).standard_normal((157, 2))
+    got = np.concatenate([np.array(rk["resharded"]) for rk in ranks])  # 1 → world ranks
+    np.testing.assert_allclose(got, single @ X, rtol=0, atol=1e-12 * np.abs(single @ X).max())
+    from rank1inv.sharded import reshard
+
+    for dtype in ("float64", "float32"):  # world ranks → 1
+        saved = [dict(np.load(tmp_path / f"state-{dtype}-{r}.npz")) for r in range(world)]
+        (merged,) = reshard(saved, [157])
+        w1 = r1.DynamicInverse(157, 8, 1e-2, dtype=dtype)
+        w1.load_state_dict(merged)
+        ref = r1.DynamicInverse(157, 8, 1e-2, dtype=dtype)
+        for g in testing.gradients("clusters", 13, 157, seed=5, dtype=dtype):
+            ref.push(g)
+        np.testing.assert_allclose(np.asarray(w1 @ X, np.float64), np.asarray(ref @ X, np.float64), rtol=0,
+                                   atol=1e-6 * np.abs(np.asarray(ref @ X)).max())  # fmt: skip
     w = np.concatenate([np.array(rk["mfac"]) for rk in ranks])
     ref_w = np.array(mfac_run(1, 0))  # sums over shards in another order: equal to rounding
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-9 * np.abs(ref_w).max())

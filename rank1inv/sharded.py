@@ -178,7 +178,16 @@ class ShardedWindow(ShardedQueries, DynamicInverse):
     pushes its slice of each new gradient; the m×m state (Gram matrix, factor) is replicated.
     A push or push_apply costs one all-reduce of about capacity floats for the new Gram row (plus
     a few scalars), an IHVP one of capacity·k. Queries as ``ShardedInverse``. ``state_dict`` is
-    per rank (its slice of the gradients) and loads on the same layout of ranks."""
+    per rank (its slice of the gradients) and loads on the same layout of ranks (``reshard``
+    for another)."""
+
+    def with_damp(self, damp):
+        """A ShardedInverse of the window as it is now with damping λ' (every rank calls it):
+        O(capacity·dim_local) to copy this rank's gradients and one all-reduced Gram matrix."""
+        lam = _checks.damp(damp)
+        if len(self) == 0:
+            raise ValueError("the window is empty: there is no StaticInverse of zero gradients")
+        return ShardedInverse(self.gradients(), lam, comm=self._comm, scale=self.scale, accumulate=self._accumulate)
 
 
 def reshard(states, sizes) -> list[dict]:

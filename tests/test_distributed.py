@@ -78,6 +78,7 @@ def worker(rank, world, port, out_dir):
                 y=np.asarray(y, np.float64).tolist(), Y=np.asarray(w @ X[lo:hi], np.float64).tolist(),
                 Y2=np.asarray(w2 @ X[lo:hi], np.float64).tolist(), diag=np.asarray(w.diag(), np.float64).tolist(),
                 entries=np.asarray(w.entries([0, 100], [3, 100]), np.float64).tolist(), logdet=w.logdet(), bytes=sent,
+                redamped=np.asarray(w.with_damp(0.5) @ X[lo:hi], np.float64).tolist(),
             )  # fmt: skip
             np.savez(os.path.join(out_dir, f"state-{dtype}-{rank}.npz"), **state)
             if dtype == "float64":  # a window saved by one process, loaded on `world` ranks
@@ -184,7 +185,8 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
         y_ref = np.asarray(ref.push_apply(pool[12]), np.float64)
         X = np.random.default_rng(8).standard_normal((157, 2))
         tol = 1e-12 if dtype == "float64" else 1e-6
-        for name, want in (("y", y_ref), ("Y", ref @ X), ("Y2", ref @ X), ("diag", ref.diag())):
+        redamped = ref.with_damp(0.5) @ X
+        for name, want in (("y", y_ref), ("Y", ref @ X), ("Y2", ref @ X), ("diag", ref.diag()), ("redamped", redamped)):
             got = np.concatenate([np.array(rk[key][name]) for rk in ranks])
             np.testing.assert_allclose(got, np.asarray(want, np.float64), rtol=0, atol=tol * np.abs(want).max(),
                                        err_msg=f"{key} {name}")  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _backend, _checks
 from ._comm import as_communicator
+from ._operator import FisherOperator, PowerOperator
 from ._passes import ShardedView
 from .dynamic import DynamicInverse
 from .static import StaticInverse
@@ -47,6 +48,14 @@ class ShardedQueries:
     def to_dense(self, max_dim: int = 0):
         """Refused: the matrix is spread over the ranks (use ``submatrix`` with global indices)."""
         raise ValueError("to_dense of a sharded operator would be only this rank's diagonal block")
+
+    def fisher(self):
+        """F as an operator over the shards: products and diag on this rank's slice."""
+        return _ShardedFisher(self)
+
+    def power(self, p):
+        """F^p as an operator over the shards: products on this rank's slice."""
+        return _ShardedPower(self, super().power(p).exponent)  # super() validates p
 
     def _entries64(self, r, c, out_dtype):
         """F⁻¹[r_t, c_t] for global indices, the same on every rank: each rank whitens the columns
@@ -219,3 +228,19 @@ def reshard(states, sizes) -> list[dict]:
         s["dim"], s["gradients"] = int(b - a), np.ascontiguousarray(G[:, a:b])
         out.append(s)
     return out
+
+
+class _LocalOnly:
+    def to_dense(self, max_dim: int = 0):
+        """Refused: the matrix is spread over the ranks."""
+        raise ValueError("to_dense of a sharded operator would be only this rank's diagonal block")
+
+
+class _ShardedFisher(_LocalOnly, FisherOperator):
+    def _global_max(self, top):
+        return self._inverse_op._global_max(top)
+
+
+class _ShardedPower(_LocalOnly, PowerOperator):
+    def _global_max(self, top):
+        return self._inverse_op._global_max(top)

@@ -79,6 +79,8 @@ def worker(rank, world, port, out_dir):
                 Y2=np.asarray(w2 @ X[lo:hi], np.float64).tolist(), diag=np.asarray(w.diag(), np.float64).tolist(),
                 entries=np.asarray(w.entries([0, 100], [3, 100]), np.float64).tolist(), logdet=w.logdet(), bytes=sent,
                 redamped=np.asarray(w.with_damp(0.5) @ X[lo:hi], np.float64).tolist(),
+                fisher=np.asarray(w.fisher() @ X[lo:hi], np.float64).tolist(),
+                half=np.asarray(w.power(-0.5) @ (w.power(-0.5) @ X[lo:hi]), np.float64).tolist(),
             )  # fmt: skip
             np.savez(os.path.join(out_dir, f"state-{dtype}-{rank}.npz"), **state)
             if dtype == "float64":  # a window saved by one process, loaded on `world` ranks
@@ -186,7 +188,9 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
         X = np.random.default_rng(8).standard_normal((157, 2))
         tol = 1e-12 if dtype == "float64" else 1e-6
         redamped = ref.with_damp(0.5) @ X
-        for name, want in (("y", y_ref), ("Y", ref @ X), ("Y2", ref @ X), ("diag", ref.diag()), ("redamped", redamped)):
+        pairs = (("y", y_ref), ("Y", ref @ X), ("Y2", ref @ X), ("diag", ref.diag()), ("redamped", redamped),
+                 ("fisher", ref.fisher() @ X), ("half", ref @ X))  # fmt: skip
+        for name, want in pairs:
             got = np.concatenate([np.array(rk[key][name]) for rk in ranks])
             np.testing.assert_allclose(got, np.asarray(want, np.float64), rtol=0, atol=tol * np.abs(want).max(),
                                        err_msg=f"{key} {name}")  # fmt: skip

@@ -177,6 +177,12 @@ class ShardedInverse(ShardedQueries, StaticInverse):
             raise ValueError(f"sharded gradients need d > m (got d = {self._global_dim}, m = {m})")
         super().__init__(G, damp, scale=scale, accumulate=accumulate)
 
+    def with_damp(self, damp):
+        """As ``StaticInverse.with_damp``, for one damping value (every rank calls it)."""
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)):
+            raise ValueError("sharded gradients take one damping value (per-block or per-coordinate damps: not yet)")
+        return super().with_damp(damp)
+
     def _make_source(self, G):  # used by StaticInverse: the group sees this rank's columns only
         return ShardedView(G[None, ...], self._comm, self._global_dim)
 

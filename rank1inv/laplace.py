@@ -1,8 +1,8 @@
 """Laplace posteriors from a set of gradients: evidence, prior tuning, linearised predictive.
 
 The posterior precision of a Laplace approximation around weights θ* is
-F = Λ₀ + s·GᵀG: Λ₀ the prior precision (an operator's ``damp``: one value, or one per diagonal
-block, e.g. per layer) and s·GᵀG the empirical Fisher or GGN of the summed negative log
+F = Λ₀ + s·GᵀG: Λ₀ the prior precision (an operator's ``damp``: one value, one per diagonal
+block, e.g. per layer, or one per coordinate) and s·GᵀG the empirical Fisher or GGN of the summed negative log
 likelihood (rows of G per-sample gradients of the summed loss and s = 1, or s = N/m for m of N
 samples). Any operator of this library is then the posterior covariance F⁻¹: ``op.sample()``
 draws from it exactly, ``op.logdet()`` is log det F, ``op.with_damp`` changes Λ₀ without a pass
@@ -14,6 +14,9 @@ over G. This module adds what needs a loss and weights (docs/design.md §10):
   log λ (the objective is concave in log λ_b for every block, and separates over blocks);
 - ``predictive_variance``: diag(J F⁻¹ Jᵀ) (or the full k×k matrix) for Jacobians J (k×d), and
   ``probit_probabilities``, ``expected_calibration_error`` for classifiers.
+
+On operators sharded along d (``rank1inv.sharded``) weights and Jacobians are this rank's
+columns; the sums over d are all-reduced, so every rank gets the same evidence and variances.
 """
 
 from __future__ import annotations
@@ -25,6 +28,15 @@ import numpy as np
 from . import _backend, _checks
 
 GOLDEN_STEPS = 80  # golden-section iterations: the log-λ bracket shrinks by 0.618^80 ≈ 2e-17
+
+
+def _allsum(op, value):
+    """Sum a host array or float over the ranks of a sharded operator (identity otherwise)."""
+    comm = getattr(op, "communicator", None)
+    if comm is None:
+        return value
+    out = comm.allreduce_sum(np.asarray(value, dtype=np.float64))
+    return float(out) if np.ndim(value) == 0 else out
 
 
 def _delta(op, weights, prior_mean):
@@ -50,12 +62,15 @@ def _block_sq(op, weights, prior_mean) -> np.ndarray:
     xp = op.namespace
     delta = _delta(op, weights, prior_mean)
     top = float(xp.max(xp.abs(delta))) if delta.shape[0] else 0.0
+    comm = getattr(op, "communicator", None)
+    if comm is not None:  # one scale for every rank
+        top = float(comm.allreduce_max(np.array([top]))[0])
     if top == 0.0:
         return np.zeros(len(op.block_sizes))
     delta = delta / top  # no overflow or underflow in the squares (scaled back below)
     ends = np.cumsum(op.block_sizes)
     sq = [xp.sum(delta[int(a) : int(b)] ** 2) for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)]
-    return _backend.to_host(xp.stack(sq)) * top * top
+    return _allsum(op, _backend.to_host(xp.stack(sq)) * top * top)
 
 
 def _block_damps(op) -> np.ndarray:
@@ -82,12 +97,12 @@ def log_marginal_likelihood(op, loss, weights, *, prior_mean=None) -> float:
         xp = op.namespace
         lam = op.damp
         delta = _delta(op, weights, prior_mean)
-        scatter = float(xp.sum(xp.asarray(lam, device=_backend.device(delta)) * delta * delta))
-        log_prior = math.fsum(np.log(lam).tolist())
+        scatter = _allsum(op, float(xp.sum(xp.asarray(lam, device=_backend.device(delta)) * delta * delta)))
+        log_prior = _allsum(op, math.fsum(np.log(lam).tolist()))
     else:
         damps, sizes = _block_damps(op), np.asarray(op.block_sizes, dtype=np.float64)
         scatter = math.fsum((damps * _block_sq(op, weights, prior_mean)).tolist())
-        log_prior = math.fsum((sizes * np.log(damps)).tolist())
+        log_prior = math.fsum(np.atleast_1d(_allsum(op, sizes * np.log(damps))).tolist())  # Σ over all coordinates
     return -loss - 0.5 * (scatter - log_prior + op.logdet())
 
 
@@ -154,6 +169,8 @@ def predictive_variance(op, J, *, full: bool = False, chunk: int = 64):
         else:
             parts.append(xp.sum(xp.astype(Jt[:, j0 : j0 + chunk], xp.float64) * Y64, axis=0))
     out = xp.concat(parts, axis=1 if full else 0)
+    if getattr(op, "communicator", None) is not None:  # J's columns are this rank's: sum over ranks
+        out = xp.asarray(_allsum(op, _backend.to_host(out)), device=_backend.device(out))
     if full:
         out = (out + xp.matrix_transpose(out)) / 2.0  # exactly symmetric
     return xp.astype(out, Y.dtype)

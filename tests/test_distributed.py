@@ -52,6 +52,13 @@ def worker(rank, world, port, out_dir):
                 idx = np.array([0, 5, d // 2, d - 1])
                 z = rng.standard_normal((2, d + m))  # the global noise: z₁ (d), z₂ (m)
                 S = op.sample_from_noise(np.concatenate([z[:, lo:hi], z[:, d:]], axis=1))
+                from rank1inv import laplace
+
+                theta = rng.standard_normal(d)
+                J = rng.standard_normal((3, d))
+                lml = laplace.log_marginal_likelihood(op, 2.0, theta[lo:hi])
+                pv = np.asarray(laplace.predictive_variance(op, J[:, lo:hi]), np.float64).tolist()
+                results[f"{dtype}-{family}-laplace"] = dict(lml=lml, pv=pv)
                 results[f"{dtype}-{family}"] = dict(
                     Y=np.asarray(Y, dtype=np.float64).tolist(), diag=np.asarray(op.diag(), np.float64).tolist(),
                     entries=np.asarray(op.entries(idx, idx[::-1]), np.float64).tolist(),
@@ -174,6 +181,14 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
             S = np.concatenate([np.array(rk[key]["sample"]) for rk in ranks], axis=1)
             np.testing.assert_allclose(S, np.asarray(ref.sample_from_noise(z), np.float64), rtol=0,
                                        atol=1e-6 * np.abs(S).max())  # fmt: skip
+            from rank1inv import laplace
+
+            theta, J = rng.standard_normal(d), rng.standard_normal((3, d))
+            lml = laplace.log_marginal_likelihood(ref, 2.0, theta)
+            pv = np.asarray(laplace.predictive_variance(ref, J), np.float64)
+            for rk in ranks:
+                assert abs(rk[key + "-laplace"]["lml"] - lml) <= 1e-9 * abs(lml)
+                np.testing.assert_allclose(rk[key + "-laplace"]["pv"], pv, rtol=1e-6)
             draws = [np.array(rk[key]["draws"]) for rk in ranks]
             assert all(np.isfinite(x).all() for x in draws)
             if world > 1:  # independent z₁ across ranks even with one seed

@@ -42,7 +42,7 @@ def steps(out: Path) -> list[Step]:
                 "tests/test_dynamic.py",
                 "tests/test_backend.py",
                 "tests/test_coef.py",
-                "tests/test_reliability.py",
+                "tests/test_reliability.py tests/test_laplace.py tests/test_factored.py",
                 "-k",
                 "not no_drift",
             ),  # fmt: skip

@@ -63,10 +63,9 @@ def sumsq(xp, Gg, X):
 
 
 def is_factored(Gg) -> bool:
-    """Whether Gg is a ``rank1inv.factored.FactoredView`` (gradients given as layer factors)."""
-    from .factored import FactoredView
-
-    return isinstance(Gg, FactoredView)
+    """Whether Gg is a ``rank1inv.factored.FactoredView`` (gradients given as layer factors;
+    recognised by its marker, so that this module imports nothing above it)."""
+    return getattr(Gg, "factored_view", False) is True
 
 
 def _device(Gg):

@@ -168,6 +168,8 @@ class FactoredView:
     """``count`` consecutive blocks of ``size`` columns of a FactoredGradients, starting at
     ``start``: the (count, m, size) group array that ``rank1inv._passes`` knows how to reduce."""
 
+    factored_view = True  # the marker ``_passes.is_factored`` looks for
+
     def __init__(self, source: FactoredGradients, start: int, count: int, size: int):
         self.source, self.start, self.count, self.size = source, start, count, size
         self.xp = source.xp

@@ -28,6 +28,20 @@ def damp(value) -> float:
     return value
 
 
+PRIOR_RANGE = 2.0**1000  # largest max δ / min δ of a per-coordinate damping (rank1inv._prior)
+
+
+def prior_range(delta: np.ndarray) -> None:
+    """ValueError unless every δ_j is finite and > 0 and max δ / min δ ≤ ``PRIOR_RANGE``."""
+    if not np.all(np.isfinite(delta)) or np.any(delta <= 0):
+        raise ValueError("damp must be finite and > 0 in every coordinate")
+    if float(delta.max()) / float(delta.min()) > PRIOR_RANGE:
+        raise ValueError(
+            f"per-coordinate damps span {float(delta.max()) / float(delta.min()):.3g}, more than 2^1000: "
+            "not supported (the rescaled gradients would leave the float64 range)"
+        )
+
+
 def damps(value, blocks: int, dim: int | None = None):
     """A damp (float), one per block (tuple of floats, collapsed to a float when all equal), or,
     with ``dim``, one per coordinate (a float64 NumPy array of length dim, when that is not the
@@ -36,10 +50,8 @@ def damps(value, blocks: int, dim: int | None = None):
         host = _backend.to_host(value) if _backend.is_array(value) else None
         n = len(value) if host is None else host.shape[0]
         if dim is not None and n == dim and n != blocks:
-            from . import _prior
-
             vector = np.array(value if host is None else host, dtype=np.float64)
-            _prior.check_range(vector)
+            prior_range(vector)
             return vector
         if n != blocks:
             raise ValueError(

@@ -9,31 +9,17 @@ so F⁻¹ = Ĉ·F̂⁻¹·Ĉ: a scalar-damped Woodbury group over Ĥ (``Woodbury
 weights ĉ: Ĥ is never formed, its passes scale G's tiles) between two diagonal scalings. ĉ is
 rounded once (a relative backward error of ε in each δ_j). Blocks no wider than m take δ
 directly (``DenseGroup`` with a vector μ'). Prior precisions spanning more than
-``PRIOR_RANGE`` are refused, so that ĉ², 1/ĉ and 1/ĉ² stay normal numbers.
+``_checks.PRIOR_RANGE`` are refused, so that ĉ², 1/ĉ and 1/ĉ² stay normal numbers.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from . import _backend, _passes, _scaling
 from ._woodbury import WoodburyGroup
 
-PRIOR_RANGE = 2.0**1000  # largest max δ / min δ accepted
 NO_POWER = "power(p) needs one damping value per block: with per-coordinate damping D and GᵀG do not commute"
-
-
-def check_range(delta: np.ndarray) -> None:
-    """ValueError unless every δ_j is finite and > 0 and max δ / min δ ≤ ``PRIOR_RANGE``."""
-    if not np.all(np.isfinite(delta)) or np.any(delta <= 0):
-        raise ValueError("damp must be finite and > 0 in every coordinate")
-    if float(delta.max()) / float(delta.min()) > PRIOR_RANGE:
-        raise ValueError(
-            f"per-coordinate damps span {float(delta.max()) / float(delta.min()):.3g}, more than 2^1000: "
-            "not supported (the rescaled gradients would leave the float64 range)"
-        )
 
 
 class PriorGroup(_backend.HoldsNamespace):

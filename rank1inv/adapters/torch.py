@@ -491,8 +491,15 @@ class MFAC(torch.optim.Optimizer):
         size = d if not isinstance(self.blocks, numbers.Integral) else int(self.blocks)
         with _cuda_context(t):  # the window lives on the parameters' device
             return [
-                DynamicInverse(min(size, d - a), int(group["ngrads"]), damp, scale=group["scale"], dtype=dtype, xp=xp,
-                               comm=self._comm)
+                DynamicInverse(
+                    min(size, d - a),
+                    int(group["ngrads"]),
+                    damp,
+                    scale=group["scale"],
+                    dtype=dtype,
+                    xp=xp,
+                    comm=self._comm,
+                )
                 for a in range(0, d, size)
             ]
 

@@ -205,16 +205,7 @@ def training_report(steps: int = 300, batch: int = 32, seed: int = 0) -> str:
 
     def run(make_opt):
         net = model()
-        opt = make_opt(net.parameters())
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(steps):
-            idx = torch.randint(0, len(Y), (batch,), generator=gen)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(X[idx]), Y[idx]).backward()
-            opt.step()
-        with torch.no_grad():
-            loss = torch.nn.functional.cross_entropy(net(X), Y).item()
-        return loss if np.isfinite(loss) else float("inf")
+        return _torch_train(net, make_opt(net.parameters()), X, Y, steps, batch, seed)
 
     grids = {
         "SGD": (lambda lr: lambda p: torch.optim.SGD(p, lr=lr), (0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 3.0)),
@@ -357,7 +348,7 @@ def _cnn_data(seed: int = 0):
     return as_images(Xtr), torch.from_numpy(ytr), as_images(Xte), torch.from_numpy(yte)
 
 
-def _cnn_train(net, opt, X, Y, steps: int, batch: int = 32, seed: int = 0) -> float:
+def _torch_train(net, opt, X, Y, steps: int, batch: int = 32, seed: int = 0) -> float:
     """``steps`` optimizer steps on random mini-batches; returns the final full-batch training loss."""
     import torch
 
@@ -391,7 +382,7 @@ def nm_report(seed: int = 0, ngrads: int = 128, train_steps: int = 1500) -> str:
 
     X, Y, Xte, Yte = _cnn_data(seed)
     net = digits_cnn(seed)
-    _cnn_train(net, torch.optim.Adam(net.parameters(), lr=3e-3), X, Y, train_steps, seed=seed)
+    _torch_train(net, torch.optim.Adam(net.parameters(), lr=3e-3), X, Y, train_steps, seed=seed)
     dense = {k: v.clone() for k, v in net.state_dict().items()}
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randint(0, len(Y), (16,), generator=gen) for _ in range(ngrads)]
@@ -452,7 +443,8 @@ def damping_report(steps: int = 300, seed: int = 0) -> str:
         losses = []
         for lr in lrs:
             net = digits_cnn(seed)
-            losses.append(_cnn_train(net, MFAC(net.parameters(), lr=lr, ngrads=32, damp=damp), X, Y, steps, seed=seed))
+            opt = MFAC(net.parameters(), lr=lr, ngrads=32, damp=damp)
+            losses.append(_torch_train(net, opt, X, Y, steps, seed=seed))
         i = int(np.argmin(losses))
         lines.append(f"damp={damp!s:14} best {losses[i]:.4f} at lr={lrs[i]:g}   ("
                      + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in zip(lrs, losses)) + ")")  # fmt: skip

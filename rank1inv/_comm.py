@@ -105,6 +105,19 @@ class MPICommunicator:
         return a
 
 
+def same_on_every_rank(comm: Communicator, value: float) -> bool:
+    """Whether every rank passed the same number (one all-reduce of 2 floats)."""
+    top = comm.allreduce_max(np.array([value, -value], dtype=np.float64))
+    return bool(top[0] == -top[1])
+
+
+def rank_offsets(comm: Communicator, local: int) -> np.ndarray:
+    """The first global coordinate of every rank and the total, from each rank's ``local``
+    count: int64 (size + 1,), the same on every rank."""
+    sizes = comm.allreduce_sum(np.eye(comm.size)[comm.rank] * local).astype(np.int64)
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
 def as_communicator(comm) -> Communicator:
     """``comm`` as a Communicator: one already, an mpi4py communicator, a torch.distributed
     ProcessGroup, or "torch" for the default torch.distributed group."""

@@ -40,6 +40,7 @@ class DenseGroup(_backend.HoldsNamespace):
         self.gram = gram  # G'ᵀG' per block, (nb, B, B) float64
         self.C = _backend.cholesky(xp, self._F())
         self._inverse = None
+        self._gram_spectrum = None
 
     def _F(self):
         """F̃ = μ'I + G'ᵀG' (nb, B, B) float64, a new array."""
@@ -79,7 +80,7 @@ class DenseGroup(_backend.HoldsNamespace):
     def gram_spectrum(self):
         """s·eig(G_bᵀG_b) per block: a host float64 array (nb, B), descending, clamped at 0;
         O(B³) per block, cached."""
-        if getattr(self, "_gram_spectrum", None) is None:
+        if self._gram_spectrum is None:
             lam = _backend.to_host(self.xp.linalg.eigvalsh(self.gram))[:, ::-1]
             self._gram_spectrum = np.maximum(lam, 0.0) * math.ldexp(self.scale_f, self.scale_e + 2 * self.frame)
         return self._gram_spectrum

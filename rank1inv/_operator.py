@@ -374,8 +374,8 @@ class InverseOperator(_BlockOperator):
         return PowerOperator(self, float(p))
 
 
-class FisherOperator(_BlockOperator):
-    """F = λI + s·GᵀG as an operator, sharing the factors of its InverseOperator."""
+class _DerivedOperator(_BlockOperator):
+    """An operator that shares the groups, layout and normalization of an InverseOperator."""
 
     def __init__(self, inverse: InverseOperator):
         self._inverse_op = inverse
@@ -385,11 +385,18 @@ class FisherOperator(_BlockOperator):
     def _groups(self):
         return self._inverse_op._groups()
 
-    def _group_product(self, group, X):
-        return group.apply_fisher(X), group.fisher_exponent
-
     def _anchor(self):
         return self._inverse_op._anchor()
+
+    def _global_max(self, top):
+        return self._inverse_op._global_max(top)  # over every shard when the inverse is sharded
+
+
+class FisherOperator(_DerivedOperator):
+    """F = λI + s·GᵀG as an operator, sharing the factors of its InverseOperator."""
+
+    def _group_product(self, group, X):
+        return group.apply_fisher(X), group.fisher_exponent
 
     @_backend.on_device
     def diag(self):
@@ -408,24 +415,17 @@ class FisherOperator(_BlockOperator):
         return self._inverse_op
 
 
-class PowerOperator(_BlockOperator):
+class PowerOperator(_DerivedOperator):
     """F^p as an operator, sharing the groups of its InverseOperator."""
 
     def __init__(self, inverse: InverseOperator, p: float):
-        self._inverse_op, self._p = inverse, p
-        self._xp, self._dim, self._dtype = inverse._xp, inverse._dim, inverse._dtype
-        self._damp, self._layout = inverse._damp, inverse._layout
+        super().__init__(inverse)
+        self._p = p
 
     @property
     def exponent(self) -> float:
         """p."""
         return self._p
 
-    def _groups(self):
-        return self._inverse_op._groups()
-
     def _group_product(self, group, X):
         return group.apply_power(X, self._p)
-
-    def _anchor(self):
-        return self._inverse_op._anchor()

@@ -151,6 +151,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         self._cancellation = _precision.of_array(Gg, _backend.is_cupy(xp)).cancellation
         self._W = None
         self._diag = None
+        self._gram_spectrum = None
 
     def _project(self, X):
         if self.weights is not None:
@@ -262,7 +263,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
     def gram_spectrum(self):
         """s·eig(G_bG_bᵀ) per block, the eigenvalues of s·G_bᵀG_b that can be nonzero: a host
         float64 array (nb, m), descending, clamped at 0; O(m³) per block, cached."""
-        if getattr(self, "_gram_spectrum", None) is None:
+        if self._gram_spectrum is None:
             lam = _backend.to_host(self.xp.linalg.eigvalsh(self._K0))[:, ::-1]
             # s·Λ = λ·Λ'/μ' (Λ' in the frame), without forming s·2^(2E)
             factor = self.damp / self.mu if self.mu > 0 else math.inf

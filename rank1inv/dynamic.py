@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _backend, _checks, _passes, _precision, _scaling, _window
 from ._blocks import Layout
-from ._comm import as_communicator
+from ._comm import as_communicator, rank_offsets, same_on_every_rank
 from ._dense import DenseGroup
 from ._operator import InverseOperator
 from ._woodbury import WoodburyGroup
@@ -102,11 +102,9 @@ class DynamicInverse(InverseOperator):
         self._comm = None if comm is None else as_communicator(comm)
         self._global_dim = self._dim
         if self._comm is not None:  # gradients sharded along d (docs/design.md §12)
-            sizes = self._comm.allreduce_sum(np.eye(self._comm.size)[self._comm.rank] * self._dim).astype(np.int64)
-            self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+            self._offsets = rank_offsets(self._comm, self._dim)
             self._global_dim = int(self._offsets[-1])
-            same = self._comm.allreduce_max(np.array([capacity, -capacity], dtype=np.float64))
-            if same[0] != -same[1]:
+            if not same_on_every_rank(self._comm, capacity):
                 raise ValueError(f"every rank must use the same capacity; this rank has {capacity}")
             if self._global_dim <= capacity:
                 raise ValueError(f"a sharded window needs dim > capacity (got dim = {self._global_dim})")
@@ -175,11 +173,6 @@ class DynamicInverse(InverseOperator):
         if self._comm is None:
             return a
         return self._xp.asarray(self._comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
-
-    def _global_max(self, top):
-        if self._comm is None:
-            return top
-        return self._xp.asarray(self._comm.allreduce_max(_backend.to_host(top)), device=_backend.device(top))
 
     def _width(self) -> int:
         return self._capacity

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, _checks
-from ._comm import as_communicator
+from ._comm import as_communicator, rank_offsets, same_on_every_rank
 from ._operator import FisherOperator, PowerOperator
 from ._passes import ShardedView
 from .dynamic import DynamicInverse
@@ -75,7 +75,8 @@ class ShardedQueries:
                 W[mine, m] = _backend.to_host(xp.sum(grp._columns(local) ** 2, axis=1))
             return self._comm.allreduce_sum(W)
 
-        Wr, Wc = gathered(r), gathered(c)
+        Wr = gathered(r)
+        Wc = Wr if c is r else gathered(c)  # diag(indices) asks for the same columns twice
         same = _backend.to_host(r) == _backend.to_host(c)
         value = same.astype(np.float64) - np.sum(Wr[:, :m] * Wc[:, :m], axis=1)
         if same.any():
@@ -135,13 +136,9 @@ class ShardedQueries:
     def sample(self, size=None, *, rng=None):
         """This rank's slice of exact draws from N(0, F⁻¹): z₁ from a stream mixed with the rank
         (independent across ranks even when every rank passes the same seed or generator),
-        z₂ from rank 0."""
-        n = 1 if size is None else _checks.positive_int(size, "size")
+        z₂ from rank 0 (``sample_from_noise``); ``SAMPLE_CHUNK`` samples at a time."""
         base = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-        local = np.random.default_rng([int(base.integers(2**63)), self._comm.rank])
-        z = local.standard_normal((n, self.noise_dim))
-        out = self.sample_from_noise(z)
-        return out[0, :] if size is None else out
+        return super().sample(size, rng=np.random.default_rng([int(base.integers(2**63)), self._comm.rank]))
 
 
 class ShardedInverse(ShardedQueries, StaticInverse):
@@ -167,11 +164,9 @@ class ShardedInverse(ShardedQueries, StaticInverse):
         if G.ndim != 2:
             raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
         m, d_local = G.shape
-        shape = self._comm.allreduce_max(np.array([m, -m], dtype=np.float64))
-        if shape[0] != -shape[1]:
+        if not same_on_every_rank(self._comm, m):
             raise ValueError(f"every rank must hold the same number of gradients; this rank has m = {m}")
-        sizes = self._comm.allreduce_sum(np.eye(self._comm.size)[self._comm.rank] * d_local).astype(np.int64)
-        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._offsets = rank_offsets(self._comm, d_local)
         self._global_dim = int(self._offsets[-1])
         if self._global_dim <= m:
             raise ValueError(f"sharded gradients need d > m (got d = {self._global_dim}, m = {m})")
@@ -243,10 +238,8 @@ class _LocalOnly:
 
 
 class _ShardedFisher(_LocalOnly, FisherOperator):
-    def _global_max(self, top):
-        return self._inverse_op._global_max(top)
+    pass
 
 
 class _ShardedPower(_LocalOnly, PowerOperator):
-    def _global_max(self, top):
-        return self._inverse_op._global_max(top)
+    pass

@@ -17,7 +17,7 @@ import torch
 
 from ..factored import FactoredGradients
 from ..static import StaticInverse
-from .torch import to_array, to_tensor, trainable
+from .torch import descend, to_array, to_tensor, trainable
 
 
 def _linear_layers(model: torch.nn.Module):
@@ -157,22 +157,14 @@ class NaturalGradient(torch.optim.Optimizer):
         factors = linear_factors(self.model, inputs, targets, fisher=self.fisher, generator=self.generator)
         batch = factors.shape[0]
         op = StaticInverse(factors, group["damp"], scale=1.0 / batch)
-        direction = to_tensor(op @ to_array(g.detach().to(torch.float64 if g.dtype == torch.float64 else g.dtype)))
-        direction = direction.to(device=g.device, dtype=g.dtype)
+        direction = to_tensor(op @ to_array(g.detach())).to(device=g.device, dtype=g.dtype)
         with torch.no_grad():
             offset = 0
             for p in params:
                 n = p.numel()
                 d = direction[offset : offset + n].view_as(p)
                 offset += n
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                if group["momentum"]:
-                    buf = self.state[p].get("momentum")
-                    buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                    self.state[p]["momentum"] = buf
-                    d = buf
-                p.add_(d, alpha=-group["lr"])
+                descend(self.state[p], p, d, group["lr"], group["momentum"], group["weight_decay"])
         return None
 
 
@@ -278,13 +270,6 @@ class FOOF(torch.optim.Optimizer):
                 delta = self._precondition(module, grad).to(W.dtype)
                 parts = [(W, delta[:, : W.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
                 for p, d in parts:
-                    if group["weight_decay"]:
-                        p.mul_(1.0 - lr * group["weight_decay"])
-                    if group["momentum"]:
-                        buf = self.state[p].get("momentum")
-                        buf = d.clone() if buf is None else buf.mul_(group["momentum"]).add_(d)
-                        self.state[p]["momentum"] = buf
-                        d = buf
-                    p.add_(d, alpha=-lr)
+                    descend(self.state[p], p, d, lr, group["momentum"], group["weight_decay"])
         self._inputs.clear()
         return None

@@ -345,6 +345,21 @@ def _backend_namespace(a):
 
 
 # ------------------------------------------------------------------------------ optimizer
+def descend(state: dict, p: torch.Tensor, d: torch.Tensor, lr: float, momentum: float, weight_decay: float) -> None:
+    """The step of this package's optimizers: heavy-ball momentum on the (preconditioned)
+    direction d (``state["momentum_buffer"]``, as torch.optim.SGD), decoupled weight decay
+    p ← (1 − lr·weight_decay)·p, then p ← p − lr·d. In place, under no_grad."""
+    if momentum:
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = d.clone()
+        else:
+            state["momentum_buffer"].mul_(momentum).add_(d)
+        d = state["momentum_buffer"]
+    if weight_decay:
+        p.mul_(1.0 - lr * weight_decay)
+    p.add_(d, alpha=-lr)
+
+
 class MFAC(torch.optim.Optimizer):
     """The M-FAC optimizer (M-FAC §4.2): θ ← θ − lr·F⁻¹g, with F the damped empirical Fisher of
     the last ``ngrads`` gradients, kept by a ``DynamicInverse`` per window (push_apply each step).
@@ -564,16 +579,7 @@ class MFAC(torch.optim.Optimizer):
             group = group_of[id(p)]
             d = direction[a : a + n].view_as(p)
             a += n
-            if group["momentum"]:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
-                d = state["momentum_buffer"]
-            if group["weight_decay"]:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-            p.add_(d, alpha=-group["lr"])
+            descend(self.state[p], p, d, group["lr"], group["momentum"], group["weight_decay"])
 
     def state_dict(self):
         """torch.optim's state plus the windows (their arrays as CPU tensors, so the whole dict

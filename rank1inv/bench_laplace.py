@@ -57,9 +57,10 @@ def _train(net, X, y, steps: int = 300):
     return net
 
 
-def per_sample_gradients(net, X, y):
-    """(n, d) NumPy array: gradients of each sample's cross-entropy (the rows of the empirical
-    Fisher of the summed loss), in the order of ``net.named_parameters()``."""
+def per_sample_gradients(net, X, y, chunk_size=None):
+    """(n, d) NumPy array: gradients of each sample's cross-entropy for labels y (the rows of a
+    Fisher of the summed loss), in the order of ``net.named_parameters()``; torch.func, vmapped
+    ``chunk_size`` samples at a time (None: all)."""
     import torch
     from torch.func import functional_call, grad, vmap
 
@@ -68,8 +69,8 @@ def per_sample_gradients(net, X, y):
     def loss(p, x, t):
         return torch.nn.functional.cross_entropy(functional_call(net, p, (x[None],)), t[None], reduction="sum")
 
-    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, X, y)
-    return torch.cat([g[n].reshape(len(y), -1) for n in params], 1).numpy()
+    g = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=chunk_size)(params, X, y)
+    return torch.cat([g.pop(n).reshape(len(y), -1) for n in params], 1).numpy()
 
 
 def agreement(rows, lam: float = 0.5):

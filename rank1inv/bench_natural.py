@@ -42,15 +42,10 @@ t0 = time.perf_counter()
 if "{method}" == "factored":
     G = natural.linear_factors(net, x, fisher="true", generator=gen)
 else:
-    from torch.func import functional_call, grad, vmap
+    from rank1inv.bench_laplace import per_sample_gradients
     with torch.no_grad():
         labels = torch.multinomial(torch.softmax(net(x), 1), 1, generator=gen)[:, 0]
-    params = {{n: p.detach() for n, p in net.named_parameters()}}
-    def loss(p, xi, yi):
-        return torch.nn.functional.cross_entropy(functional_call(net, p, (xi[None],)), yi[None], reduction="sum")
-    parts = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=16)(params, x, labels)
-    G = ta.to_array(torch.cat([parts[n].reshape({batch}, -1) for n in params], 1))
-    del parts
+    G = per_sample_gradients(net, x, labels, chunk_size=16)
 t_grads = time.perf_counter() - t0
 op = StaticInverse(G, {damp}, scale=1.0 / {batch})
 step = op @ ta.to_array(g)

@@ -422,29 +422,30 @@ def encode(xp, x, storage: str):
     return x.astype(target, copy=True)
 
 
-def make_rng(xp, seed=None):
-    """A random generator for xp's arrays from None or an int seed: ``numpy.random.Generator``, or
-    ``cupy.random.Generator`` on CuPy."""
-    if is_cupy(xp):
-        import cupy
-
-        return cupy.random.default_rng(seed)
-    return np.random.default_rng(seed)
-
-
-def standard_normal(xp, rng, shape, anchor):
-    """float64 standard normals of ``shape`` in xp on ``anchor``'s device. ``rng``: None, a seed,
-    a ``numpy.random.Generator`` (drawn on the host) or, on CuPy, a ``cupy.random.Generator``."""
+def as_rng(xp, rng):
+    """A random generator for xp's arrays: ``rng`` itself if it is a ``numpy.random.Generator``
+    (or, on CuPy, a ``cupy.random.Generator``), else a new one seeded by ``rng`` (None or an
+    int); TypeError otherwise."""
+    if isinstance(rng, np.random.Generator):
+        return rng
     if is_cupy(xp):
         import cupy
 
         if isinstance(rng, cupy.random.Generator):
-            return rng.standard_normal(shape, dtype=cupy.float64)
-    if isinstance(rng, bool) or not (rng is None or isinstance(rng, (int, np.integer, np.random.Generator))):
+            return rng
+    if isinstance(rng, bool) or not (rng is None or isinstance(rng, (int, np.integer))):
         raise TypeError(f"rng must be None, an int seed or a random Generator, not {type(rng).__name__}")
-    if not isinstance(rng, np.random.Generator):
-        rng = make_rng(xp, rng)
-        if is_cupy(xp):
-            return rng.standard_normal(shape, dtype=xp.float64)
-    z = rng.standard_normal(shape)
-    return xp.asarray(z, device=device(anchor)) if is_cupy(xp) else z
+    if is_cupy(xp):
+        import cupy
+
+        return cupy.random.default_rng(rng)
+    return np.random.default_rng(rng)
+
+
+def standard_normal(xp, rng, shape, anchor):
+    """float64 standard normals of ``shape`` in xp on ``anchor``'s device, from a generator of
+    ``as_rng`` (a NumPy one on CuPy data draws on the host)."""
+    z = rng.standard_normal(shape, dtype=np.float64)
+    if is_cupy(xp) and isinstance(z, np.ndarray):
+        return xp.asarray(z, device=device(anchor))
+    return z

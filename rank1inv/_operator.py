@@ -325,8 +325,7 @@ class InverseOperator(_BlockOperator):
         at a time (extra memory O(SAMPLE_CHUNK·d) beyond the result). O(dm) per sample."""
         n = 1 if size is None else _checks.positive_int(size, "size")
         xp = self._xp
-        if rng is None or isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
-            rng = _backend.make_rng(xp, rng)
+        rng = _backend.as_rng(xp, rng)
         out = xp.empty((n, self._dim), dtype=self.dtype, device=_backend.device(self._anchor()))
         for a in range(0, n, SAMPLE_CHUNK):  # same stream as one draw of (n, noise_dim)
             b = min(n, a + SAMPLE_CHUNK)

@@ -5,9 +5,10 @@ Everything above it is written against the array API standard through ``array_ap
 (``rank1inv.cpu``/``rank1inv.cuda`` hold the compiled kernels, ``_precision`` the dtype
 policy; both are below this line too). What the standard lacks lives here, once per backend:
 triangular solves, the LinearOperator class, host transfers of small values, decoding of
-16-bit storage and the kernel dispatch. Arrays of other libraries (torch, JAX, Dask) are
-refused at the public entry points with a TypeError that names the adapter to use
-(``foreign_array_message``); see docs/design.md §5.
+16-bit storage and the kernel dispatch. Dask arrays are the d-long *data* of operators over
+a Dask G (``dask_namespace``; ``ldexp`` and ``cast_result`` map over their chunks; docs/design.md
+§13). Arrays of other libraries (torch, JAX) are refused at the public entry points with a
+TypeError that names the adapter to use (``foreign_array_message``); see docs/design.md §5.
 """
 
 from __future__ import annotations
@@ -101,6 +102,19 @@ def is_cupy(xp) -> bool:
 def is_array(x) -> bool:
     """A NumPy or CuPy array (any dtype)."""
     return isinstance(x, np.ndarray) or _is_cupy_array(x)
+
+
+def is_dask_array(x) -> bool:
+    """A Dask array (accepted by ``StaticInverse`` as gradients chunked along d, ``rank1inv.chunked``)."""
+    return array_api_compat.is_dask_array(x)
+
+
+def dask_namespace():
+    """The array-API namespace of Dask arrays: the *data* namespace of an operator over a Dask G
+    (docs/design.md §13), whose m×m algebra runs in the namespace of G's chunks."""
+    import dask.array
+
+    return array_api_compat.array_namespace(dask.array.empty(0))
 
 
 def is_foreign_array(x) -> bool:
@@ -375,11 +389,18 @@ def ldexp(xp, a, e, out=None):
     """a·2^e elementwise (one rounding, exact unless the result is subnormal), into ``out`` if
     given (it may be a). An overflow gives inf silently: the callers check their results
     (``cast_result``)."""
+    if is_dask_array(a):  # lazy d-long data: chunk by chunk, no ``out`` (Dask arrays are immutable)
+        return a.map_blocks(_ldexp_chunk, e=e, dtype=a.dtype)
     lib = _library(xp)
     if lib is np:
         with np.errstate(over="ignore", under="ignore"):
             return np.ldexp(a, e, out=out)
     return lib.ldexp(a, e, out=out)
+
+
+def _ldexp_chunk(a, e):
+    xp = namespace(a)
+    return ldexp(xp, a, xp.asarray(e, device=device(a)))
 
 
 def _library(xp):
@@ -392,7 +413,10 @@ def _library(xp):
 
 def cast_result(xp, y, dtype, what: str):
     """``y`` (float64) as ``dtype``; OverflowError when a value does not fit (a silent inf would
-    be a wrong answer). One scalar read back."""
+    be a wrong answer). One scalar read back. For a Dask ``y`` the result is lazy and the check
+    runs with each chunk: the OverflowError is raised when the result is computed."""
+    if is_dask_array(y):
+        return y.map_blocks(_cast_chunk, dtype=np.dtype(dtype_name(dtype)), cast_to=dtype_name(dtype), what=what)
     with np.errstate(over="ignore", invalid="ignore"):
         out = xp.astype(y, dtype)
     if not all_finite(xp, out):
@@ -403,6 +427,11 @@ def cast_result(xp, y, dtype, what: str):
             )
         raise OverflowError(f"{what} is not representable in {name} (its entries exceed the float64 range)")
     return out
+
+
+def _cast_chunk(y, cast_to: str, what: str):
+    xp = namespace(y)
+    return cast_result(xp, y, getattr(xp, cast_to), what)
 
 
 def encode(xp, x, storage: str):

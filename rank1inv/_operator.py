@@ -97,12 +97,12 @@ class _BlockOperator(_backend.HoldsNamespace):
         out. X is consumed: it is normalized in place and the groups may write into it, so a
         product costs no d-long float64 array beyond X itself on the compiled paths. ValueError
         if X has a non-finite value."""
-        xp = self._xp
+        xp, dx = self._xp, self._data
         k = X.shape[1]
         out = None
         for run, grp in zip(self._layout.runs, self._groups()):
-            part = xp.reshape(X[run.start : run.stop, :], (run.count, run.size, k))
-            top = self._global_max(xp.maximum(xp.max(part, axis=1), -xp.min(part, axis=1)))  # max|x|
+            part = dx.reshape(X[run.start : run.stop, :], (run.count, run.size, k))
+            top = self._global_max(dx.maximum(dx.max(part, axis=1), -dx.min(part, axis=1)))  # max|x|
             if not _backend.all_finite(xp, top):
                 raise ValueError(f"{name} contains non-finite values (nan or inf)")
             e = _backend.frexp_exponent(xp, top)[:, None, :]  # (count, 1, k)
@@ -110,14 +110,21 @@ class _BlockOperator(_backend.HoldsNamespace):
             values, exponent = self._group_product(grp, part)
             values = _backend.ldexp(xp, values, e + exponent, out=values)
             if len(self._layout.runs) == 1:
-                return xp.reshape(values, (self._dim, k))
+                return dx.reshape(values, (self._dim, k))
             out = X if out is None else out
             out[run.start : run.stop, :] = xp.reshape(values, (-1, k))
         return out
 
     def _global_max(self, top):
-        """max|x| per block and column over every shard of x (the identity unless sharded)."""
+        """max|x| per block and column over every shard of x (the identity unless sharded), in
+        the algebra namespace (computed, for lazy data)."""
         return top
+
+    @property
+    def _data(self):
+        """The namespace of the d-long arrays (x, products, diagonals): the algebra namespace
+        ``_xp`` itself, except over a Dask G (docs/design.md §13)."""
+        return self._xp
 
     def matmat(self, X):
         """Operator times X of shape (d, k) → (d, k). O(dmk): passes over G are shared by all k
@@ -144,10 +151,12 @@ class _BlockOperator(_backend.HoldsNamespace):
 
     def __rmatmul__(self, x):
         """``x @ op`` = (op @ xᵀ)ᵀ (the operator is symmetric), for x of shape (d,) or (k, d)."""
-        xp = self._xp
-        x = _checks.as_array(x, "x", xp)
+        dx = self._data
+        if not _backend.is_dask_array(x):
+            x = _checks.as_array(x, "x", self._xp)
+            dx = self._xp
         if x.ndim == 2:
-            return xp.matrix_transpose(self._product(xp.matrix_transpose(x), "x"))
+            return dx.matrix_transpose(self._product(dx.matrix_transpose(x), "x"))
         return self._product(x, "x")
 
     def aslinearoperator(self):
@@ -389,6 +398,13 @@ class _DerivedOperator(_BlockOperator):
 
     def _global_max(self, top):
         return self._inverse_op._global_max(top)  # over every shard when the inverse is sharded
+
+    @property
+    def _data(self):
+        return self._inverse_op._data
+
+    def _rhs(self, x, name: str):
+        return self._inverse_op._rhs(x, name)  # same dim and dtype; Dask right-hand sides
 
 
 class FisherOperator(_DerivedOperator):

@@ -57,6 +57,8 @@ def global_width(Gg) -> int:
 
 def sumsq(xp, Gg, X):
     """Σ_i X[b, i, j]² for X (nb, B, k) in the group's coordinates, over all shards: (nb, k)."""
+    if is_chunked(Gg):
+        return Gg.sumsq(X)
     Gg, shard = _local(Gg)
     out = _backend.sumsq(xp, X)
     return out if shard is None else shard.sum(xp, out)
@@ -68,6 +70,12 @@ def is_factored(Gg) -> bool:
     return getattr(Gg, "factored_view", False) is True
 
 
+def is_chunked(Gg) -> bool:
+    """Whether Gg is a ``rank1inv.chunked.ChunkedView`` (a Dask array chunked along d: each pass
+    maps over the chunks and sums their partial results; recognised by its marker)."""
+    return getattr(Gg, "chunked_view", False) is True
+
+
 def _device(Gg):
     Gg, _ = _local(Gg)
     return _backend.device(Gg.source.anchor if is_factored(Gg) else Gg)
@@ -76,7 +84,7 @@ def _device(Gg):
 def columns(xp, Gg, blocks, offsets):
     """Columns g_j of blocks ``blocks`` at local ``offsets``: (n, m) float64 (decoded exactly)."""
     Gg, _ = _local(Gg)
-    if is_factored(Gg):
+    if is_factored(Gg) or is_chunked(Gg):
         return Gg.columns(blocks, offsets)
     cols = xp.empty((offsets.shape[0], Gg.shape[1]), dtype=xp.float64, device=_backend.device(offsets))
     _backend.decode_into(xp, cols, Gg[blocks, :, offsets])
@@ -160,6 +168,8 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
 
     Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
     nearly dependent gradients is often not even positive definite."""
+    if is_chunked(Gg):
+        return Gg.gram(accumulate, scale, weights)
     Gg, shard = _local(Gg)
     if shard is not None:
         return shard.sum(xp, gram(xp, Gg, accumulate, scale, weights))
@@ -183,7 +193,7 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
 
 def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
     """(σGg)ᵀ(σGg) per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
-    if isinstance(Gg, ShardedView):
+    if isinstance(Gg, ShardedView) or is_chunked(Gg):
         raise ValueError("blocks no wider than m (parameter space) cannot be sharded along d")
     nb, m, B = Gg.shape
     if Gg.dtype == xp.float64 and scale == 1.0 and not is_factored(Gg):
@@ -197,6 +207,8 @@ def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
 
 def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
     """(σGg) X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
+    if is_chunked(Gg):
+        return Gg.project(X, accumulate, scale)
     Gg, shard = _local(Gg)
     if shard is not None:
         return shard.sum(xp, project(xp, Gg, X, accumulate, scale))
@@ -230,6 +242,8 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
     With ``overwrite`` the result may be written into X (a d-long float64 array less: each
     element of X is read before its result is written).
     """
+    if is_chunked(Gg):  # lazy, chunked like G's columns
+        return Gg.combine(X, C, alpha, beta, accumulate, scale)
     Gg, _ = _local(Gg)  # the output pass is local to each shard
     if is_factored(Gg):  # Eᵀ·diag(c)·A per layer, seed eq. 23
         return Gg.combine(X, C, alpha, beta, scale, tile_budget(xp), out=X if (overwrite and X is not None) else None)
@@ -254,6 +268,8 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
 
 def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
     """Σ_i (σG[i, j]·w_j)² per column: (nb, B) float64 (``weights`` as in ``gram``). Cost O(nb·m·B)."""
+    if is_chunked(Gg):
+        return Gg.column_sumsq(scale, weights)
     Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
@@ -278,6 +294,8 @@ def map_tiles(xp, Gg, fn, scale: float = 1.0, weights=None):
     in ``gram``), assembled along the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m)
     or (b1-b0, c) (a per-column reduction); the result is (nb, r, B) or (nb, B). fn must not
     keep the tile (see ``float64_tiles``)."""
+    if is_chunked(Gg):
+        return Gg.map_tiles(fn, scale, weights)
     Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
     out = None
@@ -295,7 +313,7 @@ def max_abs(xp, Gg) -> float:
     ``TILE_ELEMENTS`` values, so the check costs no m·d temporary; one scalar read back."""
     if isinstance(Gg, ShardedView):
         return float(Gg.comm.allreduce_max(np.array([max_abs(xp, Gg.local)]))[0])
-    if is_factored(Gg):
+    if is_factored(Gg) or is_chunked(Gg):
         return Gg.max_abs()
     if Gg.ndim < 3:
         Gg = xp.reshape(Gg, (1,) * (3 - Gg.ndim) + tuple(Gg.shape))

@@ -23,6 +23,7 @@ per index). The diagonal is computed tile by tile without storing W and cached.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -290,7 +291,16 @@ class WoodburyGroup(_backend.HoldsNamespace):
         b0, b1 = blocks
         gram = self._K0[b0:b1, ...]
         gram = gram if frame == self.frame else gram * _scaling.pow2(2 * (self.frame - frame))
-        return WoodburyGroup(self.xp, self.Gg[b0:b1, ...], damp, self.scale, self.accumulate, frame=frame, gram=gram)
+        whole = b0 == 0 and b1 in (None, self.count)  # sharded/chunked views have one block and no slicing
+        Gg = self.Gg if whole else self.Gg[b0:b1, ...]
+        return WoodburyGroup(self.xp, Gg, damp, self.scale, self.accumulate, frame=frame, gram=gram)
+
+    def restricted(self, Gg):
+        """This group on some of its columns, Gg (nb, m, c) (one chunk of a Dask G), sharing the
+        m×m state: for the queries local in d (``diag``, ``fisher_diag``) of those columns. O(1)."""
+        new = copy.copy(self)
+        new.Gg, new.size, new._W, new._diag = Gg, Gg.shape[2], None, None
+        return new
 
     # -- entries ----------------------------------------------------------------------
     @property
@@ -352,7 +362,8 @@ class WoodburyGroup(_backend.HoldsNamespace):
         """w_r for local offsets r: (len r, m). From the cached W when it fits in
         ``W_CACHE_BYTES``, else whitened on demand from the gathered columns (O(m²) each)."""
         nb, m, B = self.Gg.shape
-        if self._W is not None or (8 * nb * m * B <= W_CACHE_BYTES and not _passes.is_factored(self.Gg)):
+        streamed = _passes.is_factored(self.Gg) or _passes.is_chunked(self.Gg)  # W would be m×d
+        if self._W is not None or (8 * nb * m * B <= W_CACHE_BYTES and not streamed):
             return self.W[r // B, :, r % B]
         xp = self.xp
         blocks = r // B

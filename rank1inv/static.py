@@ -21,7 +21,7 @@ def group_view(xp, G, run):
     factored gradients a ``FactoredView``, for sharded ones a ``_passes.ShardedView``)."""
     if isinstance(G, FactoredGradients):
         return G.view(run.start, run.count, run.size)
-    if isinstance(G, _passes.ShardedView):
+    if isinstance(G, _passes.ShardedView) or _passes.is_chunked(G):  # one block (d > m)
         return G
     m = G.shape[0]
     return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
@@ -140,6 +140,10 @@ class StaticInverse(InverseOperator):
             from .sharded import ShardedInverse
 
             return super().__new__(ShardedInverse)
+        if args and _backend.is_dask_array(args[0]) and cls is StaticInverse:  # chunked along d
+            from .chunked import DaskInverse
+
+            return super().__new__(DaskInverse)
         return super().__new__(cls)
 
     def _make_source(self, G):

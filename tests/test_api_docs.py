@@ -25,6 +25,10 @@ def public_members():
     for name in ("saliency", "prune", "group_saliency", "prune_groups", "prune_in_steps", "cubic_schedule"):
         out.append((obs, name, getattr(obs, name)))
     out.append((r1.dynamic, "push_apply_all", r1.push_apply_all))
+    from rank1inv.chunked import DaskInverse
+
+    for name in ("diag", "column", "fisher", "power", "with_damp", "aslinearoperator", "to_dense", "sample"):
+        out.append((DaskInverse, name, getattr(DaskInverse, name)))
     for name in ("to_dense", "view"):
         out.append((r1.FactoredGradients, name, getattr(r1.FactoredGradients, name)))
     for name in ("log_marginal_likelihood", "tune_damp", "predictive_variance", "probit_probabilities",

@@ -1,0 +1,321 @@
+"""StaticInverse over a Dask array G (m, d) chunked along d (docs/design.md §13).
+
+Every reduction over d is a sum of per-chunk partial results (an m-vector per right-hand side,
+the m×m Gram matrix once), so a pass over G is one task per column chunk of G, run wherever
+Dask's scheduler puts it (threads, or the workers of a ``dask.distributed`` cluster), and the
+partial results are summed pairwise in a fixed tree: the result does not depend on the
+scheduler or on which worker ran what, and equals the one-process result up to the order of
+that sum. Only m-sized results come back to the client, where the m×m algebra runs in the
+namespace of G's chunks (NumPy or CuPy). Products, the diagonal and columns stay lazy Dask
+arrays: the output pass λ⁻¹(x − Gᵀc) is local to each chunk.
+
+The seam is the one of sharded gradients (``_passes.ShardedView``): ``_passes`` dispatches a
+``ChunkedView`` to its methods in one line per pass; the operator reads the d-long data through
+its data namespace (``_BlockOperator._data``, here Dask's) and does its m×m algebra in ``_xp``.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _backend, _checks, _passes, _precision
+from ._blocks import Layout
+from ._operator import FisherOperator, PowerOperator
+from .static import StaticInverse, make_group
+
+
+def _dask():
+    try:
+        import dask
+        import dask.array
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("Dask gradients need dask: pip install 'rank1inv[dask]'") from err
+    return dask
+
+
+def _tree(parts, combine):
+    """parts (Delayed) combined pairwise, in a fixed order: one Delayed."""
+    from dask import delayed
+
+    while len(parts) > 1:
+        parts = [
+            delayed(combine)(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i]
+            for i in range(0, len(parts), 2)
+        ]
+    return parts[0]
+
+
+def _on_chunk(fn, g, *rest):
+    """fn applied to one column chunk g (m, c) of G as a group (1, m, c), in g's namespace."""
+    return fn(_backend.namespace(g), g[None, ...], *rest)
+
+
+class ChunkedView(_backend.HoldsNamespace):
+    """The group array (1, m, d) of a Dask G (m, d) with one chunk along m and any chunks along d.
+
+    The reductions (``gram``, ``project``, ``sumsq``, ``max_abs``) run one task per chunk and
+    return an array of the chunks' namespace on the client (``compute``); the d-local passes
+    (``combine``, ``column_sumsq``, ``map_tiles``) return lazy Dask arrays chunked like G's
+    columns. Each task calls the one-process pass of ``_passes`` on its chunk."""
+
+    chunked_view = True
+
+    def __init__(self, G):
+        self.G = G
+        m, d = G.shape
+        self.shape, self.dtype, self.ndim = (1, m, d), G.dtype, 3
+        self.cuts = G.chunks[1]
+        self.xp = _backend.namespace(G._meta)  # the namespace of the chunks: the m×m algebra's
+
+    def _aligned(self, X):
+        """X (1, d, k) rechunked to G's column chunks, one chunk along k."""
+        return X.rechunk({0: 1, 1: self.cuts, 2: -1})
+
+    def _reduce(self, fn, X=None, combine=operator.add):
+        """Σ (``combine``) over the column chunks of fn(chunk namespace, G chunk (1, m, c)[, X chunk
+        (1, c, k)]), computed: an array of the chunks' namespace."""
+        dask = _dask()
+        from dask import delayed
+
+        blocks = list(self.G.to_delayed()[0, :])
+        if X is None:
+            parts = [delayed(_on_chunk)(fn, g) for g in blocks]
+        else:
+            xs = list(self._aligned(X).to_delayed()[0, :, 0])
+            parts = [delayed(_on_chunk)(fn, g, x) for g, x in zip(blocks, xs)]
+        (out,) = dask.compute(_tree(parts, combine))
+        return out
+
+    # -- reductions over d: m-sized results on the client ---------------------------------
+    def max_abs(self) -> float:
+        top = self._reduce(lambda xp, g: np.array(_passes.max_abs(xp, g)), combine=np.maximum)  # nan propagates
+        return float(top)
+
+    def gram(self, accumulate, scale, weights=None):
+        if weights is not None:
+            raise ValueError("Dask gradients take one damping value (a per-coordinate prior: not yet)")
+        return self._reduce(lambda xp, g: _passes.gram(xp, g, accumulate, scale))
+
+    def project(self, X, accumulate, scale):
+        return self._reduce(lambda xp, g, x: _passes.project(xp, g, x, accumulate, scale), X)
+
+    def sumsq(self, X):
+        return self._reduce(lambda xp, g, x: _backend.sumsq(xp, x), X)
+
+    def columns(self, blocks, offsets):
+        """Columns of G at ``offsets`` (the one block): (n, m) float64 in the chunks' namespace.
+        One gather of n·m values."""
+        dask = _dask()
+        idx = _backend.to_host(offsets)
+        (cols,) = dask.compute(self.G[:, idx])
+        xp = self.xp
+        out = xp.empty((idx.shape[0], self.shape[1]), dtype=xp.float64)
+        _backend.decode_into(xp, out, xp.matrix_transpose(cols))
+        return out
+
+    # -- local in d: lazy Dask arrays ------------------------------------------------------
+    def _G3(self):
+        return self.G[None, :, :]
+
+    def combine(self, X, C, alpha, beta, accumulate, scale):
+        """αX + β(σG)ᵀC, lazily: (1, d, k) Dask float64, chunked like G's columns."""
+        da = _dask().array
+        k = C.shape[-1]
+
+        def part(*blocks):
+            g, x = blocks[-1], (blocks[0] if len(blocks) == 2 else None)
+            xp = _backend.namespace(g)
+            c = xp.asarray(C, device=_backend.device(g))
+            return _passes.combine(xp, g, x, c, alpha, beta, accumulate, scale)
+
+        if X is None:
+            return da.blockwise(part, "bjk", self._G3(), "bij", new_axes={"k": k}, dtype=np.float64,
+                                concatenate=True, meta=self.xp.empty((0, 0, 0)))  # fmt: skip
+        return da.blockwise(part, "bjk", self._aligned(X), "bjk", self._G3(), "bij", dtype=np.float64,
+                            concatenate=True, meta=self.xp.empty((0, 0, 0)))  # fmt: skip
+
+    def column_sumsq(self, scale, weights=None):
+        if weights is not None:
+            raise ValueError("Dask gradients take one damping value (a per-coordinate prior: not yet)")
+        return self._G3().map_blocks(
+            lambda g: _passes.column_sumsq(_backend.namespace(g), g, scale), drop_axis=1, dtype=np.float64
+        )
+
+    def map_tiles(self, fn, scale, weights=None):
+        """As ``_passes.map_tiles``, lazily, chunk by chunk (fn(0, 1, tile) for each chunk's tiles)."""
+        if weights is not None:
+            raise ValueError("Dask gradients take one damping value (a per-coordinate prior: not yet)")
+        xp = self.xp
+        probe = fn(0, 1, xp.zeros((1, self.shape[1], 0), dtype=xp.float64))  # the output's rank
+        run = lambda g: _passes.map_tiles(_backend.namespace(g), g, fn, scale)
+        if probe.ndim == 2:
+            return self._G3().map_blocks(run, drop_axis=1, dtype=np.float64)
+        rows = probe.shape[1]
+        return self._G3().map_blocks(run, chunks=((1,), (rows,), self.cuts), dtype=np.float64)
+
+
+class DaskInverse(StaticInverse):
+    """``StaticInverse(G, damp)`` for a Dask array G (m, d) chunked along d (NumPy or CuPy
+    chunks; float64, float32 or 16-bit): F⁻¹ for F = λI + s·GᵀG with every pass over G run as
+    one task per chunk on Dask's scheduler (a ``dask.distributed`` cluster when a Client is
+    active) and the m×m work on the client.
+
+    Construction computes max|G| and the Gram matrix (two passes, O(dm²) on the workers, m²
+    floats per chunk back to the client). ``op @ x`` (x a Dask array, or a NumPy array, of shape
+    (d,) or (d, k)) returns a lazy Dask array chunked like G's columns; building it computes the
+    m-sized reductions over x and G (three passes over x, one over G; m·k floats per chunk come
+    back), and computing it runs the output pass. ``diag()`` is lazy the same way;
+    ``diag(indices)``, ``entries``, ``submatrix`` gather the m values of each indexed column and
+    return arrays of the chunks' namespace; ``logdet``, ``with_damp``, ``gram_spectra``,
+    ``eigenvalues``, ``fisher()``, ``power(p)`` work as usual. One block only (d > m), one
+    damping value; ``to_dense`` and ``sample`` are refused. A lost worker's tasks are rerun by
+    Dask from the graph, with the same result (the sums' order is fixed).
+    """
+
+    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64"):
+        _dask()
+        if not _backend.is_dask_array(G):
+            raise TypeError(f"DaskInverse needs a Dask array, not {type(G).__name__}")
+        if G.ndim != 2:
+            raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
+        if any(isinstance(n, float) and n != n for n in G.shape) or any(
+            n != n for c in G.chunks for n in c
+        ):  # unknown (nan) chunk sizes
+            raise ValueError("G has unknown chunk sizes: call G.compute_chunk_sizes() first")
+        if block_size is not None:
+            raise ValueError("block layouts over Dask chunks are not supported: pass block_size=None")
+        if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
+            raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
+        algebra = _backend.namespace(G._meta)  # TypeError for chunks of another library
+        policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(algebra))
+        m, d = G.shape
+        if m < 1 or d < 1:
+            raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
+        if d <= m:
+            raise ValueError(f"Dask gradients need d > m (got d = {d}, m = {m}); compute G and pass the array")
+        if G.numblocks[0] != 1:
+            G = G.rechunk({0: -1})  # one chunk along m: every task sees whole columns
+        s = _checks.scale(scale)
+        self._scale = 1.0 / m if s in (None, "count") else s
+        self._accumulate = _checks.accumulate(accumulate)
+        self._damp, self._layout = _checks.damp(damp), Layout(d, None)
+        self._xp, self._dim, self._dtype = algebra, d, _precision.of(policy).output
+        self._storage, self._G = policy, G
+        self._group_list = [make_group(algebra, ChunkedView(G), self._layout.runs[0], self._damp, self._scale,
+                                       self._accumulate)]  # fmt: skip
+
+    @property
+    def _data(self):
+        return _backend.dask_namespace()
+
+    def _anchor(self):
+        return None
+
+    def _global_max(self, top):
+        (out,) = _dask().compute(top)
+        return out
+
+    def _product(self, x, name):
+        Y = super()._product(x, name)
+        return Y.rechunk(x.chunks) if _backend.is_dask_array(x) else Y  # chunked like x
+
+    def _rhs(self, x, name: str):
+        """x as a lazy (d, k) float64 Dask array chunked like G's columns (NumPy x is wrapped)."""
+        da = _dask().array
+        if _backend.is_array(x) or isinstance(x, (list, tuple)):
+            x = _checks.as_array(x, name, self._xp)
+            x = da.from_array(x, chunks=(self._G.chunks[1],) + tuple((n,) for n in x.shape[1:]))
+        elif not _backend.is_dask_array(x):
+            raise TypeError(_backend.foreign_array_message(x, name))
+        if x.ndim not in (1, 2) or x.shape[0] != self._dim:
+            raise ValueError(f"{name} must have shape ({self._dim},) or ({self._dim}, k), got {tuple(x.shape)}")
+        kind = _precision.name_of(x.dtype)
+        if kind is None and x.dtype != np.bool_ and not np.issubdtype(x.dtype, np.integer):
+            raise TypeError(f"{name} must be real floating point or integer, got {x.dtype}")
+        out_dtype = self._xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
+        X = (x[:, None] if x.ndim == 1 else x).astype(np.float64)
+        return X.rechunk({0: self._G.chunks[1], 1: -1}), x.ndim == 1, out_dtype
+
+    def diag(self, indices=None):
+        """diag F⁻¹ as a lazy Dask array (d,) chunked like G's columns (each chunk's task issues
+        the AccuracyWarning of ``StaticInverse.diag`` for its coordinates, in the worker's log on a
+        cluster); with ``indices``, the entries at those indices, computed."""
+        if indices is not None:
+            return super().diag(indices)
+        return self._per_chunk("diag", "inverse_exponent", "the diagonal")
+
+    def _per_chunk(self, method: str, exponent: str, what: str):
+        """A query local in d, ``group.<method>()`` scaled by 2^``group.<exponent>``, as a lazy
+        Dask array (d,): each chunk's task runs it on the group restricted to its columns."""
+        (grp,) = self._group_list
+        dtype = _backend.dtype_name(self.dtype)
+
+        def chunk_values(g):
+            xp = _backend.namespace(g)
+            local = grp.restricted(g[None, ...])
+            values = _backend.ldexp(xp, getattr(local, method)(), getattr(grp, exponent))
+            return _backend.cast_result(xp, values, getattr(xp, dtype), what)
+
+        return self._G.map_blocks(chunk_values, drop_axis=0, dtype=np.dtype(dtype))
+
+    def fisher(self):
+        """F as an operator over the chunks: lazy products and diagonal."""
+        return _DaskFisher(self)
+
+    def power(self, p):
+        """F^p as an operator over the chunks: lazy products."""
+        return _DaskPower(self, super().power(p).exponent)  # super() validates p
+
+    def column(self, j):
+        """F⁻¹e_j as a lazy Dask array (d,): one product."""
+        da = _dask().array
+        (j,) = _backend.to_host(_checks.indices(self._xp, j, self._dim, "j")).tolist()
+        e = da.zeros((self._dim,), chunks=(self._G.chunks[1],), dtype=np.float64)
+        e = da.where(da.arange(self._dim, chunks=(self._G.chunks[1],)) == j, 1.0, e)
+        return self._product(e, "e_j")
+
+    def aslinearoperator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` on NumPy vectors: each product is computed on
+        the cluster and returned as NumPy (for SciPy's iterative solvers)."""
+        compute = lambda x: np.asarray(_dask().compute(self @ x)[0])
+        return _backend.linear_operator(_backend.namespace_from_argument(None), self.shape, self.dtype, compute,
+                                        compute)  # fmt: skip
+
+    def to_dense(self, max_dim: int = 0):
+        """Refused for Dask gradients (use ``submatrix``)."""
+        raise ValueError("to_dense is not offered for Dask gradients: use submatrix(indices) or compute G first")
+
+    def sample_from_noise(self, z):
+        """Not offered for Dask gradients yet."""
+        raise ValueError("samples are not offered for Dask gradients yet: compute G and use StaticInverse")
+
+    def sample(self, size=None, *, rng=None):
+        """Not offered for Dask gradients yet."""
+        raise ValueError("samples are not offered for Dask gradients yet: compute G and use StaticInverse")
+
+    def with_damp(self, damp):
+        """As ``StaticInverse.with_damp``, for one damping value (no pass over G)."""
+        if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
+            raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
+        return super().with_damp(damp)
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("StaticInverse(", "StaticInverse(dask, ", 1)
+
+
+class _NoDense:
+    def to_dense(self, max_dim: int = 0):
+        """Refused for Dask gradients."""
+        raise ValueError("to_dense is not offered for Dask gradients: compute G first")
+
+
+class _DaskFisher(_NoDense, FisherOperator):
+    def diag(self):
+        """diag F as a lazy Dask array (d,). O(dm) on the workers."""
+        return self._inverse_op._per_chunk("fisher_diag", "fisher_exponent", "the diagonal")
+
+
+class _DaskPower(_NoDense, PowerOperator):
+    pass

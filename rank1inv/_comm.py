@@ -3,8 +3,9 @@
 Every reduction over d is a sum of per-shard partial results (an m-vector or an m×m matrix),
 so an operator over shards needs three collectives, all on host float64 NumPy arrays:
 ``allreduce_sum``, ``allreduce_max`` and ``broadcast`` from rank 0. ``Communicator`` is that
-protocol; ``TorchCommunicator`` wraps a torch.distributed process group (gloo; NCCL groups
-need CUDA tensors and are not handled here), ``MPICommunicator`` an mpi4py communicator.
+protocol; ``TorchCommunicator`` wraps a torch.distributed process group (gloo; for an NCCL
+group the small arrays travel as CUDA tensors on the current device, untested without a GPU),
+``MPICommunicator`` an mpi4py communicator.
 Both count the bytes each rank sends (``bytes_sent``), so the communication of a query can be
 measured.
 """
@@ -44,14 +45,27 @@ class TorchCommunicator:
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.bytes_sent = 0
+        self._device = None  # host tensors (gloo, MPI backends of torch)
+        if "nccl" in str(dist.get_backend(group)).lower():  # NCCL reduces CUDA tensors only
+            import torch
 
-    def _reduce(self, a, op):
+            self._device = torch.device("cuda", torch.cuda.current_device())
+
+    def _tensor(self, a):
         import torch
 
         t = torch.from_numpy(np.array(a, dtype=np.float64, copy=True))
+        return t if self._device is None else t.to(self._device)
+
+    @staticmethod
+    def _host(t) -> np.ndarray:
+        return t.cpu().numpy() if t.device.type != "cpu" else t.numpy()
+
+    def _reduce(self, a, op):
+        t = self._tensor(a)
         self.bytes_sent += t.numel() * 8
         self._dist.all_reduce(t, op=op, group=self._group)
-        return t.numpy()
+        return self._host(t)
 
     def allreduce_sum(self, a):
         return self._reduce(a, self._dist.ReduceOp.SUM)
@@ -64,12 +78,10 @@ class TorchCommunicator:
         return np.where(any_nan, np.nan, out)
 
     def broadcast(self, a):
-        import torch
-
-        t = torch.from_numpy(np.array(a, dtype=np.float64, copy=True))
+        t = self._tensor(a)
         self.bytes_sent += t.numel() * 8 if self.rank == 0 else 0
         self._dist.broadcast(t, src=self._dist.get_global_rank(self._group, 0) if self._group else 0, group=self._group)
-        return t.numpy()
+        return self._host(t)
 
 
 class MPICommunicator:

@@ -66,6 +66,7 @@ def worker(rank, world, port, out_dir):
                     column=np.asarray(op.column(d // 2), np.float64).tolist(),
                     sample=np.asarray(S, np.float64).tolist(), bytes=sent, m=m,
                     draws=np.asarray(op.sample(3, rng=11), np.float64).tolist(),
+                    redamped=np.asarray(op.with_damp(0.5) @ X[lo:hi], np.float64).tolist(),
                 )  # fmt: skip
         for dtype in ("float64", "float32"):  # the sliding window over shards
             pool = testing.gradients("clusters", 13, 157, seed=5, dtype=dtype)
@@ -131,10 +132,27 @@ def mfac_run(world, rank, steps=6):
     return w.detach().numpy().tolist()
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sharded_static_inverse_equals_single_process(world, tmp_path):
+def spawn(fn, world, tmp_path, limit_s=3 * TIMEOUT_S):
+    """Run fn(rank, world, port, out_dir) in ``world`` fresh processes on 127.0.0.1 and return
+    each rank's rank{r}.json; a process that does not finish within ``limit_s`` is killed and
+    the test fails (a hang is a failure, not a wait)."""
+    import time
+
     import torch.multiprocessing as mp
 
+    ctx = mp.start_processes(fn, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:  # pragma: no cover
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_static_inverse_equals_single_process(world, tmp_path):
     import rank1inv as r1
     from rank1inv import testing
 
@@ -143,15 +161,7 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
     for g in pool:
         single.push(g)
     np.savez(tmp_path / "single.npz", **single.state_dict())
-    ctx = mp.start_processes(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = __import__("time").monotonic() + 3 * TIMEOUT_S
-    while not ctx.join(timeout=1):
-        if __import__("time").monotonic() > deadline:  # pragma: no cover - a hang is a failure, not a wait
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = spawn(worker, world, tmp_path)
     for dtype in ("float64", "float32"):
         eta, rel = (5e-12, 1e-6) if dtype == "float64" else (1e-7, 1e-6)
         for family in ("iid", "clusters", "huge_row"):
@@ -166,6 +176,9 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
             Y = np.concatenate([np.array(rk[key]["Y"]) for rk in ranks])
             assert testing.backward_error(F, Y, X) <= eta, key
             np.testing.assert_allclose(Y, np.asarray(ref @ X, np.float64), rtol=0, atol=1e-6 * np.abs(Y).max())
+            redamped = np.concatenate([np.array(rk[key]["redamped"]) for rk in ranks])
+            F_half = testing.dense_fisher(G.astype(np.float64), 0.5, 1.0 / m)
+            assert testing.backward_error(F_half, redamped, X) <= eta, key  # with_damp of a ShardedInverse
             diag = np.concatenate([rk[key]["diag"] for rk in ranks])
             np.testing.assert_allclose(diag, np.asarray(ref.diag(), np.float64), rtol=rel)
             idx = np.array([0, 5, d // 2, d - 1])
@@ -233,6 +246,105 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-9 * np.abs(ref_w).max())
     for rk in ranks:
         assert "same number of gradients" in rk["mismatch"]
+
+
+def fsdp_run(world, rank, steps=5):
+    """M-FAC with momentum on a small tanh MLP (float64), the same batch every step on every rank:
+    the final parameters (whole) and the optimizer's bytes sent by this rank per step."""
+    from rank1inv.adapters.torch import MFAC
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1)).double()
+    if world > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = MFAC(model.parameters(), lr=0.3, ngrads=3, damp=1e-1, momentum=0.5)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randn(16, 1, generator=g, dtype=torch.float64)
+    sent = []
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        before = sum(w.communicator.bytes_sent for ws in opt._windows for w in ws) if world > 1 else 0
+        opt.step()
+        if world > 1:
+            sent.append(sum(w.communicator.bytes_sent for ws in opt._windows for w in ws) - before)
+    whole = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return [t.detach().reshape(-1).tolist() for t in whole], sent
+
+
+def fsdp_worker(rank, world, port, out_dir):
+    import datetime
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    try:
+        params, sent = fsdp_run(world, rank)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, distribute_tensor
+
+        from rank1inv.adapters.torch import MFAC
+
+        replicated = torch.nn.Parameter(distribute_tensor(torch.zeros(8), init_device_mesh("cpu", (world,)),
+                                                          [Replicate()]))  # fmt: skip
+        try:
+            MFAC([replicated], lr=0.1, ngrads=2)
+            refused = "accepted"
+        except ValueError as err:
+            refused = str(err)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(dict(params=params, sent=sent, refused=refused), fh)
+
+
+def test_mfac_on_an_fsdp2_model_equals_single_process(tmp_path):
+    """``fully_shard`` (FSDP2) on 2 gloo processes: MFAC takes the DTensor parameters as they are
+    (the mesh's group, local shards), and trains exactly as one process on the whole model."""
+    pytest.importorskip("torch.distributed.fsdp")
+    ranks = spawn(fsdp_worker, 2, tmp_path)
+    ref, _ = fsdp_run(1, 0)
+    for rk in ranks:
+        for got, want in zip(rk["params"], ref):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    for rk in ranks:  # O(ngrads) floats per step (new Gram row, IHVP, scalars), not O(d)
+        assert rk["sent"] and max(rk["sent"]) <= 8 * 4 * (3 + 8), rk["sent"]
+        assert "Shard placement" in rk["refused"]  # a replicated DTensor would count its coordinates twice
+
+
+def raising_worker(rank, world, port, out_dir):
+    """Rank 1 rejects its input before a push's all-reduce; rank 0 enters it alone."""
+    import datetime
+    import time
+
+    import rank1inv as r1
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=5))
+    w = r1.DynamicInverse(10, 4, 1e-2, comm="torch")
+    w.push(np.ones(10))
+    result = {}
+    start = time.monotonic()
+    try:
+        w.push(np.ones(11 if rank == 1 else 10))
+        result["error"] = None
+    except Exception as err:  # rank 1: ValueError at once; rank 0: the engine's timeout
+        result["error"], result["text"] = type(err).__name__, str(err)[:200]
+    result["seconds"], result["len"] = time.monotonic() - start, len(w)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    if rank == 1:
+        time.sleep(8)  # alive but absent from the collective: rank 0 must time out, not hang
+    os._exit(0)  # the group is broken: no destroy_process_group (it would wait on the lost peer)
+
+
+def test_a_rank_that_raises_leaves_the_others_an_error_not_a_hang(tmp_path):
+    ranks = spawn(raising_worker, 2, tmp_path, limit_s=60)
+    assert ranks[1]["error"] == "ValueError" and ranks[1]["seconds"] < 5
+    assert ranks[0]["error"] is not None and 4 < ranks[0]["seconds"] < 30, ranks[0]  # gloo's 5 s timeout
+    assert ranks[0]["len"] == ranks[1]["len"] == 1  # neither window took the failed push
 
 
 @pytest.mark.parametrize("world", [2, 4])

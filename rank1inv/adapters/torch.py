@@ -105,24 +105,75 @@ def unflatten(vector: torch.Tensor, params) -> list[torch.Tensor]:
     return views
 
 
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (e.g. a parameter of an FSDP2 model)."""
+    kind = _dtensor_type()
+    return kind is not None and isinstance(t, kind)
+
+
+def local_shard(t: torch.Tensor, what: str = "parameter") -> torch.Tensor:
+    """This rank's shard of a DTensor sharded along one mesh dimension (its local tensor, the
+    same storage: in-place updates write the DTensor), or ``t`` itself. ValueError for a
+    replicated or partial placement, whose local tensor is not a disjoint piece of the whole
+    (every rank would count its coordinates)."""
+    if not is_dtensor(t):
+        return t
+    if t.device_mesh.ndim != 1 or not all(pl.is_shard() for pl in t.placements):
+        raise ValueError(
+            f"a DTensor {what} must be sharded (Shard placement) on a 1-D device mesh, got placements "
+            f"{tuple(t.placements)}; replicated or partial tensors would count their coordinates on every rank"
+        )
+    return t.to_local()
+
+
+def mesh_group(params):
+    """The process group of the DTensor parameters' device mesh (None if there are none);
+    ValueError if they mix DTensors and plain tensors or live on different meshes."""
+    ps = list(params)
+    flags = [is_dtensor(p) for p in ps]
+    if not any(flags):
+        return None
+    if not all(flags):
+        raise ValueError("the parameters mix DTensors and plain tensors: shard all of them or none")
+    meshes = {id(p.device_mesh) for p in ps}
+    if len(meshes) > 1:
+        raise ValueError("the DTensor parameters live on different device meshes")
+    return ps[0].device_mesh.get_group()
+
+
 class GradientBuffer:
-    """One preallocated flat buffer for the gradients of ``params`` (no per-step allocation)."""
+    """One preallocated flat buffer for the gradients of ``params`` (no per-step allocation).
+    For DTensor parameters (FSDP2) it holds this rank's shards (``local_shard``)."""
 
     def __init__(self, params):
         self.params = _tensors(params)
-        p0 = self.params[0]
-        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
+        self.locals = [local_shard(p) for p in self.params]
+        p0 = self.locals[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in self.locals), dtype=p0.dtype, device=p0.device)
 
     def gather(self) -> torch.Tensor:
-        """Copy each ``p.grad`` (zeros where None) into the buffer and return it."""
+        """Copy each ``p.grad`` (zeros where None; this rank's shard of a DTensor gradient) into
+        the buffer and return it."""
         a = 0
         with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
+            for p, local in zip(self.params, self.locals):
+                n = local.numel()
                 if p.grad is None:
                     self.buffer[a : a + n].zero_()
                 else:
-                    self.buffer[a : a + n].copy_(p.grad.reshape(-1))
+                    grad = local_shard(p.grad, "gradient")
+                    if grad.shape != local.shape:
+                        raise ValueError(f"a gradient's shard has shape {tuple(grad.shape)}, its parameter's "
+                                         f"{tuple(local.shape)}: shard gradients like their parameters")  # fmt: skip
+                    self.buffer[a : a + n].copy_(grad.reshape(-1))
                 a += n
         return self.buffer
 
@@ -397,8 +448,10 @@ class MFAC(torch.optim.Optimizer):
     enlarged parameter vector. A step happens in every window or in none.
 
     ``comm`` (an mpi4py communicator, a torch.distributed process group or "torch"): the
-    parameters given to this rank's optimizer are its shard of one model (plain per-rank shards,
-    e.g. the local tensors of an FSDP2/DTensor model); the window is sharded along d with them
+    parameters given to this rank's optimizer are its shard of one model (plain per-rank
+    shards); DTensor parameters (an FSDP2 ``fully_shard`` model, Shard placements on a 1-D mesh)
+    need no ``comm``: their mesh's group is used and each is stepped through its local shard.
+    The window is sharded along d with them
     (``DynamicInverse(comm=...)``): each rank stores ngrads × its own coordinates, and a step
     costs an all-reduce of about ngrads floats for the new Gram row and one for the IHVP. Every
     rank must step together.
@@ -422,6 +475,11 @@ class MFAC(torch.optim.Optimizer):
                         dtype=dtype)  # fmt: skip
         self._check_group(defaults, "the optimizer")
         super().__init__(params, defaults)
+        group = mesh_group(p for g in self.param_groups for p in g["params"])  # FSDP2/DTensor parameters
+        if group is not None and comm is None:
+            if blocks is not None or isinstance(damp, str):
+                raise ValueError("with DTensor parameters (sharded across ranks) use blocks=None and a numeric damp")
+            self._comm = group
         self._windows = self._make_windows()
 
     @staticmethod
@@ -568,18 +626,18 @@ class MFAC(torch.optim.Optimizer):
                 n = w.shape[0]
                 direction[a : a + n].copy_(to_tensor(next(results)))
                 a += n
-            self._apply(buf.params, direction)
+            self._apply(buf, direction)
         return loss
 
-    def _apply(self, params, direction):
+    def _apply(self, buf, direction):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         a = 0
-        for p in params:
-            n = p.numel()
+        for p, local in zip(buf.params, buf.locals):  # a DTensor is stepped through its local shard
+            n = local.numel()
             group = group_of[id(p)]
-            d = direction[a : a + n].view_as(p)
+            d = direction[a : a + n].view_as(local)
             a += n
-            descend(self.state[p], p, d, group["lr"], group["momentum"], group["weight_decay"])
+            descend(self.state[p], local, d, group["lr"], group["momentum"], group["weight_decay"])
 
     def state_dict(self):
         """torch.optim's state plus the windows (their arrays as CPU tensors, so the whole dict

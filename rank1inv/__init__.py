@@ -10,6 +10,8 @@ from ._precision import AccuracyWarning
 from .dynamic import DynamicInverse, push_apply_all
 from .factored import FactoredGradients
 from .static import StaticInverse
+from .streamed import StreamedGradients
 
-__all__ = ["StaticInverse", "DynamicInverse", "FactoredGradients", "push_apply_all", "AccuracyWarning", "obs"]
+__all__ = ["StaticInverse", "DynamicInverse", "FactoredGradients", "StreamedGradients", "push_apply_all",
+           "AccuracyWarning", "obs"]  # fmt: skip
 __version__ = "0.1.0"

@@ -347,6 +347,59 @@ def kernels(xp):
     return cpu if cpu.available() else None
 
 
+# --------------------------------------------------------------------------- host → device
+def pinned_empty(xp, shape, dtype):
+    """A host NumPy array for staging copies to xp's device: page-locked on CuPy (so that the
+    copy is asynchronous), ordinary memory on NumPy."""
+    if is_cupy(xp):
+        import cupyx
+
+        return cupyx.empty_pinned(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+class HostToDevice:
+    """Copies of host buffers to device buffers that overlap the computation (docs/design.md §14).
+
+    On CuPy, ``copy`` runs on its own non-blocking stream after a given event (the consumer of
+    the destination is done with it) and records ``done``; the computation's stream waits for
+    ``done`` (``compute_waits``) and records when it has used the buffer (``compute_done``);
+    ``host_wait`` blocks the host until a copy has read its pinned source. On NumPy every call
+    is synchronous (the mirror of the same protocol)."""
+
+    def __init__(self, xp):
+        self._cupy = is_cupy(xp)
+        if self._cupy:
+            import cupy
+
+            self._cp = cupy
+            self._stream = cupy.cuda.Stream(non_blocking=True)
+
+    def event(self):
+        return self._cp.cuda.Event(disable_timing=True) if self._cupy else None
+
+    def copy(self, dst, src, after, done):
+        """dst (device) ← src (host), once ``after`` has happened; ``done`` when finished."""
+        if not self._cupy:
+            np.copyto(dst, src)
+            return
+        self._stream.wait_event(after)
+        dst.set(src, stream=self._stream)
+        done.record(self._stream)
+
+    def host_wait(self, event):
+        if self._cupy:
+            event.synchronize()
+
+    def compute_waits(self, event):
+        if self._cupy:
+            self._cp.cuda.get_current_stream().wait_event(event)
+
+    def compute_done(self, event):
+        if self._cupy:
+            event.record(self._cp.cuda.get_current_stream())
+
+
 # --------------------------------------------------------------------------- pickling
 class HoldsNamespace:
     """Base of every object that keeps an array namespace (a module, which pickle refuses):

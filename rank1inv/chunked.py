@@ -20,8 +20,9 @@ import operator
 
 import numpy as np
 
-from . import _backend, _checks, _passes, _precision
+from . import _backend, _checks, _precision
 from ._blocks import Layout
+from ._chunks import ColumnChunks
 from ._operator import FisherOperator, PowerOperator
 from .static import StaticInverse, make_group
 
@@ -52,20 +53,16 @@ def _on_chunk(fn, g, *rest):
     return fn(_backend.namespace(g), g[None, ...], *rest)
 
 
-class ChunkedView(_backend.HoldsNamespace):
+class ChunkedView(ColumnChunks):
     """The group array (1, m, d) of a Dask G (m, d) with one chunk along m and any chunks along d.
 
-    The reductions (``gram``, ``project``, ``sumsq``, ``max_abs``) run one task per chunk and
-    return an array of the chunks' namespace on the client (``compute``); the d-local passes
-    (``combine``, ``column_sumsq``, ``map_tiles``) return lazy Dask arrays chunked like G's
-    columns. Each task calls the one-process pass of ``_passes`` on its chunk."""
-
-    chunked_view = True
+    Reductions run one task per chunk and return an array of the chunks' namespace on the
+    client (computed); d-local passes return lazy Dask arrays chunked like G's columns."""
 
     def __init__(self, G):
         self.G = G
         m, d = G.shape
-        self.shape, self.dtype, self.ndim = (1, m, d), G.dtype, 3
+        self.shape, self.dtype = (1, m, d), G.dtype
         self.cuts = G.chunks[1]
         self.xp = _backend.namespace(G._meta)  # the namespace of the chunks: the m×m algebra's
 
@@ -74,8 +71,6 @@ class ChunkedView(_backend.HoldsNamespace):
         return X.rechunk({0: 1, 1: self.cuts, 2: -1})
 
     def _reduce(self, fn, X=None, combine=operator.add):
-        """Σ (``combine``) over the column chunks of fn(chunk namespace, G chunk (1, m, c)[, X chunk
-        (1, c, k)]), computed: an array of the chunks' namespace."""
         dask = _dask()
         from dask import delayed
 
@@ -88,21 +83,20 @@ class ChunkedView(_backend.HoldsNamespace):
         (out,) = dask.compute(_tree(parts, combine))
         return out
 
-    # -- reductions over d: m-sized results on the client ---------------------------------
-    def max_abs(self) -> float:
-        top = self._reduce(lambda xp, g: np.array(_passes.max_abs(xp, g)), combine=np.maximum)  # nan propagates
-        return float(top)
-
-    def gram(self, accumulate, scale, weights=None):
-        if weights is not None:
-            raise ValueError("Dask gradients take one damping value (a per-coordinate prior: not yet)")
-        return self._reduce(lambda xp, g: _passes.gram(xp, g, accumulate, scale))
-
-    def project(self, X, accumulate, scale):
-        return self._reduce(lambda xp, g, x: _passes.project(xp, g, x, accumulate, scale), X)
-
-    def sumsq(self, X):
-        return self._reduce(lambda xp, g, x: _backend.sumsq(xp, x), X)
+    def _map(self, fn, X=None, *, rows=None, width=None):
+        da = _dask().array
+        G3 = self.G[None, :, :]
+        meta = self.xp.empty((0,) * (2 if rows is None and width is None else 3))
+        run = lambda *blocks: fn(_backend.namespace(blocks[-1]), blocks[-1], *blocks[:-1])
+        if width is not None:  # (1, c, width): aligned with X's chunks, or new
+            if X is None:
+                return da.blockwise(run, "bjk", G3, "bij", new_axes={"k": width}, dtype=np.float64,
+                                    concatenate=True, meta=meta)  # fmt: skip
+            return da.blockwise(run, "bjk", self._aligned(X), "bjk", G3, "bij", dtype=np.float64, concatenate=True,
+                                meta=meta)  # fmt: skip
+        if rows is None:
+            return G3.map_blocks(run, drop_axis=1, dtype=np.float64, meta=meta)
+        return G3.map_blocks(run, chunks=((1,), (rows,), self.cuts), dtype=np.float64, meta=meta)
 
     def columns(self, blocks, offsets):
         """Columns of G at ``offsets`` (the one block): (n, m) float64 in the chunks' namespace.
@@ -114,46 +108,6 @@ class ChunkedView(_backend.HoldsNamespace):
         out = xp.empty((idx.shape[0], self.shape[1]), dtype=xp.float64)
         _backend.decode_into(xp, out, xp.matrix_transpose(cols))
         return out
-
-    # -- local in d: lazy Dask arrays ------------------------------------------------------
-    def _G3(self):
-        return self.G[None, :, :]
-
-    def combine(self, X, C, alpha, beta, accumulate, scale):
-        """αX + β(σG)ᵀC, lazily: (1, d, k) Dask float64, chunked like G's columns."""
-        da = _dask().array
-        k = C.shape[-1]
-
-        def part(*blocks):
-            g, x = blocks[-1], (blocks[0] if len(blocks) == 2 else None)
-            xp = _backend.namespace(g)
-            c = xp.asarray(C, device=_backend.device(g))
-            return _passes.combine(xp, g, x, c, alpha, beta, accumulate, scale)
-
-        if X is None:
-            return da.blockwise(part, "bjk", self._G3(), "bij", new_axes={"k": k}, dtype=np.float64,
-                                concatenate=True, meta=self.xp.empty((0, 0, 0)))  # fmt: skip
-        return da.blockwise(part, "bjk", self._aligned(X), "bjk", self._G3(), "bij", dtype=np.float64,
-                            concatenate=True, meta=self.xp.empty((0, 0, 0)))  # fmt: skip
-
-    def column_sumsq(self, scale, weights=None):
-        if weights is not None:
-            raise ValueError("Dask gradients take one damping value (a per-coordinate prior: not yet)")
-        return self._G3().map_blocks(
-            lambda g: _passes.column_sumsq(_backend.namespace(g), g, scale), drop_axis=1, dtype=np.float64
-        )
-
-    def map_tiles(self, fn, scale, weights=None):
-        """As ``_passes.map_tiles``, lazily, chunk by chunk (fn(0, 1, tile) for each chunk's tiles)."""
-        if weights is not None:
-            raise ValueError("Dask gradients take one damping value (a per-coordinate prior: not yet)")
-        xp = self.xp
-        probe = fn(0, 1, xp.zeros((1, self.shape[1], 0), dtype=xp.float64))  # the output's rank
-        run = lambda g: _passes.map_tiles(_backend.namespace(g), g, fn, scale)
-        if probe.ndim == 2:
-            return self._G3().map_blocks(run, drop_axis=1, dtype=np.float64)
-        rows = probe.shape[1]
-        return self._G3().map_blocks(run, chunks=((1,), (rows,), self.cuts), dtype=np.float64)
 
 
 class DaskInverse(StaticInverse):

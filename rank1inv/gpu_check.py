@@ -42,7 +42,10 @@ def steps(out: Path) -> list[Step]:
                 "tests/test_dynamic.py",
                 "tests/test_backend.py",
                 "tests/test_coef.py",
-                "tests/test_reliability.py tests/test_laplace.py tests/test_factored.py",
+                "tests/test_reliability.py",
+                "tests/test_laplace.py",
+                "tests/test_factored.py",
+                "tests/test_streamed.py",
                 "-k",
                 "not no_drift",
             ),  # fmt: skip

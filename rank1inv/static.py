@@ -14,12 +14,13 @@ from ._operator import InverseOperator
 from ._prior import PriorGroup
 from ._woodbury import WoodburyGroup
 from .factored import FactoredGradients
+from .streamed import StreamedGradients
 
 
 def group_view(xp, G, run):
     """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy (for
     factored gradients a ``FactoredView``, for sharded ones a ``_passes.ShardedView``)."""
-    if isinstance(G, FactoredGradients):
+    if isinstance(G, (FactoredGradients, StreamedGradients)):
         return G.view(run.start, run.count, run.size)
     if isinstance(G, _passes.ShardedView) or _passes.is_chunked(G):  # one block (d > m)
         return G
@@ -112,6 +113,10 @@ class StaticInverse(InverseOperator):
         if isinstance(G, FactoredGradients):  # layer factors, never an m×d array
             xp = G.xp
             policy = _precision.name_of(G.dtype)
+        elif isinstance(G, StreamedGradients):  # host memory, streamed to xp's device per pass
+            xp, policy = G.xp, G.storage
+            if block_size is not None or G.shape[1] <= G.shape[0] or not isinstance(damp, (int, float, np.floating)):
+                raise ValueError("streamed gradients take one block (block_size=None), d > m and one damping value")
         else:
             G = _checks.as_array(G, "G")
             xp = _backend.namespace(G)
@@ -191,7 +196,7 @@ class StaticInverse(InverseOperator):
         return self._group_list
 
     def _anchor(self):
-        return self._G.anchor if isinstance(self._G, FactoredGradients) else self._G
+        return self._G.anchor if isinstance(self._G, (FactoredGradients, StreamedGradients)) else self._G
 
     def _width(self) -> int:
         return self._G.shape[0]

@@ -31,6 +31,7 @@ def public_members():
         out.append((DaskInverse, name, getattr(DaskInverse, name)))
     for name in ("to_dense", "view"):
         out.append((r1.FactoredGradients, name, getattr(r1.FactoredGradients, name)))
+    out.append((r1.StreamedGradients, "view", r1.StreamedGradients.view))
     for name in ("log_marginal_likelihood", "tune_damp", "predictive_variance", "probit_probabilities",
                  "expected_calibration_error"):  # fmt: skip
         out.append((laplace, name, getattr(laplace, name)))

@@ -65,6 +65,9 @@ def test_gpu_check_dry_run_fits_the_device_budget(capsys):
     assert "kernels against their mirrors" in text and "benchmark, full rows" in text
     assert sum(s.estimate_s for s in gpu_check.steps(Path("x"))) <= 360
     assert all(s.timeout_s >= s.estimate_s for s in gpu_check.steps(Path("x")))
+    tests = [a for s in gpu_check.steps(Path("x")) for a in s.argv if a.startswith("tests/")]
+    missing = [a for a in tests if not (gpu_check.ROOT / a).is_file()]  # one path per argument
+    assert tests and not missing, missing
 
 
 def test_cli_help_exits_zero():

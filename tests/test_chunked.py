@@ -36,7 +36,8 @@ def test_every_query_matches_the_dense_inverse(G, damp, width, data):
     testing.assert_inverse_close(op, G, damp)
     ref = r1.StaticInverse(G, damp)
     assert op.dtype == ref.dtype
-    assert op.logdet() == pytest.approx(ref.logdet(), rel=1e-12, abs=1e-9)
+    # the Gram matrix summed in another order: logdet within its rounding (cond-amplified)
+    assert op.logdet() == pytest.approx(ref.logdet(), rel=1e-8, abs=1e-9)
     idx = data.draw(st.lists(st.integers(0, d - 1), min_size=1, max_size=6))
     np.testing.assert_allclose(op.submatrix(idx), ref.submatrix(idx), rtol=1e-6, atol=1e-6 * float(ref.diag().max()))
 

@@ -46,6 +46,7 @@ def steps(out: Path) -> list[Step]:
                 "tests/test_laplace.py",
                 "tests/test_factored.py",
                 "tests/test_streamed.py",
+                "tests/test_chunked.py",
                 "-k",
                 "not no_drift",
             ),  # fmt: skip

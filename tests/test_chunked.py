@@ -176,3 +176,18 @@ def test_on_a_local_cluster_results_equal_one_process_and_survive_a_lost_worker(
         Y_after = (op @ da.from_array(X, chunks=(500, 2))).compute()
         np.testing.assert_array_equal(Y_after, Y)  # same sums in the same order, on the same kind of worker
         client.wait_for_workers(2, timeout=60)
+
+
+@pytest.mark.gpu
+def test_cupy_chunks_equal_numpy_chunks():
+    """A Dask array of CuPy chunks: the passes run on the GPU, the m×m algebra on CuPy."""
+    import cupy
+
+    G = testing.gradients("clusters", 16, 20_000, seed=2, dtype="float32")
+    x = np.random.default_rng(3).standard_normal((20_000, 2))
+    host = r1.StaticInverse(chunked(G, 3000), 1e-3)
+    gpu = r1.StaticInverse(da.from_array(cupy.asarray(G), chunks=(16, 3000), asarray=False), 1e-3)
+    Y = gpu @ da.from_array(cupy.asarray(x), chunks=(5000, 2), asarray=False)
+    np.testing.assert_allclose(cupy.asnumpy(Y.compute()), (host @ x).compute(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cupy.asnumpy(gpu.diag().compute()), host.diag().compute(), rtol=1e-6)
+    assert gpu.logdet() == pytest.approx(host.logdet(), rel=1e-8)

@@ -530,8 +530,13 @@ def main(argv=None):
     p.add_argument("--laplace", action="store_true", help="print the side-by-side with laplace-torch (bench extra)")
     p.add_argument("--natural", action="store_true", help="print the factored natural-gradient step benchmark (torch)")
     p.add_argument("--out-of-core", metavar="DIR", help="print the memory-mapped IHVP benchmark (writes ~4 GB in DIR)")
+    p.add_argument("--dask", action="store_true", help="print the Dask LocalCluster IHVP benchmark (dask extra)")
     args = p.parse_args(argv)
-    if args.out_of_core:
+    if args.dask:
+        from . import bench_dask
+
+        print(bench_dask.run())
+    elif args.out_of_core:
         from . import bench_streaming
 
         print(bench_streaming.run(args.out_of_core))

@@ -65,6 +65,7 @@ class ChunkedView(ColumnChunks):
         self.shape, self.dtype = (1, m, d), G.dtype
         self.cuts = G.chunks[1]
         self.xp = _backend.namespace(G._meta)  # the namespace of the chunks: the m×m algebra's
+        self.bytes_reduced = 0  # bytes of the partial results the chunks' tasks emitted (all reductions)
 
     def _aligned(self, X):
         """X (1, d, k) rechunked to G's column chunks, one chunk along k."""
@@ -81,6 +82,7 @@ class ChunkedView(ColumnChunks):
             xs = list(self._aligned(X).to_delayed()[0, :, 0])
             parts = [delayed(_on_chunk)(fn, g, x) for g, x in zip(blocks, xs)]
         (out,) = dask.compute(_tree(parts, combine))
+        self.bytes_reduced += len(parts) * int(np.asarray(_backend.to_host(out)).nbytes)  # one result per chunk
         return out
 
     def _map(self, fn, X=None, *, rows=None, width=None):

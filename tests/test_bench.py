@@ -75,3 +75,11 @@ def test_cli_help_exits_zero():
 
     assert main(["--help"]) == 0
     assert main(["no-such-command"]) == 2
+
+
+def test_dask_bench_runs():
+    pytest.importorskip("distributed")
+    from rank1inv import bench_dask
+
+    text = bench_dask.run(m=8, d=1 << 19)
+    assert "bytes sent back by the chunks' tasks per IHVP (2 chunks) | 144 |" in text, text  # 2 · 8 · (8 + 1)

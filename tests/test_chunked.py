@@ -73,7 +73,11 @@ def test_products_are_lazy_chunked_like_x_and_independent_of_the_chunking():
     X = rng.standard_normal((900, 3))
     ops = [r1.StaticInverse(chunked(G, w), 1e-2) for w in (900, 128, 7)]
     x = da.from_array(X, chunks=(100, 3))
+    view = ops[1]._group_list[0].Gg
+    before = view.bytes_reduced
     Ys = [op @ x for op in ops]
+    chunks = len(view.cuts)  # per product: G·x (m·k), ‖x‖² (k) per chunk of G: O(m), not O(d)
+    assert view.bytes_reduced - before == chunks * 8 * (16 * 3 + 3)
     assert all(isinstance(Y, da.Array) and Y.chunks == x.chunks for Y in Ys)
     ref = r1.StaticInverse(G, 1e-2) @ X
     for Y in Ys:

@@ -57,16 +57,25 @@ def pad(xp, R, n: int) -> None:
         R[idx, idx] = 1.0
 
 
-def drop(xp, src, dst, n: int, k: int) -> None:
+def drop(xp, src, dst, n: int, k: int, rhs=None):
     """dst ← the factor of the (n−1)-system without age position k, from src (the n-system),
     padded. dst may be src. O(cap²): the compiled kernel (CPU extension or CUDA), else
-    ``drop_rows_numpy``."""
+    ``drop_rows_numpy``. With ``rhs`` (n−1 values) also returns R̃⁻ᵀ·rhs for the new factor R̃
+    (what ``new_column`` needs next): in the same sweep on the CPU extension (one read of the
+    factor fewer, the same result bit for bit), by a triangular solve after the drop elsewhere."""
     kern = _backend.kernels(xp)
+    solved = None
     if kern is not None and hasattr(kern, "chol_drop") and kern.chol_drop_usable(src, n):
-        kern.chol_drop(src, dst, n, k)
+        fused = rhs is not None and hasattr(kern, "solve_upper")  # the CPU extension
+        solved = kern.chol_drop(src, dst, n, k, rhs) if fused else kern.chol_drop(src, dst, n, k)
     else:
         drop_rows_numpy(xp, src, dst, n, k)
     pad(xp, dst, n - 1)
+    if rhs is not None and solved is None:
+        b = xp.zeros((dst.shape[0], 1), dtype=xp.float64, device=_backend.device(dst))
+        b[: n - 1, 0] = rhs
+        solved = triangular(xp, dst, b, n - 1, transposed=True)[: n - 1, 0]
+    return solved
 
 
 def drop_rows_numpy(xp, src, dst, n: int, k: int) -> None:
@@ -94,7 +103,7 @@ EPS = 2.0**-52
 TINY = 2.0**-1022  # a zero gradient whose damping underflowed still gets a positive pivot
 
 
-def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None):
+def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None, solved=None):
     """The factor's new last column for appending a vector with K' entries ``a`` (n,) against
     the window (age order) and ``alpha`` on the diagonal: (r (n,), ρ) with Rᵀr = a and
     ρ² = α − ‖r‖². Writes nothing. O(cap²).
@@ -106,11 +115,13 @@ def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None):
     of gradients G'ᵀq is itself at rounding level, so F⁻¹ is unaffected to its backward error
     (the argument of ``_woodbury.SpectralFactor``). ``reference`` is the diagonal entry of the
     system the floor is relative to, when α is itself a Schur complement (default α).
-    ValueError only for non-finite values."""
-    cap = R.shape[0]
-    b = xp.zeros((cap, 1), dtype=xp.float64, device=_backend.device(R))
-    b[:n, 0] = a
-    r = triangular(xp, R, b, n, transposed=True)[:n, 0]
+    ValueError only for non-finite values. ``solved``: R⁻ᵀa when already known (``drop``)."""
+    if solved is not None:
+        r = solved
+    else:
+        b = xp.zeros((R.shape[0], 1), dtype=xp.float64, device=_backend.device(R))
+        b[:n, 0] = a
+        r = triangular(xp, R, b, n, transposed=True)[:n, 0]
     rho2 = float(alpha - xp.sum(r * r))
     if not math.isfinite(rho2):
         raise ValueError("the damped Gram matrix is not finite with this gradient (its inner products overflow?)")

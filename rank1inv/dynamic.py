@@ -535,15 +535,18 @@ class DynamicInverse(InverseOperator):
         order = list(self._order())
         R = None  # the factor being updated: self._R until the first write, then the spare
         for t, ((slot, _, _), (k, n)) in enumerate(zip(items, steps)):
-            if k is not None:
-                _window.drop(xp, self._R if R is None else R, self._spare, n + 1, k)
-                R = self._spare
-                order.pop(k)
             row = stage.step_rows[t]
+            solved = None
+            if k is not None:
+                order.pop(k)
             idx = xp.asarray(np.asarray(order, dtype=np.int64), device=_backend.device(row))
+            a = xp.take(row, idx)  # the new gradient's K' row against the window in age order
+            if k is not None:  # the drop also solves R̃ᵀr = a for the new column (one sweep)
+                solved = _window.drop(xp, self._R if R is None else R, self._spare, n + 1, k, rhs=a)
+                R = self._spare
             base = self._R if R is None else R
             try:
-                r, rho = _window.new_column(xp, base, n, xp.take(row, idx), float(row[slot]) + mu)
+                r, rho = _window.new_column(xp, base, n, a, float(row[slot]) + mu, solved=solved)
             except ValueError as err:
                 raise ValueError(f"this gradient cannot be stored: {err}") from err
             if R is None and len(items) == 1:

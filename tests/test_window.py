@@ -66,6 +66,30 @@ def test_drop_kernel_matches_mirror_closely():
     np.testing.assert_allclose(a[:199, :199], b[:199, :199], rtol=1e-14, atol=1e-15 * np.abs(b).max())
 
 
+@given(n=st.integers(2, 60), k=st.integers(0, 59), seed=st.integers(0, 1000), in_place=st.booleans(),
+       family=st.sampled_from(["iid", "clusters", "huge_row"]))  # fmt: skip
+def test_drop_with_a_right_hand_side_solves_with_the_new_factor(n, k, seed, in_place, family):
+    """``_window.drop(..., rhs=a)`` returns R̃⁻ᵀa for the new factor: the fused CPU sweep equals
+    the drop followed by the compiled solve bit for bit, and a dense solve to rounding."""
+    k %= n
+    K = spd(n, seed, family)
+    R = host(_window.factorize(xp_np, K, n + 2))
+    a = np.random.default_rng(seed).standard_normal(n - 1)
+    src = R.copy()
+    dst = src if in_place else np.full_like(R, np.nan)
+    r = _window.drop(xp_np, src, dst, n, k, rhs=a)
+    Rt = dst[: n - 1, : n - 1]
+    np.testing.assert_allclose(Rt.T @ r, a, rtol=0, atol=1e-9 * np.abs(Rt).max() * np.abs(r).max() * n)
+    if cpu.available():  # the same operations as drop, then solve_ut
+        src2 = R.copy()
+        dst2 = src2 if in_place else np.full_like(R, np.nan)
+        cpu.chol_drop(src2, dst2, n, k)
+        B = np.zeros((n + 2, 1))
+        B[: n - 1, 0] = a
+        cpu.solve_upper(dst2, B, n - 1, trans=True)
+        assert np.array_equal(r, B[: n - 1, 0]) and np.array_equal(dst[: n - 1, : n - 1], dst2[: n - 1, : n - 1])
+
+
 @given(n=st.integers(0, 40), seed=st.integers(0, 1000), family=st.sampled_from(["iid", "collinear", "duplicate"]))
 def test_append_equals_a_fresh_factor(n, seed, family):
     K = spd(n + 1, seed, family)

@@ -47,9 +47,10 @@ if _ext is not None:
             _fn = getattr(_lib, f"rank1inv_{_f}_{_suffix}")
             _fn.argtypes, _fn.restype = _args, None
     _lib.rank1inv_chol_drop.argtypes = [_p, _p, _i64, _i64, _i64, _p]
+    _lib.rank1inv_chol_drop_solve.argtypes = [_p, _p, _i64, _i64, _i64, _p, _p]
     _lib.rank1inv_solve_ut.argtypes = [_p, _i64, _i64, _p]
     _lib.rank1inv_solve_u.argtypes = [_p, _i64, _i64, _p]
-    for _f in ("chol_drop", "solve_ut", "solve_u"):
+    for _f in ("chol_drop", "chol_drop_solve", "solve_ut", "solve_u"):
         getattr(_lib, f"rank1inv_{_f}").restype = None
 
 
@@ -206,13 +207,21 @@ def chol_drop_usable(R, n: int) -> bool:
     return _lib is not None and R.dtype == np.float64 and R.flags.c_contiguous and R.ndim == 2
 
 
-def chol_drop(src, dst, n: int, k: int) -> None:
+def chol_drop(src, dst, n: int, k: int, rhs=None):
     """dst ← src without row/column k of its leading n×n factor (``window.c``); dst may be src.
-    Single-threaded: O(n²) streaming work, no BLAS."""
+    With ``rhs`` (n−1 float64 values) also returns R̃⁻ᵀ·rhs for the new factor R̃, computed in the
+    same sweep (a new array). Single-threaded: O(n²) streaming work, no BLAS."""
     if not (chol_drop_usable(src, n) and chol_drop_usable(dst, n) and src.shape == dst.shape):
         raise ValueError("chol_drop needs C-contiguous float64 square arrays of one shape")
     x = np.empty(max(n, 1))
-    _lib.rank1inv_chol_drop(src.ctypes.data, dst.ctypes.data, src.shape[1], n, k, x.ctypes.data)
+    if rhs is None:
+        _lib.rank1inv_chol_drop(src.ctypes.data, dst.ctypes.data, src.shape[1], n, k, x.ctypes.data)
+        return None
+    b = np.array(rhs, dtype=np.float64, order="C", copy=True).reshape(-1)
+    if b.shape[0] != n - 1:
+        raise ValueError(f"rhs must have n - 1 = {n - 1} entries, got {b.shape[0]}")
+    _lib.rank1inv_chol_drop_solve(src.ctypes.data, dst.ctypes.data, src.shape[1], n, k, x.ctypes.data, b.ctypes.data)
+    return b
 
 
 def solve_upper(R, B, n: int, trans: bool) -> None:

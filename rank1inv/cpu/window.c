@@ -20,6 +20,11 @@
  * The NumPy mirror of this exact order of operations is rank1inv._window.drop_rows_numpy; the
  * CUDA version is rank1inv/cuda/cholesky_update.cu.
  *
+ * rank1inv_chol_drop_solve: the same drop, and b ← R̃⁻ᵀb for the new (n−1)-factor R̃ in the same
+ * sweep: each row of R̃ takes its forward-substitution step right after it is written, while
+ * it is in cache (the operations of rank1inv_solve_ut, in its order: bitwise the same result
+ * as the drop followed by the solve, with one read of the factor fewer).
+ *
  * rank1inv_solve_ut / rank1inv_solve_u: Rᵀy = b and R c = y for upper R, in place, O(n²)
  * (LAPACK's trsv does the same arithmetic).
  */
@@ -45,13 +50,23 @@ MULTIVERSION static void rotate(const double *__restrict s, double *__restrict d
     }
 }
 
-void rank1inv_chol_drop(const double *src, double *dst, int64_t ld, int64_t n, int64_t k, double *x) {
+/* One step of forward substitution with row q of a factor (n1 unknowns): b[q] ← b[q]/r[q], then
+ * b[j] −= b[q]·r[j] for j > q (rank1inv_solve_ut's loop body). */
+static inline void forward_step(const double *r, int64_t q, int64_t n1, double *b) {
+    const double y = b[q] / r[q];
+    b[q] = y;
+    if (y != 0.0)
+        for (int64_t j = q + 1; j < n1; ++j) b[j] -= y * r[j];
+}
+
+static inline void drop(const double *src, double *dst, int64_t ld, int64_t n, int64_t k, double *x, double *rhs) {
     /* rows above k: drop column k */
     for (int64_t i = 0; i < k; ++i) {
         const double *s = src + i * ld;
         double *d = dst + i * ld;
         if (d != s) memcpy(d, s, (size_t)k * sizeof(double));
         memmove(d + k, s + k + 1, (size_t)(n - k - 1) * sizeof(double));
+        if (rhs) forward_step(d, i, n - 1, rhs);
     }
     /* the row being removed becomes the update vector x[j] for columns j > k */
     for (int64_t j = k + 1; j < n; ++j) x[j] = src[k * ld + j];
@@ -64,7 +79,17 @@ void rank1inv_chol_drop(const double *src, double *dst, int64_t ld, int64_t n, i
         if (d != s - ld) memset(d, 0, (size_t)(i - 1) * sizeof(double)); /* in place: already zero */
         d[i - 1] = r;
         rotate(s, d, x, i + 1, n, c, sn);
+        if (rhs) forward_step(d, i - 1, n - 1, rhs);
     }
+}
+
+MULTIVERSION void rank1inv_chol_drop(const double *src, double *dst, int64_t ld, int64_t n, int64_t k, double *x) {
+    drop(src, dst, ld, n, k, x, 0);
+}
+
+MULTIVERSION void rank1inv_chol_drop_solve(const double *src, double *dst, int64_t ld, int64_t n, int64_t k, double *x,
+                                           double *rhs) {
+    drop(src, dst, ld, n, k, x, rhs);
 }
 
 /* b ← y with Rᵀy = b (forward substitution, row k of R updates the later unknowns). Leading

@@ -66,8 +66,10 @@ def drop(xp, src, dst, n: int, k: int, rhs=None):
     kern = _backend.kernels(xp)
     solved = None
     if kern is not None and hasattr(kern, "chol_drop") and kern.chol_drop_usable(src, n):
-        fused = rhs is not None and hasattr(kern, "solve_upper")  # the CPU extension
-        solved = kern.chol_drop(src, dst, n, k, rhs) if fused else kern.chol_drop(src, dst, n, k)
+        if rhs is not None and hasattr(kern, "chol_drop_solve"):  # the CPU extension
+            solved = kern.chol_drop_solve(src, dst, n, k, rhs)
+        else:
+            kern.chol_drop(src, dst, n, k)
     else:
         drop_rows_numpy(xp, src, dst, n, k)
     pad(xp, dst, n - 1)

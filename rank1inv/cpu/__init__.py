@@ -207,16 +207,23 @@ def chol_drop_usable(R, n: int) -> bool:
     return _lib is not None and R.dtype == np.float64 and R.flags.c_contiguous and R.ndim == 2
 
 
-def chol_drop(src, dst, n: int, k: int, rhs=None):
-    """dst ← src without row/column k of its leading n×n factor (``window.c``); dst may be src.
-    With ``rhs`` (n−1 float64 values) also returns R̃⁻ᵀ·rhs for the new factor R̃, computed in the
-    same sweep (a new array). Single-threaded: O(n²) streaming work, no BLAS."""
+def _drop_arrays(src, dst, n: int):
     if not (chol_drop_usable(src, n) and chol_drop_usable(dst, n) and src.shape == dst.shape):
         raise ValueError("chol_drop needs C-contiguous float64 square arrays of one shape")
-    x = np.empty(max(n, 1))
-    if rhs is None:
-        _lib.rank1inv_chol_drop(src.ctypes.data, dst.ctypes.data, src.shape[1], n, k, x.ctypes.data)
-        return None
+    return np.empty(max(n, 1))
+
+
+def chol_drop(src, dst, n: int, k: int) -> None:
+    """dst ← src without row/column k of its leading n×n factor (``window.c``); dst may be src.
+    Single-threaded: O(n²) streaming work, no BLAS."""
+    x = _drop_arrays(src, dst, n)
+    _lib.rank1inv_chol_drop(src.ctypes.data, dst.ctypes.data, src.shape[1], n, k, x.ctypes.data)
+
+
+def chol_drop_solve(src, dst, n: int, k: int, rhs):
+    """``chol_drop``, and R̃⁻ᵀ·rhs (rhs: n−1 float64 values; a new array) for the new factor R̃,
+    computed in the same sweep: bitwise ``chol_drop`` then ``solve_upper(trans=True)``."""
+    x = _drop_arrays(src, dst, n)
     b = np.array(rhs, dtype=np.float64, order="C", copy=True).reshape(-1)
     if b.shape[0] != n - 1:
         raise ValueError(f"rhs must have n - 1 = {n - 1} entries, got {b.shape[0]}")

@@ -12,8 +12,9 @@ it computes with σG. Where float64 products of stored values are exact and cann
 storage with σ ≠ 1 (only for gradients beyond 2^±256) is scaled tile by tile.
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G, or a
-``rank1inv.factored.FactoredView`` of that shape (gradients as layer factors): each pass
-dispatches such views to their factored formulas in one line.
+``rank1inv.factored.FactoredView`` of that shape (gradients as layer factors), a
+``ShardedView`` (this rank's columns) or a ``rank1inv._chunks.ColumnChunks`` view (G read in
+column chunks: Dask, host streaming): each pass dispatches such views in one line.
 With float32 storage, passes with few vectors (the IHVP and push_apply hot path has one) go to
 compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
 (``rank1inv.cpu``, up to 8 vectors, any number of blocks) on NumPy, the RawKernels
@@ -71,8 +72,9 @@ def is_factored(Gg) -> bool:
 
 
 def is_chunked(Gg) -> bool:
-    """Whether Gg is a ``rank1inv.chunked.ChunkedView`` (a Dask array chunked along d: each pass
-    maps over the chunks and sums their partial results; recognised by its marker)."""
+    """Whether Gg is a ``rank1inv._chunks.ColumnChunks`` view (G read in column chunks: a Dask
+    array, or host memory streamed to the device): each pass runs on every chunk and sums the
+    partial results (recognised by its marker)."""
     return getattr(Gg, "chunked_view", False) is True
 
 

@@ -19,7 +19,8 @@ from .streamed import StreamedGradients
 
 def group_view(xp, G, run):
     """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy (for
-    factored gradients a ``FactoredView``, for sharded ones a ``_passes.ShardedView``)."""
+    factored gradients a ``FactoredView``, for sharded ones a ``_passes.ShardedView``, for
+    chunked or streamed ones a ``_chunks.ColumnChunks`` view)."""
     if isinstance(G, (FactoredGradients, StreamedGradients)):
         return G.view(run.start, run.count, run.size)
     if isinstance(G, _passes.ShardedView) or _passes.is_chunked(G):  # one block (d > m)
@@ -82,7 +83,9 @@ class StaticInverse(InverseOperator):
     ----------
     G : array (m, d), NumPy or CuPy; float64, float32, bfloat16 or float16; or a
         ``rank1inv.FactoredGradients`` (per-sample gradients of linear layers as factors: no
-        m×d array is formed)
+        m×d array is formed), a ``rank1inv.StreamedGradients`` (host memory streamed to the
+        device once per pass), or a Dask array chunked along d (``rank1inv.chunked``: one task
+        per chunk and pass, lazy results)
         bfloat16 is ``ml_dtypes.bfloat16`` on NumPy and its bit patterns in a uint16 array on CuPy
         (which has no bfloat16 dtype).
         The gradients, one per row. Referenced, not copied, and never modified: do not modify it
@@ -145,7 +148,8 @@ class StaticInverse(InverseOperator):
             from .sharded import ShardedInverse
 
             return super().__new__(ShardedInverse)
-        if args and _backend.is_dask_array(args[0]) and cls is StaticInverse:  # chunked along d
+        G = args[0] if args else kwargs.get("G")
+        if _backend.is_dask_array(G) and cls is StaticInverse:  # chunked along d
             from .chunked import DaskInverse
 
             return super().__new__(DaskInverse)

@@ -153,6 +153,15 @@ INLINE void project(const void *G, int64_t m, int64_t d, int64_t ld, const doubl
     for (; i < m; i += 4) project_rows(row_at(G, i, ld, es), (m - i < 4) ? m - i : 4, ld, d, x, p + i, at, es);
 }
 
+/* Σ_{r < 8} cc[r]·G[r, j..j+4) (cc: broadcast coefficients), summed ((0+1)+(2+3))+((4+5)+(6+7)). */
+INLINE v4d sum8(const v4d *cc, const void *const *g, int64_t j, load1_t at) {
+    v4d lo = (cc[0] * cvt4(at, g[0], j) + cc[1] * cvt4(at, g[1], j)) +
+             (cc[2] * cvt4(at, g[2], j) + cc[3] * cvt4(at, g[3], j));
+    v4d hi = (cc[4] * cvt4(at, g[4], j) + cc[5] * cvt4(at, g[5], j)) +
+             (cc[6] * cvt4(at, g[6], j) + cc[7] * cvt4(at, g[7], j));
+    return lo + hi;
+}
+
 /* acc[0..n) += Σ_{r < rows} c[r] · G[r, 0..n) for up to 8 rows. */
 INLINE void combine_rows(const void *G, int64_t rows, int64_t ld, int64_t n, const double *c, double *acc, load1_t at,
                          int64_t es) {
@@ -165,13 +174,7 @@ INLINE void combine_rows(const void *G, int64_t rows, int64_t ld, int64_t n, con
         cc[r] = t;
     }
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        v4d lo = (cc[0] * cvt4(at, g[0], j) + cc[1] * cvt4(at, g[1], j)) +
-                 (cc[2] * cvt4(at, g[2], j) + cc[3] * cvt4(at, g[3], j));
-        v4d hi = (cc[4] * cvt4(at, g[4], j) + cc[5] * cvt4(at, g[5], j)) +
-                 (cc[6] * cvt4(at, g[6], j) + cc[7] * cvt4(at, g[7], j));
-        store4(acc + j, load4(acc + j) + (lo + hi));
-    }
+    for (; j + 4 <= n; j += 4) store4(acc + j, load4(acc + j) + sum8(cc, g, j, at));
     for (; j < n; ++j) {
         double t = 0.0;
         for (int r = 0; r < rows; ++r) t += c[r] * at(g[r], j);
@@ -190,17 +193,7 @@ INLINE void combine_rows16(const void *G, int64_t ld, int64_t n, const double *c
         cc[r] = t;
     }
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-        v4d lo = (cc[0] * cvt4(at, g[0], j) + cc[1] * cvt4(at, g[1], j)) +
-                 (cc[2] * cvt4(at, g[2], j) + cc[3] * cvt4(at, g[3], j));
-        v4d hi = (cc[4] * cvt4(at, g[4], j) + cc[5] * cvt4(at, g[5], j)) +
-                 (cc[6] * cvt4(at, g[6], j) + cc[7] * cvt4(at, g[7], j));
-        v4d lo2 = (cc[8] * cvt4(at, g[8], j) + cc[9] * cvt4(at, g[9], j)) +
-                  (cc[10] * cvt4(at, g[10], j) + cc[11] * cvt4(at, g[11], j));
-        v4d hi2 = (cc[12] * cvt4(at, g[12], j) + cc[13] * cvt4(at, g[13], j)) +
-                  (cc[14] * cvt4(at, g[14], j) + cc[15] * cvt4(at, g[15], j));
-        store4(acc + j, load4(acc + j) + ((lo + hi) + (lo2 + hi2)));
-    }
+    for (; j + 4 <= n; j += 4) store4(acc + j, load4(acc + j) + (sum8(cc, g, j, at) + sum8(cc + 8, g + 8, j, at)));
     for (; j < n; ++j) {
         double t = 0.0;
         for (int r = 0; r < 16; ++r) t += c[r] * at(g[r], j);

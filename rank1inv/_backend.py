@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import array_api_compat
 import numpy as np
@@ -109,12 +110,32 @@ def is_dask_array(x) -> bool:
     return array_api_compat.is_dask_array(x)
 
 
+@functools.cache
 def dask_namespace():
     """The array-API namespace of Dask arrays: the *data* namespace of an operator over a Dask G
     (docs/design.md §13), whose m×m algebra runs in the namespace of G's chunks."""
     import dask.array
 
     return array_api_compat.array_namespace(dask.array.empty(0))
+
+
+class Namespaces(NamedTuple):
+    """The backend record of an operator's arrays (docs/design.md §13): ``data`` holds the d-long
+    arrays (G, right-hand sides, products, diagonals), ``algebra`` the m×m work (Gram matrices,
+    factors, coefficients). The same NumPy or CuPy namespace for in-memory G; Dask's and its
+    chunks' namespace for a Dask G, so that no factor or coefficient is ever a lazy array."""
+
+    data: object
+    algebra: object
+
+
+def namespaces(G) -> Namespaces:
+    """The ``Namespaces`` of gradients G: a NumPy/CuPy array or a Dask array of their chunks
+    (TypeError otherwise, naming the adapter for torch/JAX)."""
+    if is_dask_array(G):
+        return Namespaces(dask_namespace(), namespace(G._meta))
+    xp = namespace(G)
+    return Namespaces(xp, xp)
 
 
 def is_foreign_array(x) -> bool:

@@ -144,7 +144,8 @@ class DaskInverse(StaticInverse):
             raise ValueError("block layouts over Dask chunks are not supported: pass block_size=None")
         if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
             raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
-        algebra = _backend.namespace(G._meta)  # TypeError for chunks of another library
+        spaces = _backend.namespaces(G)  # Dask's for the data, the chunks' for the m×m algebra
+        algebra = spaces.algebra
         policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(algebra))
         m, d = G.shape
         if m < 1 or d < 1:
@@ -164,7 +165,7 @@ class DaskInverse(StaticInverse):
 
     @property
     def _data(self):
-        return _backend.dask_namespace()
+        return _backend.namespaces(self._G).data  # not stored: modules do not pickle
 
     def _anchor(self):
         return None

@@ -128,6 +128,18 @@ def test_refusals_and_errors_are_clear():
         r1.StaticInverse(masked, 1e-2)
 
 
+def test_pickles_and_copies():
+    import copy
+    import pickle
+
+    G = np.random.default_rng(0).standard_normal((4, 50))
+    op = r1.StaticInverse(chunked(G, 10), 0.1)
+    x = np.random.default_rng(1).standard_normal(50)
+    want = (op @ x).compute()
+    for other in (pickle.loads(pickle.dumps(op)), copy.deepcopy(op)):
+        np.testing.assert_array_equal((other @ x).compute(), want)
+
+
 def test_inputs_are_not_modified_and_diag_warns_like_numpy():
     G = testing.gradients("duplicate", 6, 80, seed=2, dtype="float64")
     before = G.copy()

@@ -162,3 +162,15 @@ def test_streamed_to_the_gpu_equals_the_mirror(storage):
     np.testing.assert_allclose(Y, host @ x, rtol=1e-9 if storage == "float64" else 1e-5, atol=1e-12)
     np.testing.assert_allclose(cupy.asnumpy(gpu.diag()), host.diag(), rtol=1e-6)
     assert gpu.logdet() == pytest.approx(host.logdet(), rel=1e-8)
+
+
+def test_pickles_and_copies():
+    import copy
+    import pickle
+
+    G = np.random.default_rng(0).standard_normal((5, 300))
+    op = r1.StaticInverse(StreamedGradients(G, chunk_bytes=5 * 8 * 64), 0.1)
+    x = np.random.default_rng(1).standard_normal(300)
+    want = op @ x
+    for other in (pickle.loads(pickle.dumps(op)), copy.deepcopy(op)):
+        np.testing.assert_array_equal(other @ x, want)

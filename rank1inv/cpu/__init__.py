@@ -108,8 +108,12 @@ def _map(fn, parts):
     with _pool_lock:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="rank1inv")
-    for f in [_pool.submit(fn, p) for p in parts]:
-        f.result()
+    futures = [_pool.submit(fn, p) for p in parts[1:]]
+    try:
+        fn(parts[0])  # the calling thread takes the first part (one hand-off fewer)
+    finally:
+        for f in futures:
+            f.result()
 
 
 def _split(n: int, size: int, align: int = 1):

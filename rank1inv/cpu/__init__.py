@@ -3,8 +3,9 @@ a sliding window's m×m level-2 work (``window.c``: removing a row and column of
 factor, triangular solves), single-threaded and BLAS-free.
 
 Built at install time as an optional extension and called through ctypes, which releases the
-GIL: large passes are split over a small private pool of worker threads (one per available
-core, at most ``MAX_WORKERS``; idle workers block, they never spin). When the extension is
+GIL: large passes are split into one part per available core (at most ``MAX_WORKERS``); the
+calling thread runs the first part and a small private pool of worker threads the others
+(idle workers block, they never spin). When the extension is
 missing, ``rank1inv._passes`` converts cache-sized tiles of G to float64 instead and
 ``rank1inv._window`` updates the factor row by row in NumPy: the same results, slower.
 ``available()`` says which path runs.

@@ -23,6 +23,10 @@ from . import _backend, _passes
 PRIOR_REFUSED = "gradients read in chunks take one damping value (a per-coordinate prior: not yet)"
 
 
+def _add_pairs(a, b):
+    return a[0] + b[0], a[1] + b[1]
+
+
 class ColumnChunks(_backend.HoldsNamespace, ABC):
     """Group array (1, m, d) read chunk by chunk. Subclasses set ``shape``, ``dtype``, ``xp``
     (the namespace of the m×m algebra and of the chunks' results) and ``cuts`` (chunk widths),
@@ -58,8 +62,15 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
     def project(self, X, accumulate, scale):
         return self._reduce(lambda xp, g, x: _passes.project(xp, g, x, accumulate, scale), X)
 
-    def sumsq(self, X):
-        return self._reduce(lambda xp, g, x: _backend.sumsq(xp, x), X)
+    def project_sumsq(self, XW, X, accumulate, scale):
+        """(project(XW), Σ X²) in one reduction (XW is X or X·W; here always X)."""
+        if XW is not X:
+            raise ValueError(PRIOR_REFUSED)
+
+        def both(xp, g, x):
+            return _passes.project(xp, g, x, accumulate, scale), _backend.sumsq(xp, x)
+
+        return self._reduce(both, X, combine=_add_pairs)
 
     # -- local in d ----------------------------------------------------------------------
     def combine(self, X, C, alpha, beta, accumulate, scale):

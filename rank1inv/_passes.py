@@ -56,13 +56,20 @@ def global_width(Gg) -> int:
     return Gg.global_size if isinstance(Gg, ShardedView) else Gg.shape[2]
 
 
-def sumsq(xp, Gg, X):
-    """Σ_i X[b, i, j]² for X (nb, B, k) in the group's coordinates, over all shards: (nb, k)."""
+def project_sumsq(xp, Gg, X, accumulate: str, scale: float = 1.0, weights=None):
+    """(``project`` of X·W, Σ_i X[b, i, j]²): the first pass of an IHVP and the size of its
+    right-hand sides, (nb, m, k) and (nb, k) float64, over all shards, in one reduction: one
+    all-reduce of (m + 1)·k floats per block when sharded, one compute when chunked. W =
+    diag(``weights``) (nb, B) or None."""
+    XW = X if weights is None else X * weights[:, :, None]
     if is_chunked(Gg):
-        return Gg.sumsq(X)
-    Gg, shard = _local(Gg)
-    out = _backend.sumsq(xp, X)
-    return out if shard is None else shard.sum(xp, out)
+        return Gg.project_sumsq(XW, X, accumulate, scale)
+    local, shard = _local(Gg)
+    P, xx = project(xp, local, XW, accumulate, scale), _backend.sumsq(xp, X)
+    if shard is None:
+        return P, xx
+    both = shard.sum(xp, xp.concat([xp.reshape(P, (-1,)), xp.reshape(xx, (-1,))]))
+    return xp.reshape(both[: P.size], P.shape), xp.reshape(both[P.size :], xx.shape)
 
 
 def is_factored(Gg) -> bool:

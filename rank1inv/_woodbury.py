@@ -180,10 +180,10 @@ class WoodburyGroup(_backend.HoldsNamespace):
         (``_corrected``).
         """
         xp = self.xp
-        P = self._project(X)
+        # P = G'x and ‖x‖² in one reduction (one all-reduce / one compute when sharded / chunked)
+        P, xx = _passes.project_sumsq(xp, self.Gg, X, self.accumulate, self.sigma, self.weights)
         C = self.factor.solve(P)
         # ‖x − G'ᵀc‖² = ‖x‖² − cᵀp − μ'‖c‖² (K'c = p), O(mk): how much of x survives
-        xx = _passes.sumsq(xp, self.Gg, X)  # over all shards when G is sharded along d
         rest = xx - xp.sum(C * P, axis=1) - self.mu * xp.sum(C * C, axis=1)
         if not self._cancelled(rest, xx):
             return self._combine(X, C, 1.0 / self.damp_f, -1.0 / self.damp_f, overwrite=True)

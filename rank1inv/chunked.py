@@ -82,7 +82,8 @@ class ChunkedView(ColumnChunks):
             xs = list(self._aligned(X).to_delayed()[0, :, 0])
             parts = [delayed(_on_chunk)(fn, g, x) for g, x in zip(blocks, xs)]
         (out,) = dask.compute(_tree(parts, combine))
-        self.bytes_reduced += len(parts) * int(np.asarray(_backend.to_host(out)).nbytes)  # one result per chunk
+        sizes = [int(np.asarray(_backend.to_host(a)).nbytes) for a in (out if isinstance(out, tuple) else (out,))]
+        self.bytes_reduced += len(parts) * sum(sizes)  # one result per chunk
         return out
 
     def _map(self, fn, X=None, *, rows=None, width=None):

@@ -71,11 +71,7 @@ class TorchCommunicator:
         return self._reduce(a, self._dist.ReduceOp.SUM)
 
     def allreduce_max(self, a):
-        a = np.asarray(a, dtype=np.float64)
-        nan = np.isnan(a)
-        out = self._reduce(np.where(nan, np.inf, a), self._dist.ReduceOp.MAX)
-        any_nan = self._reduce(nan.astype(np.float64), self._dist.ReduceOp.MAX) > 0
-        return np.where(any_nan, np.nan, out)
+        return _max_keeping_nan(lambda v: self._reduce(v, self._dist.ReduceOp.MAX), a)
 
     def broadcast(self, a):
         t = self._tensor(a)
@@ -105,16 +101,23 @@ class MPICommunicator:
         return self._reduce(a, self._mpi.SUM)
 
     def allreduce_max(self, a):
-        a = np.asarray(a, dtype=np.float64)
-        nan = np.isnan(a)
-        out = self._reduce(np.where(nan, np.inf, a), self._mpi.MAX)
-        return np.where(self._reduce(nan.astype(np.float64), self._mpi.MAX) > 0, np.nan, out)
+        return _max_keeping_nan(lambda v: self._reduce(v, self._mpi.MAX), a)
 
     def broadcast(self, a):
         a = np.array(a, dtype=np.float64, copy=True)
         self.bytes_sent += a.nbytes if self.rank == 0 else 0
         self._comm.Bcast(a, root=0)
         return a
+
+
+def _max_keeping_nan(reduce_max, a) -> np.ndarray:
+    """The elementwise maximum over ranks by one MAX all-reduce (``reduce_max``) of the values
+    (nan as +inf) and their nan flags side by side: nan where any rank has a nan."""
+    a = np.asarray(a, dtype=np.float64)
+    nan = np.isnan(a)
+    both = reduce_max(np.concatenate([np.where(nan, np.inf, a).ravel(), nan.ravel().astype(np.float64)]))
+    out, any_nan = both[: a.size].reshape(a.shape), both[a.size :].reshape(a.shape) > 0
+    return np.where(any_nan, np.nan, out)
 
 
 def same_on_every_rank(comm: Communicator, value: float) -> bool:

@@ -99,6 +99,15 @@ def worker(rank, world, port, out_dir):
                 w3 = r1.DynamicInverse(hi - lo, 8, 1e-2, dtype=dtype, comm="torch")
                 w3.load_state_dict(mine)
                 results["resharded"] = np.asarray(w3 @ X[lo:hi], np.float64).tolist()
+        op = r1.StaticInverse(np.ones((3, 40)) + np.arange(40) / 40 * (1 + rank), 1.0, comm="torch")
+        x_bad = np.ones((op.shape[0], 2))
+        if rank == world - 1:
+            x_bad[0, 1] = np.nan  # on one rank only: every rank must refuse the product
+        try:
+            op @ x_bad
+            results["nan"] = "accepted"
+        except ValueError as err:
+            results["nan"] = str(err)
         results["mfac"] = mfac_run(world, rank)
         try:  # a rank with a different m: every rank gets the error, none hangs
             r1.StaticInverse(np.ones((3 if rank == 0 else 4, 40)), 1.0, comm="torch")
@@ -246,6 +255,7 @@ def test_sharded_static_inverse_equals_single_process(world, tmp_path):
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-9 * np.abs(ref_w).max())
     for rk in ranks:
         assert "same number of gradients" in rk["mismatch"]
+        assert "non-finite" in rk["nan"]  # a nan on one rank reaches every rank's max|x|
 
 
 def fsdp_run(world, rank, steps=5):

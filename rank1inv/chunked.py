@@ -122,8 +122,8 @@ class DaskInverse(StaticInverse):
     Construction computes max|G| and the Gram matrix (two passes, O(dm²) on the workers, m²
     floats per chunk back to the client). ``op @ x`` (x a Dask array, or a NumPy array, of shape
     (d,) or (d, k)) returns a lazy Dask array chunked like x; building it computes the
-    m-sized reductions over x and G (three passes over x, one over G; m·k floats per chunk come
-    back), and computing it runs the output pass. ``diag()`` is lazy the same way;
+    m-sized reductions over x and G (two computes: max|x|, then G·x with ‖x‖²; (m + 1)·k floats
+    per chunk come back), and computing it runs the output pass. ``diag()`` is lazy the same way;
     ``diag(indices)``, ``entries``, ``submatrix`` gather the m values of each indexed column and
     return arrays of the chunks' namespace; ``logdet``, ``with_damp``, ``gram_spectra``,
     ``eigenvalues``, ``fisher()``, ``power(p)`` work as usual. One block only (d > m), one

@@ -62,9 +62,9 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
     def project(self, X, accumulate, scale):
         return self._reduce(lambda xp, g, x: _passes.project(xp, g, x, accumulate, scale), X)
 
-    def project_sumsq(self, XW, X, accumulate, scale):
-        """(project(XW), Σ X²) in one reduction (XW is X or X·W; here always X)."""
-        if XW is not X:
+    def project_sumsq(self, X, accumulate, scale, weights=None):
+        """(project(X), Σ X²) in one reduction (``_passes.project_sumsq``)."""
+        if weights is not None:
             raise ValueError(PRIOR_REFUSED)
 
         def both(xp, g, x):

@@ -81,15 +81,20 @@ class _BlockOperator(_backend.HoldsNamespace):
         xp = self._xp
         x = _checks.as_array(x, name, xp)
         _checks.same_backend(xp, x, name, "this operator")
-        if x.ndim not in (1, 2) or x.shape[0] != self._dim:
-            raise ValueError(f"{name} must have shape ({self._dim},) or ({self._dim}, k), got {tuple(x.shape)}")
-        kind = _precision.name_of(x.dtype)
-        if kind is None and x.dtype != xp.bool and not xp.isdtype(x.dtype, "integral"):
-            raise TypeError(f"{name} must be real floating point or integer, got {x.dtype}")
-        out_dtype = xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
+        out_dtype = self._rhs_dtype(x, name)
         X = xp.empty((x.shape[0], 1) if x.ndim == 1 else tuple(x.shape), dtype=xp.float64, device=_backend.device(x))
         _backend.decode_into(xp, X, x[:, None] if x.ndim == 1 else x)
         return X, x.ndim == 1, out_dtype
+
+    def _rhs_dtype(self, x, name: str):
+        """The output dtype of a product with x (any array library), after checking x's shape
+        ((d,) or (d, k)) and dtype (a storage dtype, an integer or bool)."""
+        if x.ndim not in (1, 2) or x.shape[0] != self._dim:
+            raise ValueError(f"{name} must have shape ({self._dim},) or ({self._dim}, k), got {tuple(x.shape)}")
+        kind = _precision.name_of(x.dtype)
+        if kind is None and x.dtype != np.bool_ and not np.issubdtype(x.dtype, np.integer):
+            raise TypeError(f"{name} must be real floating point or integer, got {x.dtype}")
+        return self._xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
 
     def _apply64(self, X, name: str = "x"):
         """Operator times X (d, k) float64 → (d, k) float64, one batch per run of blocks, each

@@ -61,9 +61,9 @@ def project_sumsq(xp, Gg, X, accumulate: str, scale: float = 1.0, weights=None):
     right-hand sides, (nb, m, k) and (nb, k) float64, over all shards, in one reduction: one
     all-reduce of (m + 1)·k floats per block when sharded, one compute when chunked. W =
     diag(``weights``) (nb, B) or None."""
-    XW = X if weights is None else X * weights[:, :, None]
     if is_chunked(Gg):
-        return Gg.project_sumsq(XW, X, accumulate, scale)
+        return Gg.project_sumsq(X, accumulate, scale, weights)
+    XW = X if weights is None else X * weights[:, :, None]
     local, shard = _local(Gg)
     P, xx = project(xp, local, XW, accumulate, scale), _backend.sumsq(xp, X)
     if shard is None:

@@ -60,9 +60,10 @@ def pad(xp, R, n: int) -> None:
 def drop(xp, src, dst, n: int, k: int, rhs=None):
     """dst ← the factor of the (n−1)-system without age position k, from src (the n-system),
     padded. dst may be src. O(cap²): the compiled kernel (CPU extension or CUDA), else
-    ``drop_rows_numpy``. With ``rhs`` (n−1 values) also returns R̃⁻ᵀ·rhs for the new factor R̃
-    (what ``new_column`` needs next): in the same sweep on the CPU extension (one read of the
-    factor fewer, the same result bit for bit), by a triangular solve after the drop elsewhere."""
+    ``drop_rows_numpy``. With ``rhs`` (n−1 values) on the CPU extension it also returns R̃⁻ᵀ·rhs
+    for the new factor R̃ (what ``new_column`` needs next), computed in the same sweep (one read
+    of the factor fewer, the same result bit for bit); otherwise it returns None and
+    ``new_column`` solves as usual."""
     kern = _backend.kernels(xp)
     solved = None
     if kern is not None and hasattr(kern, "chol_drop") and kern.chol_drop_usable(src, n):
@@ -73,10 +74,6 @@ def drop(xp, src, dst, n: int, k: int, rhs=None):
     else:
         drop_rows_numpy(xp, src, dst, n, k)
     pad(xp, dst, n - 1)
-    if rhs is not None and solved is None:
-        b = xp.zeros((dst.shape[0], 1), dtype=xp.float64, device=_backend.device(dst))
-        b[: n - 1, 0] = rhs
-        solved = triangular(xp, dst, b, n - 1, transposed=True)[: n - 1, 0]
     return solved
 
 
@@ -117,7 +114,7 @@ def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None, s
     of gradients G'ᵀq is itself at rounding level, so F⁻¹ is unaffected to its backward error
     (the argument of ``_woodbury.SpectralFactor``). ``reference`` is the diagonal entry of the
     system the floor is relative to, when α is itself a Schur complement (default α).
-    ValueError only for non-finite values. ``solved``: R⁻ᵀa when already known (``drop``)."""
+    ValueError only for non-finite values. ``solved``: R⁻ᵀa when already known (``drop``), or None."""
     if solved is not None:
         r = solved
     else:

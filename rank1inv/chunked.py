@@ -48,6 +48,13 @@ def _tree(parts, combine):
     return parts[0]
 
 
+def _one_damp(damp):
+    """``damp`` itself if it is one number (the only damping Dask gradients take), else ValueError."""
+    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
+        raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
+    return damp
+
+
 def _on_chunk(fn, g, *rest):
     """fn applied to one column chunk g (m, c) of G as a group (1, m, c), in g's namespace."""
     return fn(_backend.namespace(g), g[None, ...], *rest)
@@ -143,8 +150,7 @@ class DaskInverse(StaticInverse):
             raise ValueError("G has unknown chunk sizes: call G.compute_chunk_sizes() first")
         if block_size is not None:
             raise ValueError("block layouts over Dask chunks are not supported: pass block_size=None")
-        if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
-            raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
+        _one_damp(damp)
         spaces = _backend.namespaces(G)  # Dask's for the data, the chunks' for the m×m algebra
         algebra = spaces.algebra
         policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(algebra))
@@ -187,12 +193,7 @@ class DaskInverse(StaticInverse):
             x = da.from_array(x, chunks=(self._G.chunks[1],) + tuple((n,) for n in x.shape[1:]))
         elif not _backend.is_dask_array(x):
             raise TypeError(_backend.foreign_array_message(x, name))
-        if x.ndim not in (1, 2) or x.shape[0] != self._dim:
-            raise ValueError(f"{name} must have shape ({self._dim},) or ({self._dim}, k), got {tuple(x.shape)}")
-        kind = _precision.name_of(x.dtype)
-        if kind is None and x.dtype != np.bool_ and not np.issubdtype(x.dtype, np.integer):
-            raise TypeError(f"{name} must be real floating point or integer, got {x.dtype}")
-        out_dtype = self._xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
+        out_dtype = self._rhs_dtype(x, name)
         X = (x[:, None] if x.ndim == 1 else x).astype(np.float64)
         return X.rechunk({0: self._G.chunks[1], 1: -1}), x.ndim == 1, out_dtype
 
@@ -255,9 +256,7 @@ class DaskInverse(StaticInverse):
 
     def with_damp(self, damp):
         """As ``StaticInverse.with_damp``, for one damping value (no pass over G)."""
-        if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
-            raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
-        return super().with_damp(damp)
+        return super().with_damp(_one_damp(damp))
 
     def __repr__(self) -> str:
         return super().__repr__().replace("StaticInverse(", "StaticInverse(dask, ", 1)

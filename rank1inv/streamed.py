@@ -120,12 +120,13 @@ class StreamedView(ColumnChunks):
         copier, slots = self._buffers()
         G = self.source.host
         starts = np.concatenate([[0], np.cumsum(self.cuts)]).tolist()
-        n = len(self.cuts)
+        n, m = len(self.cuts), self.shape[1]
 
-        m = self.shape[1]
+        def at(i):  # (slot, first column, stop column) of chunk i
+            return slots[i % len(slots)], starts[i], starts[i + 1]
 
         def stage(i):
-            slot, (c0, c1) = slots[i % len(slots)], (starts[i], starts[i + 1])
+            slot, c0, c1 = at(i)
             host, device = slot.views(m, c1 - c0)
             copier.host_wait(slot.copied)  # the previous copy from this pinned buffer has read it
             np.copyto(host, G[:, c0:c1])  # page-in of a memmap happens here
@@ -135,7 +136,7 @@ class StreamedView(ColumnChunks):
         for i in range(n):
             if i + 1 < n:
                 stage(i + 1)  # overlaps the passes the caller runs on chunk i
-            slot, (c0, c1) = slots[i % len(slots)], (starts[i], starts[i + 1])
+            slot, c0, c1 = at(i)
             copier.compute_waits(slot.copied)
             yield c0, c1, slot.views(m, c1 - c0)[1][None, ...]
             copier.compute_done(slot.consumed)

@@ -34,6 +34,7 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
 
     chunked_view = True
     ndim = 3
+    device = None  # where the chunks' results live (None: the namespace's default device)
 
     @abstractmethod
     def _reduce(self, fn, X=None, combine=operator.add):
@@ -53,6 +54,12 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
     def max_abs(self) -> float:
         top = self._reduce(lambda xp, g: np.array(_passes.max_abs(xp, g)), combine=np.maximum)  # nan propagates
         return float(top)
+
+    def row_max_abs(self, weights=None):
+        """max_j |G[i, j]| per row: host float64 (1, m) (``_passes.row_max_abs``)."""
+        if weights is not None:
+            raise ValueError(PRIOR_REFUSED)
+        return np.asarray(self._reduce(lambda xp, g: _passes.row_max_abs(xp, g), combine=np.maximum))
 
     def gram(self, accumulate, scale, weights=None):
         if weights is not None:

@@ -25,6 +25,15 @@ DENSE_LIMIT = 4096
 SAMPLE_CHUNK = 8  # samples per pass over G in ``sample`` (the compiled CPU passes take up to 8 vectors)
 
 
+def scaled_diagonal(xp, values, exponent, count: int):
+    """values (count·B,) of a group times 2^exponent, for an int exponent or one per block
+    ((count, 1, 1), as ``_woodbury.WoodburyGroup.fisher_exponent`` when blocks' frames differ)."""
+    if isinstance(exponent, (int, np.integer)):
+        return _backend.ldexp(xp, values, exponent)
+    e = xp.asarray(np.reshape(exponent, (count, 1)), device=_backend.device(values))
+    return xp.reshape(_backend.ldexp(xp, xp.reshape(values, (count, -1)), e), (-1,))
+
+
 class _BlockOperator(_backend.HoldsNamespace):
     """Products with a symmetric block-diagonal operator, shape (d, d). Subclasses define
     ``_groups()`` and ``_group_product``."""
@@ -422,7 +431,7 @@ class FisherOperator(_DerivedOperator):
     def diag(self):
         """Diagonal of F: λ + s·Σ_i G[i, j]², shape (d,), op.dtype. O(dm)."""
         xp = self._xp
-        parts = [_backend.ldexp(xp, grp.fisher_diag(), grp.fisher_exponent) for grp in self._groups()]
+        parts = [scaled_diagonal(xp, grp.fisher_diag(), grp.fisher_exponent, grp.count) for grp in self._groups()]
         return _backend.cast_result(xp, parts[0] if len(parts) == 1 else xp.concat(parts), self.dtype, "the diagonal")
 
     @_backend.on_device

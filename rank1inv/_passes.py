@@ -6,10 +6,12 @@ of G to float64 and handing them to BLAS, so memory stays O(tile) and the work i
 matrix-matrix where it can be. ``accumulate="native"`` skips the conversion (one BLAS call
 in the storage dtype, the M-FAC reference behaviour).
 
-Every pass takes ``scale``, a power of two σ applied to G (the frame of ``rank1inv._scaling``):
-it computes with σG. Where float64 products of stored values are exact and cannot overflow
-(float32 and 16-bit storage) σ is folded into the vectors or results, exactly; float64
-storage with σ ≠ 1 (only for gradients beyond 2^±256) is scaled tile by tile.
+Every pass takes ``scale``, the frame of ``rank1inv._scaling``: a power of two σ applied to all
+of G, or one power of two σ_i per block and row, an array (nb, m) (gradients whose magnitudes
+differ beyond what one frame holds); it computes with σG (row i times σ_i). Where float64
+products of stored values are exact and cannot overflow (float32 and 16-bit storage) σ is
+folded into the vectors or results, exactly; float64 storage with σ ≠ 1 (only for gradients
+beyond 2^±256) is scaled tile by tile.
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G, or a
 ``rank1inv.factored.FactoredView`` of that shape (gradients as layer factors), a
@@ -56,7 +58,31 @@ def global_width(Gg) -> int:
     return Gg.global_size if isinstance(Gg, ShardedView) else Gg.shape[2]
 
 
-def project_sumsq(xp, Gg, X, accumulate: str, scale: float = 1.0, weights=None):
+def is_unit(scale) -> bool:
+    """Whether the frame ``scale`` is σ = 1 (no scaling)."""
+    return isinstance(scale, float) and scale == 1.0
+
+
+def _per_row(scale) -> bool:
+    return not isinstance(scale, float)
+
+
+def row_scale(xp, scale, b0: int = 0, b1: int | None = None, s0: int = 0, s1: int | None = None):
+    """The frame of blocks b0:b1 (rows s0:s1) shaped to multiply (b, m, ·) arrays: σ itself, or
+    the (b, m, 1) slice of a per-row frame (a device array of ``xp``)."""
+    if not _per_row(scale):
+        return scale
+    return scale[b0:b1, s0:s1, None]
+
+
+def _outer_scale(scale):
+    """σ_iσ_j for a Gram matrix: σ², or the (nb, m, m) array of a per-row frame."""
+    if not _per_row(scale):
+        return scale * scale
+    return scale[:, :, None] * scale[:, None, :]
+
+
+def project_sumsq(xp, Gg, X, accumulate: str, scale=1.0, weights=None):
     """(``project`` of X·W, Σ_i X[b, i, j]²): the first pass of an IHVP and the size of its
     right-hand sides, (nb, m, k) and (nb, k) float64, over all shards, in one reduction: one
     all-reduce of (m + 1)·k floats per block when sharded, one compute when chunked. W =
@@ -85,9 +111,17 @@ def is_chunked(Gg) -> bool:
     return getattr(Gg, "chunked_view", False) is True
 
 
-def _device(Gg):
+def device_of(Gg):
+    """The device of a group's arrays (local shard, factors, or chunks' results)."""
     Gg, _ = _local(Gg)
-    return _backend.device(Gg.source.anchor if is_factored(Gg) else Gg)
+    if is_factored(Gg):
+        return _backend.device(Gg.source.anchor)
+    if is_chunked(Gg):
+        return Gg.device
+    return _backend.device(Gg)
+
+
+_device = device_of
 
 
 def columns(xp, Gg, blocks, offsets):
@@ -124,7 +158,7 @@ def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
                 yield b, b + 1, c0, min(length, c0 + step)
 
 
-def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale: float = 1.0):
+def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale=1.0):
     """Yield (b0, b1, s0, s1, tile): the tiles of ``tiles`` as float64 arrays of σG (σ =
     ``scale``), along G's columns (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows
     (Gg[b0:b1, s0:s1, :]), of ``tile_budget(xp, matrix)`` elements.
@@ -142,15 +176,15 @@ def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale: fl
     buf = None
     for b0, b1, s0, s1 in tiles(nb, length, width, tile_budget(xp, matrix)):
         src = Gg[b0:b1, s0:s1, :] if rows else Gg[b0:b1, :, s0:s1]
-        if Gg.dtype == xp.float64 and scale == 1.0:
+        if Gg.dtype == xp.float64 and is_unit(scale):
             yield b0, b1, s0, s1, src
             continue
         if buf is None:  # the first tile is the largest
             buf = xp.empty(src.shape, dtype=xp.float64, device=_backend.device(Gg))
         t = buf[: b1 - b0, : s1 - s0, :] if rows else buf[: b1 - b0, :, : s1 - s0]
         _backend.decode_into(xp, t, src)
-        if scale != 1.0:
-            t *= scale
+        if not is_unit(scale):
+            t *= row_scale(xp, scale, b0, b1, *((s0, s1) if rows else (0, None)))
         yield b0, b1, s0, s1, t
 
 
@@ -158,9 +192,9 @@ def _f64(xp, a):
     return xp.astype(a, xp.float64, copy=False)
 
 
-def _scaled_tiles(xp, Gg, scale: float) -> bool:
+def _scaled_tiles(xp, Gg, scale) -> bool:
     """Whether σ must be applied tile by tile: float64 storage, whose products can overflow."""
-    return scale != 1.0 and not _precision.of_array(Gg, _backend.is_cupy(xp)).exact_products
+    return not is_unit(scale) and not _precision.of_array(Gg, _backend.is_cupy(xp)).exact_products
 
 
 def _single_call(xp, Gg, accumulate: str) -> bool:
@@ -171,7 +205,7 @@ def _single_call(xp, Gg, accumulate: str) -> bool:
     return policy.name == "float64" or (accumulate == "native" and policy.native == policy.name)
 
 
-def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
+def gram(xp, Gg, accumulate: str, scale=1.0, weights=None):
     """(σGg·W)(σGg·W)ᵀ per block: (nb, m, m) float64, W = diag(``weights``) (nb, B) float64 or
     None (the identity). Cost O(nb·m²·B).
 
@@ -191,30 +225,30 @@ def gram(xp, Gg, accumulate: str, scale: float = 1.0, weights=None):
             tw = t * weights[b0:b1, None, c0:c1]
             out[b0:b1, ...] += tw @ xp.matrix_transpose(tw)
         return out
-    if Gg.dtype == xp.float64 and scale == 1.0:
+    if Gg.dtype == xp.float64 and is_unit(scale):
         return Gg @ xp.matrix_transpose(Gg)
     out = xp.zeros((nb, m, m), dtype=xp.float64, device=_device(Gg))
-    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, scale=tile_scale):
+    tiled = _scaled_tiles(xp, Gg, scale)
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, scale=scale if tiled else 1.0):
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
-    return out if tile_scale == scale else out * (scale * scale)
+    return out if tiled else out * _outer_scale(scale)
 
 
-def column_gram(xp, Gg, accumulate: str, scale: float = 1.0):
+def column_gram(xp, Gg, accumulate: str, scale=1.0):
     """(σGg)ᵀ(σGg) per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
     if isinstance(Gg, ShardedView) or is_chunked(Gg):
         raise ValueError("blocks no wider than m (parameter space) cannot be sharded along d")
     nb, m, B = Gg.shape
-    if Gg.dtype == xp.float64 and scale == 1.0 and not is_factored(Gg):
+    if Gg.dtype == xp.float64 and is_unit(scale) and not is_factored(Gg):
         return xp.matrix_transpose(Gg) @ Gg
     out = xp.zeros((nb, B, B), dtype=xp.float64, device=_device(Gg))
-    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True, scale=tile_scale):
+    tiled = _scaled_tiles(xp, Gg, scale) or _per_row(scale)  # per-row σ_i weigh the sum over rows
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True, scale=scale if tiled else 1.0):
         out[b0:b1, ...] += xp.matrix_transpose(t) @ t
-    return out if tile_scale == scale else out * (scale * scale)
+    return out if tiled else out * (scale * scale)
 
 
-def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
+def project(xp, Gg, X, accumulate: str, scale=1.0):
     """(σGg) X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
     if is_chunked(Gg):
         return Gg.project(X, accumulate, scale)
@@ -240,10 +274,10 @@ def project(xp, Gg, X, accumulate: str, scale: float = 1.0):
             out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
             for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
                 out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
-    return out if scale == 1.0 else out * scale
+    return out if is_unit(scale) else out * row_scale(xp, scale)
 
 
-def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: float = 1.0, *, overwrite=False):
+def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale=1.0, *, overwrite=False):
     """alpha·X + beta·(σGg)ᵀ C per block: (nb, B, k) float64. Cost O(nb·m·B·k).
 
     X is (nb, B, k) float64 or None (no alpha term), C is (nb, m, k) float64. This is the
@@ -258,10 +292,14 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
         return Gg.combine(X, C, alpha, beta, scale, tile_budget(xp), out=X if (overwrite and X is not None) else None)
     nb, m, B = Gg.shape
     k = C.shape[-1]
-    tile_scale = scale if _scaled_tiles(xp, Gg, scale) else 1.0
-    beta = beta * (scale / tile_scale)  # σ folded into beta where products are exact
+    tiled = _scaled_tiles(xp, Gg, scale)
+    tile_scale = scale if tiled else 1.0
+    if not tiled and _per_row(scale):  # σ_i folded into C where products are exact
+        C = C * row_scale(xp, scale)
+    elif not tiled:
+        beta = beta * scale  # σ folded into beta where products are exact
     target = X if (overwrite and X is not None) else None
-    if tile_scale == 1.0:
+    if not tiled:
         if _single_call(xp, Gg, accumulate):
             low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
             return low if X is None else alpha * X + low
@@ -275,17 +313,17 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale: flo
     return out
 
 
-def column_sumsq(xp, Gg, scale: float = 1.0, weights=None):
+def column_sumsq(xp, Gg, scale=1.0, weights=None):
     """Σ_i (σG[i, j]·w_j)² per column: (nb, B) float64 (``weights`` as in ``gram``). Cost O(nb·m·B)."""
     if is_chunked(Gg):
         return Gg.column_sumsq(scale, weights)
     Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
     out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
-    tile_scale = scale if _scaled_tiles(xp, Gg, scale) or weights is not None else 1.0
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
+    tiled = _scaled_tiles(xp, Gg, scale) or weights is not None or _per_row(scale)
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale if tiled else 1.0):
         out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t if weights is None else t * weights[b0:b1, None, c0:c1])
-    return out if tile_scale == scale else out * (scale * scale)
+    return out if tiled else out * (scale * scale)
 
 
 def column_max_abs(xp, Gg):
@@ -298,7 +336,7 @@ def column_max_abs(xp, Gg):
     return out
 
 
-def map_tiles(xp, Gg, fn, scale: float = 1.0, weights=None):
+def map_tiles(xp, Gg, fn, scale=1.0, weights=None):
     """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of σGg·W (``weights`` as
     in ``gram``), assembled along the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m)
     or (b1-b0, c) (a per-column reduction); the result is (nb, r, B) or (nb, B). fn must not
@@ -334,3 +372,27 @@ def max_abs(xp, Gg) -> float:
         part = xp.astype(xp.max(xp.abs(_backend.decoded(xp, Gg[b0:b1, :, c0:c1]))), xp.float64)
         top = part if top is None else xp.maximum(top, part)  # nan propagates
     return float(top)
+
+
+def row_max_abs(xp, Gg, weights=None) -> np.ndarray:
+    """max_j |G[b, i, j]·w_j| per block and row of a group (nb, m, B), ``weights`` as in ``gram``
+    (or None): a host float64 array (nb, m), nan/inf where a row has a non-finite value. The
+    per-row frames of ``rank1inv._scaling.row_frames`` come from it (and the finiteness check).
+    In tiles, no m·d temporary; one (nb, m) read back."""
+    if isinstance(Gg, ShardedView):
+        local = row_max_abs(xp, Gg.local, weights)
+        return np.asarray(Gg.comm.allreduce_max(local.reshape(-1)), dtype=np.float64).reshape(local.shape)
+    if is_factored(Gg) or is_chunked(Gg):
+        return Gg.row_max_abs(weights)
+    nb, m, B = Gg.shape
+    out = xp.zeros((nb, m), dtype=xp.float64, device=_device(Gg))
+    if nb * m * B == 0:
+        return _backend.to_host(out)
+    for b0, b1, c0, c1 in tiles(nb, B, m, tile_budget(xp)):
+        t = xp.abs(xp.astype(_backend.decoded(xp, Gg[b0:b1, :, c0:c1]), xp.float64))
+        if weights is not None:
+            t = t * weights[b0:b1, None, c0:c1]
+        part = xp.max(t, axis=2)
+        # nan propagates: maximum(nan, x) is nan
+        out[b0:b1, :] = xp.maximum(out[b0:b1, :], part)
+    return np.asarray(_backend.to_host(out), dtype=np.float64)

@@ -14,7 +14,7 @@ directly (``DenseGroup`` with a vector μ'). Prior precisions spanning more than
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
 from . import _backend, _passes, _scaling
 from ._woodbury import WoodburyGroup
@@ -34,10 +34,10 @@ class PriorGroup(_backend.HoldsNamespace):
         inv = 1.0 / self.c_hat
         j = _scaling.exponent(float(xp.max(inv)))
         self.v = inv * _scaling.pow2(-j)  # 1/ĉ normalized to (2^-501, 1]
-        top = float(xp.max(_passes.column_max_abs(xp, Gg) * self.c_hat))  # max|Ĥ|
-        if not math.isfinite(top):
+        rows = _passes.row_max_abs(xp, Gg, self.c_hat)  # max_j |Ĥ_ij| per block and row
+        if not np.all(np.isfinite(rows)):
             raise ValueError("G contains non-finite values (nan or inf)")
-        frame = _scaling.frame_exponent(top, delta_ref, scale, exact_products)
+        frame = _scaling.row_frames(rows, delta_ref, scale, exact_products)
         self.inner = WoodburyGroup(xp, Gg, delta_ref, scale, accumulate, frame=frame, weights=self.c_hat)
         self.inverse_exponent = self.inner.inverse_exponent
         self.fisher_exponent = self.inner.fisher_exponent + 2 * j

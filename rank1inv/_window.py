@@ -1,7 +1,8 @@
 """The age-ordered Cholesky factor of a sliding window's m×m system, updated in O(m²).
 
-A window of n gradients (oldest first) has, in its frame (``rank1inv._scaling``), the SPD
-system K' = G'G'ᵀ + μ'I, kept as an upper factor R with RᵀR = K' in *age order*. R lives in a
+A window of n gradients (oldest first) has, in its frames (``rank1inv._scaling``: one power of
+two σ_i per slot, fixed by the slot's own gradient), the SPD system K' = G'G'ᵀ + M' (G' = DG,
+M' = diag(σ_i²λ/s)), kept as an upper factor R with RᵀR = K' in *age order*. R lives in a
 capacity×capacity array whose leading n×n block is the factor and whose remainder is the
 identity (so solves with the whole array need no copies). Then (docs/design.md §6):
 
@@ -178,12 +179,13 @@ def refresh_from(xp, R, K_age, k: int) -> None:
 
 # --------------------------------------------------------------------------- queries
 class WindowFactor(_backend.HoldsNamespace):
-    """The ``_protocols.Factor`` of a window (one block): K' = gram + μ'I over all capacity
-    slots (empty slots have zero Gram rows, so K' is μ' there), factored through R over the n
-    occupied slots in age order ``order`` (a device int array)."""
+    """The ``_protocols.Factor`` of a window (one block): K' = gram + M' over all capacity
+    slots (empty slots have zero Gram rows, so K' is μ'_i there), factored through R over the n
+    occupied slots in age order ``order`` (a device int array). ``log_pad`` is Σ log μ'_i over
+    the empty slots (for ``logdet``)."""
 
-    def __init__(self, xp, R, order, mu: float, log_mu: float):
-        self.xp, self.R, self.order, self.mu, self.log_mu = xp, R, order, mu, log_mu
+    def __init__(self, xp, R, order, log_pad: float):
+        self.xp, self.R, self.order, self.log_pad = xp, R, order, log_pad
         self.n = int(order.shape[0])
         self.cap = int(R.shape[0])
 
@@ -219,29 +221,32 @@ class WindowFactor(_backend.HoldsNamespace):
         return triangular(self.xp, self.R, self._to_age(P[0, ...]), self.n, transposed=True)[None, ...]
 
     def logdet(self) -> float:
-        """log det K' over all capacity slots: 2Σ log R_ii + (cap − n)·log μ'."""
+        """log det K' over all capacity slots: 2Σ log R_ii + Σ log μ'_i over the empty ones."""
         xp = self.xp
         d = xp.linalg.diagonal(self.R)[: self.n]
-        return 2.0 * float(xp.sum(xp.log(d))) + (self.cap - self.n) * self.log_mu
+        return 2.0 * float(xp.sum(xp.log(d))) + self.log_pad
 
     def logdets(self):
         """``logdet()`` as a host array of one block."""
         return np.array([self.logdet()])
 
 
-def mfac_coefficients(xp, R, n: int, damp: float, inverse_scale: float, frame: int, method=None):
+def mfac_coefficients(xp, R, n: int, damp: float, inverse_scale: float, frames):
     """M-FAC's D and B (n×n, age order; M-FAC eq. 8–10) from the window's factor.
 
-    M = GGᵀ/λ + n_s·I = 2^(2E)·K'/λ, so M's lower Cholesky factor is C = 2^E·Rᵀ/√λ, U = diag(C)·Cᵀ
-    and D = U − n_s·I, B = λ⁻¹·(C·diag(C)⁻¹)⁻¹ (``rank1inv._coef``; the blocked kernel on CuPy).
-    O(n²) for D, O(n³) for B."""
+    M = GGᵀ/λ + n_s·I = D⁻¹K'D⁻¹/λ with D = diag(2^-E_i) (``frames``: an int, or the n slots'
+    frames in age order), so M's lower Cholesky factor is C = D⁻¹Rᵀ/√λ, U = diag(C)·Cᵀ, i.e.
+    U_ij = R_ii·R_ij·2^(E_i+E_j)/λ, and D = U − n_s·I, B = λ⁻¹·(C·diag(C)⁻¹)⁻¹
+    (``rank1inv._coef``; the blocked kernel on CuPy). O(n²) for D, O(n³) for B."""
     from . import _coef
 
     Ra = R[:n, :n]
     c = xp.linalg.diagonal(Ra)
-    U = (c[:, None] * Ra) * (math.ldexp(1.0, 2 * frame) / damp)
+    E = np.broadcast_to(np.asarray(frames, dtype=np.int64), (n,))
+    k = xp.asarray(E[:, None] + E[None, :], device=_backend.device(R))
+    U = _backend.ldexp(xp, c[:, None] * Ra, k) / damp
     D = U - inverse_scale * xp.eye(n, dtype=xp.float64, device=_backend.device(R))
-    return D, _coef.b_from_D(xp, D, inverse_scale, damp, method=method)
+    return D, _coef.b_from_D(xp, D, inverse_scale, damp)
 
 
 def host_order(ages: np.ndarray) -> np.ndarray:

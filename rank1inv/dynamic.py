@@ -15,8 +15,8 @@ from ._dense import DenseGroup
 from ._operator import InverseOperator
 from ._woodbury import WoodburyGroup
 
-STATE_FORMAT = "rank1inv.DynamicInverse/2"
-STATE_FORMATS = ("rank1inv.DynamicInverse/1", STATE_FORMAT)
+STATE_FORMAT = "rank1inv.DynamicInverse/3"
+STATE_FORMATS = ("rank1inv.DynamicInverse/1", "rank1inv.DynamicInverse/2", STATE_FORMAT)
 # legitimate differences between a stored Gram entry and a fresh recomputation stay below
 # 0.45·ε·√d·‖g_i‖‖g_j‖ (measured, docs/numerics.md); states beyond 8·ε·(√d + 1) are refused
 GRAM_TOLERANCE = 8.0
@@ -38,8 +38,8 @@ def _inverse_scale(scale_mode, capacity: int, count: int) -> float:
 class _Staged:
     """The new values of one update, computed before anything is committed (``_commit``)."""
 
-    __slots__ = ("G_rows", "gram", "gram_rows", "step_rows", "ages", "counter", "R", "column", "frame",
-                 "slot_exp", "dense", "steps")  # fmt: skip
+    __slots__ = ("G_rows", "gram", "gram_rows", "step_rows", "ages", "counter", "R", "column", "frames",
+                 "slot_exp", "dense", "steps", "rescaled")  # fmt: skip
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -123,12 +123,12 @@ class DynamicInverse(InverseOperator):
         self._ages = np.full(cap, -1, dtype=np.int64)  # host bookkeeping: -1 = empty slot
         self._slot_exp = np.zeros(cap, dtype=np.int64)  # exponent of max|g| per occupied slot
         self._counter = 0
-        self._frame = self._required_frame(self._slot_exp, self._ages)
+        self._frames = self._slot_frames(self._slot_exp, self._ages)  # E_i per slot (docs/design.md §4)
         self._gram = xp.zeros((cap, cap), dtype=xp.float64, device=dev)  # frame Gram, slot order
         self._R = xp.eye(cap, dtype=xp.float64, device=dev)  # factor, age order, padded
         self._spare = xp.empty((cap, cap), dtype=xp.float64, device=dev)
         self._steps = 0  # factor updates since the last refactorization
-        self._dense = self._stage_dense(_Staged(G_rows={}, ages=self._ages, frame=self._frame))
+        self._dense = self._stage_dense(_Staged(G_rows={}, ages=self._ages, slot_exp=self._slot_exp))
         self._group = None
         self._coef = None
 
@@ -183,15 +183,27 @@ class DynamicInverse(InverseOperator):
     def _anchor(self):
         return self._G
 
-    def _mu(self, count: int, frame: int) -> float:
-        return _scaling.frame_damping(self._damp, 1.0 / self._n(count), frame)
+    def _mu(self, count: int, frames) -> np.ndarray:
+        """μ'_i = σ_i²λ/s per slot for the window size ``count`` (host float64 (cap,))."""
+        return _scaling.row_damping(self._damp, 1.0 / self._n(count), frames)
 
-    def _log_mu(self, count: int, frame: int) -> float:
-        return math.log(self._damp) + math.log(self._n(count)) - 2 * frame * math.log(2.0)
+    def _log_pad(self, count: int, frames, ages) -> float:
+        """Σ log μ'_i over the empty slots (the padding of the window's factor)."""
+        empty = frames[ages < 0]
+        base = math.log(self._damp) + math.log(self._n(count))
+        return float(empty.size * base - 2.0 * math.log(2.0) * float(empty.sum()))
 
-    def _required_frame(self, slot_exp, ages) -> int:
-        """The frame exponent E for the window's gradients (docs/design.md §4); for the scale,
-        the smallest s the window can have (its largest damping term)."""
+    def _slot_frames(self, slot_exp, ages) -> np.ndarray:
+        """The frame E_i of every slot (docs/design.md §4, ``_scaling.frames_from_exponents``
+        over the occupied slots; empty slots count as zero gradients), for the smallest s the
+        window can have (its largest damping term): one shared frame while the gradients'
+        magnitudes fit one, one per slot beyond (host int64 (cap,))."""
+        e = np.where(ages >= 0, slot_exp, _scaling.NO_ROW)
+        s_min = 1.0 / self._n(self._capacity)
+        return _scaling.frames_from_exponents(e, self._damp, s_min, self._policy.exact_products)
+
+    def _dense_frame(self, slot_exp, ages) -> int:
+        """The one frame E of the dense path (dim ≤ capacity, docs/design.md §4)."""
         occupied = slot_exp[ages >= 0]
         top = math.ldexp(1.0, int(occupied.max())) if occupied.size else 0.0
         s_min = 1.0 / self._n(self._capacity)
@@ -209,11 +221,12 @@ class DynamicInverse(InverseOperator):
             else:
                 n = len(self)
                 order = xp.asarray(self._order(), device=_backend.device(self._G))
-                mu = self._mu(n, self._frame)
-                factor = _window.WindowFactor(xp, self._R, order, mu, self._log_mu(n, self._frame))
+                factor = _window.WindowFactor(xp, self._R, order, self._log_pad(n, self._frames, self._ages))
+                f = self._frames
+                frame = int(f[0]) if f[0] == f[-1] and np.all(f == f[0]) else f[None, :]
                 self._group = WoodburyGroup(
-                    xp, self._view(self._G[None, ...]), self._damp, self.scale, self._accumulate, frame=self._frame,
-                    factor=factor, gram=self._gram[None, ...],
+                    xp, self._view(self._G[None, ...]), self._damp, self.scale, self._accumulate,
+                    frame=frame, factor=factor, gram=self._gram[None, ...],
                 )  # fmt: skip
         return [self._group]
 
@@ -238,7 +251,8 @@ class DynamicInverse(InverseOperator):
         on CuPy), and cached until the next change."""
         if self._coef is None:
             n = len(self)
-            self._coef = _window.mfac_coefficients(self._xp, self._R, n, self._damp, self._n(n), self._frame)
+            frames = self._frames[self._order()]
+            self._coef = _window.mfac_coefficients(self._xp, self._R, n, self._damp, self._n(n), frames)
         return self._coef
 
     @_backend.on_device
@@ -255,9 +269,11 @@ class DynamicInverse(InverseOperator):
         G = self.gradients()
         if self._uses_dense or self._dim <= n:
             return StaticInverse(G, lam, scale=self.scale, accumulate=self._accumulate)
-        order = self._xp.asarray(self._order(), device=_backend.device(self._G))
+        host = self._order()
+        order = self._xp.asarray(host, device=_backend.device(self._G))
         gram = self._xp.take(self._xp.take(self._gram, order, axis=0), order, axis=1)
-        return StaticInverse(G, lam, scale=self.scale, accumulate=self._accumulate, _gram=(gram, self._frame))
+        return StaticInverse(G, lam, scale=self.scale, accumulate=self._accumulate,
+                             _gram=(gram, self._frames[host]))  # fmt: skip
 
     # -- updates ----------------------------------------------------------------------------
     @_backend.on_device
@@ -311,9 +327,13 @@ class DynamicInverse(InverseOperator):
         k = self._position(slot)
         ages = self._ages.copy()
         ages[slot] = -1
+        slot_exp = self._slot_exp.copy()
+        slot_exp[slot] = 0
         stage = _Staged(G_rows={slot: None}, gram=self._gram, gram_rows={slot: None}, ages=ages,
-                        counter=self._counter, frame=self._frame, slot_exp=self._slot_exp)  # fmt: skip
-        if self._n(n - 1) != self._n(n):
+                        counter=self._counter, frames=self._slot_frames(slot_exp, ages), slot_exp=slot_exp)  # fmt: skip
+        keep = ages >= 0
+        self._rescaled(stage, keep)
+        if stage.rescaled or self._n(n - 1) != self._n(n):
             self._stage_factorization(stage)
         elif not (self._refresh_due(1) and self._try_factorization(stage)):
             _window.drop(self._xp, self._R, self._spare, n, k)
@@ -329,7 +349,7 @@ class DynamicInverse(InverseOperator):
         slot = self._occupied(slot)
         g_s, e = self._gradient(g)
         stage = self._stage_rows([(slot, g_s, e)], self._ages.copy())
-        if stage.frame != self._frame:
+        if stage.rescaled:
             self._stage_factorization(stage)
         elif not (self._refresh_due(1) and self._try_factorization(stage)):
             R = self._spare
@@ -383,9 +403,10 @@ class DynamicInverse(InverseOperator):
         else:
             E = xp.zeros((1, self._capacity, 1), dtype=xp.float64, device=_backend.device(self._G))
             E[0, slot, 0] = 1.0
-            # G'x̂ = (σ²Gg)·σ⁻¹·2^-e: the new Gram row, which is in the frame already
-            P = _backend.ldexp(xp, self._gram[None, :, slot : slot + 1], self._frame - e_x)
-            y, exponent = grp.apply_to_gradients(E, normalized, P, e_x)
+            # G'x̂ = D·G·g·2^-e = (the new Gram row, D·G·g·σ_slot)·2^(E_slot − e)
+            E_slot = int(self._frames[slot])
+            P = _backend.ldexp(xp, self._gram[None, :, slot : slot + 1], E_slot - e_x)
+            y, exponent = grp.apply_to_gradients(E, normalized, P, e_x, row_frame=E_slot)
         y = _backend.ldexp(xp, y[0, :, 0], exponent, out=y[0, :, 0])
         return _backend.cast_result(xp, y, out_dtype, "F⁻¹g")
 
@@ -407,7 +428,7 @@ class DynamicInverse(InverseOperator):
             raise ValueError(f"{name} overflows the window dtype {self._storage} (max |{name}| = {top:.3g})")
         # the exponent of max|g| before rounding to storage may be one too small: the frame it
         # chooses only needs to be right within docs/design.md §4's margin
-        return _backend.encode(xp, g, self._storage), _scaling.exponent(top) if top > 0 else -(10**6)
+        return _backend.encode(xp, g, self._storage), _scaling.exponent(top) if top > 0 else _scaling.NO_ROW
 
     def _occupied(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
@@ -454,23 +475,25 @@ class DynamicInverse(InverseOperator):
         for slot, _, e in items:
             slot_exp[slot] = e
             final_ages[slot] = max(final_ages[slot], 0)
-        frame = self._required_frame(slot_exp, final_ages)
-        gram = self._gram
-        if frame != self._frame:  # rescale the frame Gram matrix: exact, a power of two
-            gram = gram * _scaling.pow2(2 * (self._frame - frame))
-        sigma = _scaling.pow2(-frame)
+        frames = self._slot_frames(slot_exp, final_ages)
+        stage = _Staged(gram=self._gram, frames=frames)
+        keep = np.ones(self._capacity, dtype=bool)
+        keep[[slot for slot, _, _ in items]] = False
+        self._rescaled(stage, keep)  # the shared frame moved: the others' Gram entries follow
+        gram = stage.gram
         k = len(items)
         X = xp.empty((1, self._dim, k), dtype=xp.float64, device=_backend.device(self._G))
-        for t, (_, g_s, _) in enumerate(items):
+        for t, (slot, g_s, _) in enumerate(items):
             _backend.decode_into(xp, X[0, :, t], g_s)
-        if sigma != 1.0:
-            X *= sigma  # σg: exact, in place (a d-long float64 array per gradient is the push's only one)
+            if frames[slot]:
+                X[0, :, t] *= _scaling.pow2(-int(frames[slot]))  # σ_t·g: exact, in place
         # slots past the last occupied one hold zero rows: the pass skips them (a filling window
         # reads n rows, not capacity)
         occupied = np.flatnonzero(self._ages >= 0)
         hi = int(occupied[-1]) + 1 if occupied.size else 0
         cross = xp.zeros((self._capacity, k), dtype=xp.float64, device=_backend.device(self._G))
         if hi:
+            sigma = self._row_scale(frames[:hi])
             cross[:hi, :] = _passes.project(xp, self._view(self._G[None, :hi, :]), X, self._accumulate, sigma)[0, ...]
         if k == 1:  # no BLAS call (it would wake multi-threaded BLAS, docs/benchmarks.md), no temporary
             inner = self._sum(_backend.sumsq(xp, X))
@@ -491,8 +514,23 @@ class DynamicInverse(InverseOperator):
                 row[other] = inner[t_other, t]
             gram_rows[slot] = row
         return _Staged(G_rows={slot: g_s for slot, g_s, _ in items}, gram=gram, gram_rows=gram_rows,
-                       step_rows=step_rows, ages=ages, counter=self._counter, frame=frame,
-                       slot_exp=slot_exp, steps=self._steps)  # fmt: skip
+                       step_rows=step_rows, ages=ages, counter=self._counter, frames=frames,
+                       slot_exp=slot_exp, steps=self._steps, rescaled=stage.rescaled)  # fmt: skip
+
+    def _rescaled(self, stage, keep) -> None:
+        """When the staged frames of slots ``keep`` (a host bool mask) differ from the current
+        ones, the staged Gram matrix becomes a rescaled copy (exact: powers of two, elementwise,
+        so no overflowing scale factor) and ``stage.rescaled`` asks for a new factor."""
+        stage.rescaled = bool(np.any(stage.frames[keep] != self._frames[keep]))
+        if stage.rescaled:
+            k = _scaling.rescale_exponents(self._frames, stage.frames)
+            stage.gram = _backend.ldexp(self._xp, stage.gram, self._xp.asarray(k, device=_backend.device(self._gram)))
+
+    def _row_scale(self, frames):
+        """The passes' frame for slots with ``frames``: a float if they share one, else σ_i (1, n)."""
+        if frames.size == 0 or np.all(frames == frames[0]):
+            return _scaling.pow2(-int(frames[0])) if frames.size else 1.0
+        return self._xp.asarray(_scaling.pow2_array(-frames)[None, :], device=_backend.device(self._G))
 
     def _stage_pushes(self, items):
         """Stage pushes of items = [(slot, g_s, exponent)] in order (each slot empty or the
@@ -517,7 +555,7 @@ class DynamicInverse(InverseOperator):
             order.append(slot)
         n0, n_final = len(self), len(order)
         stage.ages = ages
-        required = stage.frame != self._frame or len(items) >= cap or self._n(n_final) != self._n(n0)
+        required = stage.rescaled or len(items) >= cap or self._n(n_final) != self._n(n0)
         refresh = not required and self._refresh_due(len(items))
         if required:
             self._stage_factorization(stage)
@@ -531,7 +569,7 @@ class DynamicInverse(InverseOperator):
     def _stage_updates(self, stage, items, steps, n_final) -> None:
         """The factor work of ``_stage_pushes`` by O(m²) updates (drop, then append, per item)."""
         xp = self._xp
-        mu = self._mu(n_final, stage.frame)
+        mu = self._mu(n_final, stage.frames)
         order = list(self._order())
         R = None  # the factor being updated: self._R until the first write, then the spare
         for t, ((slot, _, _), (k, n)) in enumerate(zip(items, steps)):
@@ -546,7 +584,7 @@ class DynamicInverse(InverseOperator):
                 R = self._spare
             base = self._R if R is None else R
             try:
-                r, rho = _window.new_column(xp, base, n, a, float(row[slot]) + mu, solved=solved)
+                r, rho = _window.new_column(xp, base, n, a, float(row[slot]) + float(mu[slot]), solved=solved)
             except ValueError as err:
                 raise ValueError(f"this gradient cannot be stored: {err}") from err
             if R is None and len(items) == 1:
@@ -579,7 +617,8 @@ class DynamicInverse(InverseOperator):
         idx = xp.asarray(order, device=_backend.device(gram))
         K = xp.take(xp.take(gram, idx, axis=0), idx, axis=1)
         n = order.shape[0]
-        return K + self._mu(n, stage.frame) * xp.eye(n, dtype=xp.float64, device=_backend.device(gram))
+        mu = xp.asarray(self._mu(n, stage.frames)[order], device=_backend.device(gram))
+        return K + mu[:, None] * xp.eye(n, dtype=xp.float64, device=_backend.device(gram))
 
     def _merged_gram(self, stage):
         """A copy of the staged frame Gram matrix with the staged rows written in. O(cap²)."""
@@ -605,8 +644,9 @@ class DynamicInverse(InverseOperator):
         for slot, g_s in stage.G_rows.items():
             G[slot, :] = 0 if g_s is None else g_s
         n = int(np.count_nonzero(stage.ages >= 0))
+        frame = self._dense_frame(stage.slot_exp, stage.ages)
         try:
-            return DenseGroup(xp, G[None, ...], self._damp, 1.0 / self._n(n), self._accumulate, frame=stage.frame)
+            return DenseGroup(xp, G[None, ...], self._damp, 1.0 / self._n(n), self._accumulate, frame=frame)
         except ValueError as err:
             raise ValueError(f"this gradient cannot be stored: {err}") from err
 
@@ -631,7 +671,7 @@ class DynamicInverse(InverseOperator):
         elif stage.R is not None:
             self._R = stage.R
         self._ages, self._counter = stage.ages, stage.counter
-        self._slot_exp, self._frame, self._steps = stage.slot_exp, stage.frame, stage.steps
+        self._slot_exp, self._frames, self._steps = stage.slot_exp, stage.frames, stage.steps
         self._dense = stage.dense
         self._group = None
         self._coef = None
@@ -657,9 +697,9 @@ class DynamicInverse(InverseOperator):
         ``np.savez``/``np.load`` (no pickle), ``torch.save``, ``pickle`` and ``copy.deepcopy``.
         bfloat16 gradients are stored as their uint16 bit patterns. Fields: format, dim,
         capacity, damp, scale ("capacity", "count" or a float), dtype, accumulate, gradients
-        (capacity×dim, slot order), ages, counter, frame, steps, gram (float64 Gram matrix in
-        the frame, slot order) and factor (its damped system's upper Cholesky factor, age order,
-        padded with the identity)."""
+        (capacity×dim, slot order), ages, counter, frames (int64 per slot, docs/design.md §4),
+        steps, gram (float64 Gram matrix in the frames, slot order) and factor (its damped
+        system's upper Cholesky factor, age order, padded with the identity)."""
         h = _backend.to_host
         grads = np.array(h(self._G), copy=True)
         if self._storage == "bfloat16":
@@ -675,7 +715,7 @@ class DynamicInverse(InverseOperator):
             "gradients": grads,
             "ages": self._ages.copy(),
             "counter": self._counter,
-            "frame": self._frame,
+            "frames": self._frames.copy(),
             "steps": self._steps,
             "gram": np.array(h(self._gram), copy=True),
             "factor": np.array(h(self._R), copy=True),
@@ -686,7 +726,7 @@ class DynamicInverse(InverseOperator):
 
     @_backend.on_device
     def load_state_dict(self, state, *, rebuild: bool = False) -> None:
-        """Load a ``state_dict()`` (format 2, or format 1 of rank1inv 0.1). dim, capacity and dtype
+        """Load a ``state_dict()`` (format 3, or formats 1 and 2 of earlier versions). dim, capacity and dtype
         must match this window; damp, scale and accumulate are taken from the state. Arrays may
         be NumPy, CuPy or torch (CPU) arrays; scalars may be 0-d arrays (``np.load``).
 
@@ -707,9 +747,10 @@ class DynamicInverse(InverseOperator):
         fmt = _scalar(state["format"], str, "format")
         if fmt not in STATE_FORMATS:
             raise ValueError(f"unknown state format {fmt!r}; this version reads {STATE_FORMATS}")
-        v1 = fmt == STATE_FORMATS[0]
-        if not v1 and not {"frame", "steps", "factor"} <= set(state):
-            raise ValueError(f"state is missing {sorted({'frame', 'steps', 'factor'} - set(state))}")
+        v1, v2 = fmt == STATE_FORMATS[0], fmt == STATE_FORMATS[1]
+        extra = set() if v1 else {"frame" if v2 else "frames", "steps", "factor"}
+        if not extra <= set(state):
+            raise ValueError(f"state is missing {sorted(extra - set(state))}")
         dim, cap = _scalar(state["dim"], int, "dim"), _scalar(state["capacity"], int, "capacity")
         dtype = _scalar(state["dtype"], str, "dtype")
         if (dim, cap, dtype) != (self._dim, self._capacity, self._storage):
@@ -749,7 +790,7 @@ class DynamicInverse(InverseOperator):
             raise ValueError("state['gradients'] contains non-finite values")
         if np.any(tops[ages < 0] != 0):
             raise ValueError("state['gradients'] has non-zero rows in empty slots")
-        slot_exp = np.array([_scaling.exponent(float(t)) if t > 0 else -(10**6) for t in tops], dtype=np.int64)
+        slot_exp = _scaling.row_exponents(tops)
         slot_exp[ages < 0] = 0
 
         # the window as it would be, then its derived arrays checked against the gradients
@@ -759,23 +800,40 @@ class DynamicInverse(InverseOperator):
         if self._storage == "bfloat16" and not _backend.is_cupy(xp):
             G_dev = G_dev.view(_precision.numpy_dtype("bfloat16"))
         trial._G, trial._ages, trial._counter, trial._slot_exp = G_dev, ages.copy(), counter, slot_exp
-        required = trial._required_frame(slot_exp, ages)
-        frame = required if v1 else _scalar(state["frame"], int, "frame")
-        if abs(frame - required) > 2:
-            raise ValueError(f"state['frame'] = {frame} does not fit the gradients (expected about {required})")
-        trial._frame = frame
-        sigma = _scaling.pow2(-frame)
-        fresh = _passes.gram(xp, trial._view(G_dev[None, ...]), accumulate, sigma)[0, ...]
+        required = trial._slot_frames(slot_exp, ages)
+        order = _window.host_order(ages)
+        n = len(occ)
+        if v1 or v2:  # one frame F for the window: the Gram matrix and factor move to the per-slot frames
+            F = 0 if v1 else _scalar(state["frame"], int, "frame")
+            if v2 and abs(F - int(required.max())) > 2:
+                raise ValueError(f"state['frame'] = {F} does not fit the gradients (expected about {required.max()})")
+            frames = required
+            to_slot = _scaling.rescale_exponents(np.full(cap, F), frames)  # gram: 2^(2F − E_i − E_j)
+        else:
+            frames = _host_array(state["frames"], "frames")
+            if frames.shape != (cap,) or frames.dtype.kind not in "iu":
+                raise ValueError(f"state['frames'] must be int64 of shape {(cap,)}, got {frames.dtype} {frames.shape}")
+            frames = frames.astype(np.int64)
+            # a slot's exponent was taken before rounding to storage: it may be one below the stored one's
+            bad = (np.abs(frames - required) > 1) | ((ages < 0) & (frames != required))
+            if np.any(bad):
+                i = int(np.flatnonzero(bad)[0])
+                raise ValueError(
+                    f"state['frames'][{i}] = {frames[i]} does not fit the gradients (expected {required[i]})"
+                )
+            to_slot = None
+        trial._frames = frames
+        fresh = _passes.gram(xp, trial._view(G_dev[None, ...]), accumulate, trial._row_scale(frames))[0, ...]
         if rebuild:
             gram = fresh
         else:
             gram_state = _host_array(state["gram"], "gram")
             _expect_float64(gram_state, (cap, cap), "gram")
-            gram = xp.asarray(gram_state * (sigma * sigma) if v1 else gram_state, copy=True)
+            gram = gram_state if to_slot is None else _backend.ldexp(np, gram_state, to_slot)
+            gram = xp.asarray(gram, copy=True)
             _check_gram(xp, gram, fresh, trial._global_dim)
         trial._gram = gram
-        n = len(occ)
-        K_age = trial._K_age(_Staged(gram=gram, gram_rows={}, ages=ages, frame=frame))
+        K_age = trial._K_age(_Staged(gram=gram, gram_rows={}, ages=ages, frames=frames))
         if rebuild or v1:
             try:
                 trial._R = _window.factorize(xp, K_age, cap)
@@ -785,6 +843,9 @@ class DynamicInverse(InverseOperator):
         else:
             R = _host_array(state["factor"], "factor")
             _expect_float64(R, (cap, cap), "factor")
+            if v2 and n:  # K' = D_r·K'_2·D_r, D_r = diag(2^(F − E_i)) in age order: R·D_r
+                R = np.array(R, copy=True)
+                R[:n, :n] = _backend.ldexp(np, R[:n, :n], (F - frames[order])[None, :])
             trial._R = xp.asarray(R, copy=True)
             _check_factor(xp, trial._R, K_age, n)
             steps = _scalar(state["steps"], int, "steps")
@@ -792,7 +853,7 @@ class DynamicInverse(InverseOperator):
                 raise ValueError("state['steps'] must be >= 0")
             trial._steps = min(steps, cap)
         if trial._uses_dense:
-            trial._dense = trial._stage_dense(_Staged(G_rows={}, ages=ages, frame=frame))
+            trial._dense = trial._stage_dense(_Staged(G_rows={}, ages=ages, slot_exp=slot_exp))
         # commit
         self.__dict__.update(trial.__dict__)
 

@@ -141,16 +141,33 @@ def _split(scale: float) -> tuple[float, float]:
     return math.ldexp(1.0, k // 2), math.ldexp(1.0, k - k // 2)
 
 
-def _scaled(s, scale: float):
-    """(σ_a·A, σ_e·E) of a segment, float64."""
-    if scale == 1.0:
-        return s.A64, s.E64
-    sa, se = _split(scale)
+def _split_rows(xp, scale):
+    """``_split`` per row for a per-row frame σ (m,) (a device array): (σ_a (m, 1), σ_e (m, 1))."""
+    k = _backend.frexp_exponent(xp, scale) - 1
+    half = k // 2
+    one = xp.ones(scale.shape, dtype=xp.float64, device=_backend.device(scale))
+    return _backend.ldexp(xp, one, half)[:, None], _backend.ldexp(xp, one, k - half)[:, None]
+
+
+def _scaled(s, scale):
+    """(σ_a·A, σ_e·E) of a segment, float64; ``scale`` a float or one σ_i per row (m,)."""
+    if isinstance(scale, float):
+        if scale == 1.0:
+            return s.A64, s.E64
+        sa, se = _split(scale)
+        return s.A64 * sa, s.E64 * se
+    sa, se = _split_rows(s.xp, scale)
     return s.A64 * sa, s.E64 * se
 
 
-def _columns(xp, segments, c0: int, c1: int, scale: float = 1.0):
-    """Columns c0:c1 of σG as a float64 (m, c1 − c0) array, built from the factors."""
+def _block_scale(scale, b: int):
+    """The frame of block b: a float, or its rows' σ_i (m,)."""
+    return scale if isinstance(scale, float) else scale[b, :]
+
+
+def _columns(xp, segments, c0: int, c1: int, scale=1.0):
+    """Columns c0:c1 of σG as a float64 (m, c1 − c0) array, built from the factors (σ a float
+    or one value per row, (m,))."""
     m = segments[0].E64.shape[0]
     out = xp.zeros((m, c1 - c0), dtype=xp.float64, device=_backend.device(segments[0].E64))
     for s in segments:
@@ -183,12 +200,12 @@ class FactoredView:
         lo, hi = self.start + b * self.size, self.start + (b + 1) * self.size
         return [(s, lo <= s.start and s.stop <= hi) for s in self.source.segments if s.start < hi and s.stop > lo]
 
-    def block_columns(self, b: int, c0: int, c1: int, scale: float = 1.0):
-        """Columns c0:c1 (local) of block b of σG as float64 (m, c1 − c0)."""
+    def block_columns(self, b: int, c0: int, c1: int, scale=1.0):
+        """Columns c0:c1 (local) of block b of σG as float64 (m, c1 − c0) (σ: the group's frame)."""
         base = self.start + b * self.size
-        return _columns(self.xp, self.source.segments, base + c0, base + c1, scale)
+        return _columns(self.xp, self.source.segments, base + c0, base + c1, _block_scale(scale, b))
 
-    def float64_tiles(self, budget: int, rows: bool = False, scale: float = 1.0):
+    def float64_tiles(self, budget: int, rows: bool = False, scale=1.0):
         """Tiles as ``_passes.float64_tiles`` yields them, built from the factors, of at most
         ``TILE_ELEMENTS`` (whatever the caller's budget: the point is never to hold much of G)."""
         m = self.shape[1]
@@ -204,53 +221,55 @@ class FactoredView:
                 yield b, b + 1, c0, c1, self.block_columns(b, c0, c1, scale)[None, ...]
 
     # -- the factored formulas (seed eq. 21–23) per whole segment, tiles elsewhere ----------
-    def gram(self, scale: float, budget: int):
+    def gram(self, scale, budget: int):
         """(σG_b)(σG_b)ᵀ per block, (count, m, m) float64: Σ over whole segments of
         (AAᵀ) ⊙ (EEᵀ), tiles for the rest."""
         xp = self.xp
         m = self.shape[1]
         out = xp.zeros((self.count, m, m), dtype=xp.float64, device=_backend.device(self.source.anchor))
         for b in range(self.count):
+            sb = _block_scale(scale, b)
             for s, whole in self._block_segments(b):
                 if whole:
-                    A, E = _scaled(s, scale)
+                    A, E = _scaled(s, sb)
                     out[b, ...] += (A @ xp.matrix_transpose(A)) * (E @ xp.matrix_transpose(E))
                 else:
                     lo = max(self.start + b * self.size, s.start) - (self.start + b * self.size)
-                    for _, t in self._partial_with_offsets(b, s, lo, budget, scale):
+                    for _, t in self._partial_with_offsets(b, s, lo, budget, sb):
                         out[b, ...] += t @ xp.matrix_transpose(t)
         return out
 
-    def _segment_columns(self, b: int, s: Segment, c0: int, c1: int, scale: float = 1.0):
+    def _segment_columns(self, b: int, s: Segment, c0: int, c1: int, scale=1.0):
         base = self.start + b * self.size
         return _columns(self.xp, [s], base + c0, base + c1, scale)
 
-    def project(self, X, scale: float, budget: int):
+    def project(self, X, scale, budget: int):
         """(σG_b)·X per block for X (count, size, k) float64 → (count, m, k)."""
         xp = self.xp
         m, k = self.shape[1], X.shape[-1]
         out = xp.zeros((self.count, m, k), dtype=xp.float64, device=_backend.device(X))
         for b in range(self.count):
             base = self.start + b * self.size
+            sb = _block_scale(scale, b)
             for s, whole in self._block_segments(b):
                 if whole:
-                    A, E = _scaled(s, scale)
+                    A, E = _scaled(s, sb)
                     U = xp.reshape(X[b, s.start - base : s.stop - base, :], (s.n_out, s.n_in, k))
                     for q in range(k):  # g_i·u = e_iᵀ·U·a_i = rowsum(A ⊙ (E·U))
                         out[b, :, q] += xp.sum(A * (E @ U[:, :, q]), axis=1)
                 else:
                     lo = max(base, s.start) - base
-                    for c0, t in self._partial_with_offsets(b, s, lo, budget, scale):
+                    for c0, t in self._partial_with_offsets(b, s, lo, budget, sb):
                         out[b, ...] += t @ X[b, c0 : c0 + t.shape[1], :]
         return out
 
-    def _partial_with_offsets(self, b: int, s: Segment, lo: int, budget: int, scale: float = 1.0):
+    def _partial_with_offsets(self, b: int, s: Segment, lo: int, budget: int, scale=1.0):
         hi = min(self.start + (b + 1) * self.size, s.stop) - (self.start + b * self.size)
         step = max(1, min(budget, TILE_ELEMENTS) // max(self.shape[1], 1))
         for c0 in range(lo, hi, step):
             yield c0, self._segment_columns(b, s, c0, min(hi, c0 + step), scale)
 
-    def combine(self, X, C, alpha: float, beta: float, scale: float, budget: int, out=None):
+    def combine(self, X, C, alpha: float, beta: float, scale, budget: int, out=None):
         """alpha·X + beta·(σG_b)ᵀC per block, (count, size, k) float64."""
         xp = self.xp
         k = C.shape[-1]
@@ -259,15 +278,16 @@ class FactoredView:
         for b in range(self.count):
             base = self.start + b * self.size
             low = xp.zeros((self.size, k), dtype=xp.float64, device=_backend.device(C))
+            sb = _block_scale(scale, b)
             for s, whole in self._block_segments(b):
                 if whole:
-                    A, E = _scaled(s, scale)
+                    A, E = _scaled(s, sb)
                     for q in range(k):  # per layer Eᵀ·diag(c)·A, the weight's own layout
                         W = xp.matrix_transpose(E) @ (A * C[b, :, q][:, None])
                         low[s.start - base : s.stop - base, q] = xp.reshape(W, (-1,))
                 else:
                     lo = max(base, s.start) - base
-                    for c0, t in self._partial_with_offsets(b, s, lo, budget, scale):
+                    for c0, t in self._partial_with_offsets(b, s, lo, budget, sb):
                         low[c0 : c0 + t.shape[1], :] += xp.matrix_transpose(t) @ C[b, ...]
             out[b, ...] = beta * low if X is None else alpha * X[b, ...] + beta * low
         return out
@@ -283,20 +303,32 @@ class FactoredView:
             out[t, :] = _columns(xp, self.source.segments, col, col + 1)[:, 0]
         return out
 
-    def max_abs(self) -> float:
-        """max |G| over the view, from the factors: max over segments of max|E|·max|A| per
-        column pair, computed exactly as max_r,c |e_r|·|a_c| = max over the outer product."""
+    def row_max_abs(self, weights=None):
+        """max_j |G[b, i, j]·w_j| per block and row, from the factors: host float64 (count, m).
+        A segment inside block b contributes max|e_i|·max|a_i| for row i (the largest entry of
+        the outer product e_i a_iᵀ, exactly); weights and segments that straddle a block edge
+        are read from float64 tiles."""
         xp = self.xp
-        top = 0.0
+        m = self.shape[1]
+        out = xp.zeros((self.count, m), dtype=xp.float64, device=_backend.device(self.source.anchor))
         for b in range(self.count):
-            for s, _ in self._block_segments(b):
-                ea = float(xp.max(xp.abs(s.E64))) if s.E64.size else 0.0
-                aa = float(xp.max(xp.abs(s.A64))) if s.A64.size else 0.0
-                # an upper bound at most (max|e|·max|a| is attained only if in one row); exact
-                # enough for a frame (power of two) and the finiteness check
-                top = max(top, ea * aa) if np.isfinite(ea * aa) else float("inf")
-        return top
+            base = self.start + b * self.size
+            for s, whole in self._block_segments(b):
+                if whole and weights is None:
+                    ea = xp.max(xp.abs(s.E64), axis=1) if s.E64.shape[1] else xp.zeros(m, dtype=xp.float64)
+                    aa = xp.max(xp.abs(s.A64), axis=1) if s.A64.shape[1] else xp.zeros(m, dtype=xp.float64)
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        part = ea * aa  # inf only if an entry of G itself exceeds float64
+                else:
+                    lo = max(base, s.start) - base
+                    part = xp.zeros(m, dtype=xp.float64, device=_backend.device(out))
+                    for c0, t in self._partial_with_offsets(b, s, lo, TILE_ELEMENTS):
+                        t = xp.abs(t) if weights is None else xp.abs(t) * weights[b, None, c0 : c0 + t.shape[1]]
+                        part = xp.maximum(part, xp.max(t, axis=1))
+                out[b, :] = xp.maximum(out[b, :], part)
+        return np.asarray(_backend.to_host(out), dtype=np.float64)
 
-
-def is_view(Gg) -> bool:
-    return isinstance(Gg, FactoredView)
+    def max_abs(self) -> float:
+        """max |G| over the view (``row_max_abs``'s largest), as a host float."""
+        rows = self.row_max_abs()
+        return float(np.max(rows)) if rows.size else 0.0

@@ -210,7 +210,7 @@ def reshard(states, sizes) -> list[dict]:
     states = [dict(s) for s in states]
     if not states:
         raise ValueError("reshard needs at least one state")
-    replicated = ("format", "capacity", "damp", "scale", "dtype", "accumulate", "ages", "counter", "frame", "steps",
+    replicated = ("format", "capacity", "damp", "scale", "dtype", "accumulate", "ages", "counter", "frames", "steps",
                   "gram", "factor")  # fmt: skip
     first = states[0]
     for r, s in enumerate(states[1:], 1):

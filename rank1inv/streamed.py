@@ -100,6 +100,7 @@ class StreamedView(ColumnChunks):
         self.cuts = tuple(min(w, d - a) for a in range(0, d, w))
         self._copier = copier
         self._slots = None
+        self.device = _backend.device(source.anchor)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -393,7 +393,7 @@ def _load_cases():
         "ages": (broken(ages=np.where(occupied, 0, -1)), ValueError, "distinct"),
         "empty row": (broken(gradients=np.where(occupied[:, None], empty_row, 1.0)), ValueError, "non-zero rows"),
         "gradients dtype": (broken(gradients=good["gradients"].astype(np.float32)), ValueError, "gradients"),
-        "frame": (broken(frame=700), ValueError, "frame"),
+        "frame": (broken(frames=np.full(16, 700)), ValueError, "frame"),
         "steps": (broken(steps=-3), ValueError, "steps"),
         "v1 gram scaled": (v1, ValueError, "gram"),
         "not a dict": ("state", TypeError, "dict"),

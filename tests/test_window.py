@@ -146,7 +146,7 @@ def test_window_factor_solves_whitens_and_logdets():
     gram = G @ G.T
     K_age = gram[np.ix_(occupied, occupied)] + mu * np.eye(5)
     R = _window.factorize(xp_np, K_age, cap)
-    f = _window.WindowFactor(xp_np, R, np.array(occupied), mu, np.log(mu))
+    f = _window.WindowFactor(xp_np, R, np.array(occupied), (cap - 5) * np.log(mu))  # Σ log μ' over empty slots
     K = gram + mu * np.eye(cap)
     P = rng.standard_normal((1, cap, 3))
     P[0, [3, 5, 6, 8]] = 0.0  # empty slots have zero Gram rows, so zero right-hand sides

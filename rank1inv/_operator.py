@@ -18,11 +18,20 @@ import math
 
 import numpy as np
 
-from . import _backend, _checks, _precision
+from . import _backend, _checks, _comm, _precision
 from ._passes import tile_budget
 
 DENSE_LIMIT = 4096
 SAMPLE_CHUNK = 8  # samples per pass over G in ``sample`` (the compiled CPU passes take up to 8 vectors)
+
+
+def may_overflow(max_x: float, dim: int, damp: float, dtype) -> bool:
+    """Whether F⁻¹x might not fit ``dtype``: ‖F⁻¹x‖_∞ ≤ ‖F⁻¹‖₂‖x‖₂ ≤ √d·max|x|/λ (λ the
+    smallest damping). A bound every rank of a sharded operator computes alike, so only the
+    products it cannot clear agree on their outcome with one more collective (§12)."""
+    limit = float(np.finfo(np.dtype(_backend.dtype_name(dtype))).max)
+    with np.errstate(over="ignore", divide="ignore"):
+        return not (math.sqrt(dim) * float(max_x) / float(damp) <= 0.25 * limit)
 
 
 def scaled_diagonal(xp, values, exponent, count: int):
@@ -288,6 +297,27 @@ class InverseOperator(_BlockOperator):
     def fisher(self):
         """An operator for F itself (same layout): products, diag, to_dense, aslinearoperator."""
         return FisherOperator(self)
+
+    # -- across ranks: identities here, collectives on operators sharded along d (§12) -------
+    communicator = None  # the Communicator of an operator sharded along d (``rank1inv.sharded``)
+
+    @property
+    def global_dim(self) -> int:
+        """d over all ranks (d itself unless the operator is sharded along d)."""
+        return self._dim
+
+    def _agreement(self, what: str, *names: str):
+        """A context for a call's local validation: on a sharded operator every rank agrees on
+        success (and on ``names``) before any other collective (``_comm.agreement``)."""
+        return _comm.agreement(self.communicator, what, *names)
+
+    def _sum_over_ranks(self, a):
+        """Host float64 ``a`` summed over the ranks (``a`` itself on one process)."""
+        return np.asarray(a, dtype=np.float64)
+
+    def _max_over_ranks(self, a):
+        """Host float64 ``a``'s elementwise max over the ranks (``a`` itself on one process)."""
+        return np.asarray(a, dtype=np.float64)
 
     def _width(self) -> int:
         return 1

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _backend, _precision
+from . import _backend, _comm, _precision
 
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
 BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
@@ -46,6 +46,48 @@ class ShardedView:
 
     def sum(self, xp, a):
         return xp.asarray(self.comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
+
+
+# -------------------------------------------------------------------- across ranks (§12)
+def communicator(Gg):
+    """The Communicator of a ShardedView, None for any other group (one process)."""
+    return Gg.comm if isinstance(Gg, ShardedView) else None
+
+
+def agreement(Gg, what: str, *names: str):
+    """``_comm.agreement`` over the ranks of ``Gg`` (a no-op but for re-raising on one process):
+    a call's local validation, then one reduction of the "I refused" flag and ``names``."""
+    return _comm.agreement(communicator(Gg), what, *names)
+
+
+def max_over_ranks(Gg, values, err=None, what: str = "call", finite: bool = False, **checks) -> np.ndarray:
+    """The elementwise max of host ``values`` over the ranks of ``Gg`` (nan where any rank has a
+    nan), carrying the agreement on ``err`` and ``checks`` in the same reduction
+    (``_comm.agreed_max``); on one process ``err`` is raised and ``values`` returned."""
+    return _comm.agreed_max(communicator(Gg), values, err, what, finite, **checks)
+
+
+def sum_over_ranks(xp, Gg, a):
+    """The elementwise sum of ``a`` over the ranks of ``Gg`` (``a`` itself on one process)."""
+    return a if not isinstance(Gg, ShardedView) else Gg.sum(xp, a)
+
+
+def project_gram(xp, Gg, X, accumulate: str, scale=1.0):
+    """(``project`` of X, XᵀX per block): the Gram row of new window gradients X (nb, B, k)
+    against the stored ones and their own k×k Gram matrix, (nb, m, k) and (nb, k, k) float64,
+    over all shards in one reduction. σ applies to G only (X arrives scaled)."""
+    local, shard = _local(Gg)
+    nb, m, _ = local.shape
+    P = project(xp, local, X, accumulate, scale) if m else xp.zeros((nb, 0, X.shape[-1]), dtype=xp.float64)
+    k = X.shape[-1]
+    if k == 1:  # no BLAS call (it would wake multi-threaded BLAS, docs/benchmarks.md), no temporary
+        inner = xp.reshape(_backend.sumsq(xp, X), (nb, 1, 1))
+    else:
+        inner = xp.matrix_transpose(X) @ X
+    if shard is None:
+        return P, inner
+    both = shard.sum(xp, xp.concat([xp.reshape(P, (-1,)), xp.reshape(inner, (-1,))]))
+    return xp.reshape(both[: P.size], P.shape), xp.reshape(both[P.size :], inner.shape)
 
 
 def _local(Gg):

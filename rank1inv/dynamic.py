@@ -10,9 +10,9 @@ import numpy as np
 
 from . import _backend, _checks, _passes, _precision, _scaling, _window
 from ._blocks import Layout
-from ._comm import as_communicator, rank_offsets, same_on_every_rank
+from ._comm import digest
 from ._dense import DenseGroup
-from ._operator import InverseOperator
+from ._operator import InverseOperator, may_overflow
 from ._woodbury import WoodburyGroup
 
 STATE_FORMAT = "rank1inv.DynamicInverse/3"
@@ -98,16 +98,9 @@ class DynamicInverse(InverseOperator):
 
     def __init__(self, dim, capacity, damp, *, scale=None, dtype="float32", xp=None, accumulate="float64",
                  comm=None):  # fmt: skip
+        if comm is not None:  # pragma: no cover - __new__ makes a ShardedWindow for comm
+            raise TypeError("DynamicInverse(..., comm=...) is constructed through DynamicInverse itself")
         self._dim = _checks.positive_int(dim, "dim")
-        self._comm = None if comm is None else as_communicator(comm)
-        self._global_dim = self._dim
-        if self._comm is not None:  # gradients sharded along d (docs/design.md §12)
-            self._offsets = rank_offsets(self._comm, self._dim)
-            self._global_dim = int(self._offsets[-1])
-            if not same_on_every_rank(self._comm, capacity):
-                raise ValueError(f"every rank must use the same capacity; this rank has {capacity}")
-            if self._global_dim <= capacity:
-                raise ValueError(f"a sharded window needs dim > capacity (got dim = {self._global_dim})")
         self._capacity = _checks.positive_int(capacity, "capacity")
         self._damp = _checks.damp(damp)
         self._scale_mode = _checks.scale(scale)
@@ -159,20 +152,16 @@ class DynamicInverse(InverseOperator):
 
     @property
     def _uses_dense(self) -> bool:
-        return self._global_dim <= self._capacity
+        return self._total_dim() <= self._capacity
 
-    # -- shards (docs/design.md §12): reductions over d across ranks --------------------------
+    def _total_dim(self) -> int:
+        """d over all shards (this window's dim on one process)."""
+        return self._dim
+
     def _view(self, Gg):
-        return Gg if self._comm is None else _passes.ShardedView(Gg, self._comm, self._global_dim)
-
-    def _max_abs(self, a) -> float:
-        top = _passes.max_abs(self._xp, a)
-        return top if self._comm is None else float(self._comm.allreduce_max(np.array([top]))[0])
-
-    def _sum(self, a):
-        if self._comm is None:
-            return a
-        return self._xp.asarray(self._comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
+        """The group array the passes reduce: Gg itself, or its ShardedView (``sharded``), through
+        which every cross-rank reduction of the window goes (docs/design.md §12)."""
+        return Gg
 
     def _width(self) -> int:
         return self._capacity
@@ -280,7 +269,7 @@ class DynamicInverse(InverseOperator):
     def add(self, g) -> int:
         """Store g in a free slot and return the slot. ValueError when the window is full.
         Cost: one pass over G (O(d·capacity)) plus O(capacity²)."""
-        g_s, e = self._gradient(g)
+        g_s, e, _ = self._gradient(g, what="add")
         slot = self._free_slot()
         if slot is None:
             raise ValueError(f"the window is full ({self._capacity} gradients); use push() or remove() first")
@@ -291,7 +280,7 @@ class DynamicInverse(InverseOperator):
     def push(self, g) -> int:
         """Add g, evicting the oldest gradient when full (the M-FAC step); returns its slot.
         Cost: one pass over G plus O(capacity²)."""
-        g_s, e = self._gradient(g)
+        g_s, e, _ = self._gradient(g)
         slot = self._next_slot(self._ages)
         self._commit(self._stage_pushes([(slot, g_s, e)]))
         return slot
@@ -304,14 +293,20 @@ class DynamicInverse(InverseOperator):
         beyond) plus O(capacity²·k), or one O(capacity³) refactorization when k ≥ capacity
         (the window is then the last capacity rows). Atomic: a rejected row leaves the window
         unchanged."""
-        G_new = _checks.as_array(G_new, "G_new", self._xp)
-        _checks.same_backend(self._xp, G_new, "G_new", "this window")
-        if G_new.ndim != 2 or G_new.shape[1] != self._dim:
-            raise ValueError(f"G_new must have shape (k, {self._dim}), got {tuple(G_new.shape)}")
-        rows = [self._gradient(G_new[i, :], name=f"G_new[{i}]") for i in range(G_new.shape[0])]
+        view = self._view(self._G[None, ...])
+        with _passes.agreement(view, "push_many", "rows") as agreed:
+            G_new = _checks.as_array(G_new, "G_new", self._xp)
+            _checks.same_backend(self._xp, G_new, "G_new", "this window")
+            if G_new.ndim != 2 or G_new.shape[1] != self._dim:
+                raise ValueError(f"G_new must have shape (k, {self._dim}), got {tuple(G_new.shape)}")
+            _checks.float_kind(G_new, "G_new", cupy=_backend.is_cupy(self._xp))
+            agreed.set(rows=G_new.shape[0])
+        local = [_passes.max_abs(self._xp, G_new[i, :]) for i in range(G_new.shape[0])]
+        tops = _passes.max_over_ranks(view, local, None, "push_many")
+        rows = [self._checked(G_new[i, :], float(top), f"G_new[{i}]") for i, top in enumerate(tops)]
         ages = self._ages.copy()
         items = []
-        for t, (g_s, e) in enumerate(rows):
+        for t, (g_s, e, _) in enumerate(rows):
             slot = self._next_slot(ages)
             ages[slot] = self._counter + t
             items.append((slot, g_s, e))
@@ -322,7 +317,9 @@ class DynamicInverse(InverseOperator):
     @_backend.on_device
     def remove(self, slot) -> None:
         """Empty an occupied slot. Cost O(capacity²) (O(capacity³) with scale="count")."""
-        slot = self._occupied(slot)
+        with _passes.agreement(self._view(self._G[None, ...]), "remove", "slot") as agreed:
+            slot = self._occupied(slot)
+            agreed.set(slot=slot)
         n = len(self)
         k = self._position(slot)
         ages = self._ages.copy()
@@ -346,8 +343,8 @@ class DynamicInverse(InverseOperator):
         """Overwrite the gradient in an occupied slot; the slot keeps its age. Cost: one pass over
         G plus O(k² + capacity·(capacity − k)²) for the k-th oldest (O(capacity²) for the
         newest, O(capacity³) for the oldest)."""
-        slot = self._occupied(slot)
-        g_s, e = self._gradient(g)
+        g_s, e, _ = self._gradient(g, what="replace", slot=slot)
+        slot = int(slot)
         stage = self._stage_rows([(slot, g_s, e)], self._ages.copy())
         if stage.rescaled:
             self._stage_factorization(stage)
@@ -377,21 +374,22 @@ class DynamicInverse(InverseOperator):
 
     @_backend.on_device
     def _prepare_push(self, g):
-        """Validate and stage a push of g: (stage, slot, g_s, output dtype). Writes nothing."""
-        g_s, e = self._gradient(g)
+        """Validate and stage a push of g: (stage, slot, g_s, output dtype, max|g|). Writes nothing."""
+        g_s, e, top = self._gradient(g, what="push_apply")
         kind = _precision.name_of(getattr(g, "dtype", None)) if _backend.is_array(g) else "float64"
         xp = self._xp
         out_dtype = xp.float64 if (kind == "float64" or self._dtype == "float64") else self.dtype
         slot = self._next_slot(self._ages)
-        return self._stage_pushes([(slot, g_s, e)]), slot, g_s, out_dtype
+        return self._stage_pushes([(slot, g_s, e)]), slot, g_s, out_dtype, top
 
     @_backend.on_device
-    def _apply_to_stored(self, slot: int, g_s, out_dtype):
-        """F⁻¹g for the gradient g_s stored in ``slot`` (push_apply's second half). The one-pass
-        form needs no float64 copy of g; the corrected form builds it on demand."""
+    def _apply_to_stored(self, slot: int, g_s, out_dtype, top: float):
+        """F⁻¹g for the gradient g_s stored in ``slot`` (push_apply's second half; ``top`` is
+        max|g| over all ranks). The one-pass form needs no float64 copy of g; the corrected form
+        builds it on demand."""
         xp = self._xp
         grp = self._groups()[0]
-        e_x = _scaling.exponent(self._max_abs(g_s))
+        e_x = _scaling.exponent(top)
 
         def normalized():
             g64 = xp.empty((1, self._dim, 1), dtype=xp.float64, device=_backend.device(self._G))
@@ -408,27 +406,47 @@ class DynamicInverse(InverseOperator):
             P = _backend.ldexp(xp, self._gram[None, :, slot : slot + 1], E_slot - e_x)
             y, exponent = grp.apply_to_gradients(E, normalized, P, e_x, row_frame=E_slot)
         y = _backend.ldexp(xp, y[0, :, 0], exponent, out=y[0, :, 0])
-        return _backend.cast_result(xp, y, out_dtype, "F⁻¹g")
+        view = self._view(self._G[None, ...])
+        if _passes.communicator(view) is None or not may_overflow(top, self._total_dim(), self._damp, out_dtype):
+            return _backend.cast_result(xp, y, out_dtype, "F⁻¹g")
+        with _passes.agreement(view, "push_apply"):  # a slice may overflow where another does not
+            return _backend.cast_result(xp, y, out_dtype, "F⁻¹g")
 
     # -- internals: validation ----------------------------------------------------------------
-    def _gradient(self, g, name: str = "g"):
-        """Validate g and return (g rounded to the storage dtype (a new array), exponent of
-        max|g| in storage). One scalar read-back (max |g|) covers the non-finite and the
-        overflow checks."""
+    def _gradient(self, g, name: str = "g", what: str = "push", slot=None):
+        """Validate g (and an occupied ``slot`` for ``replace``) and return (g rounded to the
+        storage dtype (a new array), exponent of max|g| in storage, max|g|). One reduction of
+        max|g| (over all ranks, carrying their agreement, docs/design.md §12) covers the
+        non-finite and the overflow checks."""
         xp = self._xp
-        g = _checks.as_array(g, name, xp)
-        _checks.same_backend(xp, g, name, "this window")
-        if g.ndim != 1 or g.shape[0] != self._dim:
-            raise ValueError(f"{name} must have shape ({self._dim},), got {tuple(g.shape)}")
-        _checks.float_kind(g, name, cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
-        top = self._max_abs(g)
+        err, top, checks = None, 0.0, {}
+        try:
+            if slot is not None:
+                checks["slot"] = self._occupied(slot)
+            g = _checks.as_array(g, name, xp)
+            _checks.same_backend(xp, g, name, "this window")
+            if g.ndim != 1 or g.shape[0] != self._dim:
+                raise ValueError(f"{name} must have shape ({self._dim},), got {tuple(g.shape)}")
+            _checks.float_kind(g, name, cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
+            top = _passes.max_abs(xp, g)
+        except (TypeError, ValueError, IndexError) as exc:
+            err = exc
+            checks = {"slot": 0} if slot is not None else {}
+        view = self._view(self._G[None, ...])
+        top = float(_passes.max_over_ranks(view, [top], err, what, **checks)[0])
+        return self._checked(g, top, name)
+
+    def _checked(self, g, top: float, name: str):
+        """(g rounded to storage, exponent, max|g|) after the checks that need max|g| over all
+        ranks (the same verdict on every rank)."""
         if not math.isfinite(top):
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
         if top > self._policy.max_value:
             raise ValueError(f"{name} overflows the window dtype {self._storage} (max |{name}| = {top:.3g})")
         # the exponent of max|g| before rounding to storage may be one too small: the frame it
         # chooses only needs to be right within docs/design.md §4's margin
-        return _backend.encode(xp, g, self._storage), _scaling.exponent(top) if top > 0 else _scaling.NO_ROW
+        e = _scaling.exponent(top) if top > 0 else _scaling.NO_ROW
+        return _backend.encode(self._xp, g, self._storage), e, top
 
     def _occupied(self, slot) -> int:
         if isinstance(slot, bool) or not isinstance(slot, numbers.Integral):
@@ -492,13 +510,11 @@ class DynamicInverse(InverseOperator):
         occupied = np.flatnonzero(self._ages >= 0)
         hi = int(occupied[-1]) + 1 if occupied.size else 0
         cross = xp.zeros((self._capacity, k), dtype=xp.float64, device=_backend.device(self._G))
-        if hi:
-            sigma = self._row_scale(frames[:hi])
-            cross[:hi, :] = _passes.project(xp, self._view(self._G[None, :hi, :]), X, self._accumulate, sigma)[0, ...]
-        if k == 1:  # no BLAS call (it would wake multi-threaded BLAS, docs/benchmarks.md), no temporary
-            inner = self._sum(_backend.sumsq(xp, X))
-        else:
-            inner = self._sum(xp.matrix_transpose(X[0, ...]) @ X[0, ...])  # (k, k)
+        sigma = self._row_scale(frames[:hi])
+        # the rows against the stored gradients and their own Gram matrix: one reduction over d
+        P, inner = _passes.project_gram(xp, self._view(self._G[None, :hi, :]), X, self._accumulate, sigma)
+        cross[:hi, :] = P[0, ...]
+        inner = inner[0, ...]  # (k, k)
         holder, step_rows = {}, []  # holder: slot -> batch item stored there now
         for t, (slot, _, _) in enumerate(items):
             row = xp.asarray(cross[:, t], copy=True)
@@ -738,6 +754,45 @@ class DynamicInverse(InverseOperator):
         (O(d·capacity² + capacity³); the resumed window then agrees with the saved one to
         rounding, not bit for bit). Format-1 states always have their factor rebuilt from their
         validated Gram matrix (their D and B are not used)."""
+        view = self._view(self._G[None, ...])
+        cap = self._capacity
+        err, parsed, tops, digest = None, None, np.zeros(cap), (0.0, 0.0)
+        try:  # 1. this rank's state, read and checked locally
+            parsed = self._parse_state(state)
+            tops, digest = parsed["tops"], parsed["digest"]
+        except (TypeError, ValueError) as exc:
+            err = exc
+        # every rank learns whether any refused, and whether the replicated fields are the same on
+        # every rank, in the reduction of the gradients' max|g| (docs/design.md §12)
+        tops = _passes.max_over_ranks(view, tops, err, "load_state_dict", replicated_fields_1=digest[0],
+                                      replicated_fields_2=digest[1])  # fmt: skip
+        if not np.all(np.isfinite(tops)):
+            raise ValueError("state['gradients'] contains non-finite values")
+        p = parsed
+        ages, xp = p["ages"], self._xp
+        if np.any(tops[ages < 0] != 0):
+            raise ValueError("state['gradients'] has non-zero rows in empty slots")
+        slot_exp = _scaling.row_exponents(tops)
+        slot_exp[ages < 0] = 0
+        # 2. the window as it would be (its construction agrees on damp, scale and accumulate),
+        # and the Gram matrix recomputed from the gradients (a reduction over d)
+        trial = self._empty_like(p["damp"], p["scale"], p["accumulate"])
+        trial._G, trial._ages, trial._counter, trial._slot_exp = p["G"], ages.copy(), p["counter"], slot_exp
+        required = trial._slot_frames(slot_exp, ages)
+        fresh = _passes.gram(xp, trial._view(p["G"][None, ...]), p["accumulate"], trial._row_scale(required))[0, ...]
+        with _passes.agreement(view, "load_state_dict"):  # 3. the derived arrays, checked locally
+            self._check_state(trial, p, required, fresh, rebuild)
+        # commit
+        self.__dict__.update(trial.__dict__)
+
+    def _empty_like(self, damp, scale_mode, accumulate):
+        """An empty window of this one's dim, capacity, dtype and backend (on the same ranks)."""
+        return DynamicInverse(self._dim, self._capacity, damp, scale=scale_mode, dtype=self._storage, xp=self._xp,
+                              accumulate=accumulate)  # fmt: skip
+
+    def _parse_state(self, state) -> dict:
+        """A state's fields read and checked against this window (no collective): format, sizes,
+        damp/scale/accumulate, gradients (on the device), ages, counter, and max|g| per slot."""
         state = _state_mapping(state)
         need = {"format", "dim", "capacity", "damp", "scale", "dtype", "accumulate", "gradients", "ages",
                 "counter", "gram"}  # fmt: skip
@@ -763,8 +818,6 @@ class DynamicInverse(InverseOperator):
         raw_scale = None if raw_scale is None else _scalar(raw_scale, (str, float), "scale")
         scale_mode = _checks.scale(None if raw_scale == "capacity" else raw_scale)
         accumulate = _checks.accumulate(_scalar(state["accumulate"], str, "accumulate"))
-        xp = self._xp
-
         grads = _host_array(state["gradients"], "gradients")
         want = np.uint16 if self._storage == "bfloat16" else _precision.numpy_dtype(self._storage)
         if self._storage == "bfloat16" and grads.dtype == _precision.numpy_dtype("bfloat16"):
@@ -784,25 +837,21 @@ class DynamicInverse(InverseOperator):
             raise ValueError("state['counter'] must be an int larger than every age")
         G_host = grads.view(_precision.numpy_dtype("bfloat16")) if self._storage == "bfloat16" else grads
         tops = np.array([_passes.max_abs(_backend.namespace(G_host), G_host[i]) for i in range(cap)])
-        if self._comm is not None:
-            tops = self._comm.allreduce_max(tops)
-        if not np.all(np.isfinite(tops)):
-            raise ValueError("state['gradients'] contains non-finite values")
-        if np.any(tops[ages < 0] != 0):
-            raise ValueError("state['gradients'] has non-zero rows in empty slots")
-        slot_exp = _scaling.row_exponents(tops)
-        slot_exp[ages < 0] = 0
-
-        # the window as it would be, then its derived arrays checked against the gradients
-        trial = DynamicInverse(dim, cap, damp, scale=scale_mode, dtype=self._storage, xp=xp, accumulate=accumulate,
-                               comm=self._comm)  # fmt: skip
+        xp = self._xp
         G_dev = xp.asarray(grads, copy=True)
         if self._storage == "bfloat16" and not _backend.is_cupy(xp):
             G_dev = G_dev.view(_precision.numpy_dtype("bfloat16"))
-        trial._G, trial._ages, trial._counter, trial._slot_exp = G_dev, ages.copy(), counter, slot_exp
-        required = trial._slot_frames(slot_exp, ages)
+        return dict(state=state, v1=v1, v2=v2, damp=damp, scale=scale_mode, accumulate=accumulate, G=G_dev,
+                    ages=ages, counter=counter, tops=tops, digest=_replicated_digest(state))  # fmt: skip
+
+    def _check_state(self, trial, p, required, fresh, rebuild: bool) -> None:
+        """The state's frames, Gram matrix and factor checked against the recomputed Gram matrix
+        ``fresh`` (in the ``required`` frames) and written into ``trial`` (no collective)."""
+        state, v1, v2, ages = p["state"], p["v1"], p["v2"], p["ages"]
+        xp, cap = self._xp, self._capacity
         order = _window.host_order(ages)
-        n = len(occ)
+        n = order.shape[0]
+        F = 0
         if v1 or v2:  # one frame F for the window: the Gram matrix and factor move to the per-slot frames
             F = 0 if v1 else _scalar(state["frame"], int, "frame")
             if v2 and abs(F - int(required.max())) > 2:
@@ -822,8 +871,10 @@ class DynamicInverse(InverseOperator):
                     f"state['frames'][{i}] = {frames[i]} does not fit the gradients (expected {required[i]})"
                 )
             to_slot = None
+            if np.any(frames != required):  # the recomputation, in the state's frames (exact)
+                k = _scaling.rescale_exponents(required, frames)
+                fresh = _backend.ldexp(xp, fresh, xp.asarray(k, device=_backend.device(fresh)))
         trial._frames = frames
-        fresh = _passes.gram(xp, trial._view(G_dev[None, ...]), accumulate, trial._row_scale(frames))[0, ...]
         if rebuild:
             gram = fresh
         else:
@@ -831,7 +882,7 @@ class DynamicInverse(InverseOperator):
             _expect_float64(gram_state, (cap, cap), "gram")
             gram = gram_state if to_slot is None else _backend.ldexp(np, gram_state, to_slot)
             gram = xp.asarray(gram, copy=True)
-            _check_gram(xp, gram, fresh, trial._global_dim)
+            _check_gram(xp, gram, fresh, trial._total_dim())
         trial._gram = gram
         K_age = trial._K_age(_Staged(gram=gram, gram_rows={}, ages=ages, frames=frames))
         if rebuild or v1:
@@ -853,9 +904,7 @@ class DynamicInverse(InverseOperator):
                 raise ValueError("state['steps'] must be >= 0")
             trial._steps = min(steps, cap)
         if trial._uses_dense:
-            trial._dense = trial._stage_dense(_Staged(G_rows={}, ages=ages, slot_exp=slot_exp))
-        # commit
-        self.__dict__.update(trial.__dict__)
+            trial._dense = trial._stage_dense(_Staged(G_rows={}, ages=ages, slot_exp=trial._slot_exp))
 
     def __repr__(self) -> str:
         return (
@@ -878,14 +927,29 @@ def push_apply_all(windows, gradients) -> list:
     prepared = [w._prepare_push(g) for w, g in zip(windows, gradients)]
     undos = []
     try:
-        for w, (stage, _, _, _) in zip(windows, prepared):
+        for w, (stage, *_) in zip(windows, prepared):
             with _backend.device_scope(w._xp, w._anchor()):
                 undos.append(w._commit(stage))
-        return [w._apply_to_stored(slot, g_s, dt) for w, (_, slot, g_s, dt) in zip(windows, prepared)]
+        return [w._apply_to_stored(slot, g_s, dt, top) for w, (_, slot, g_s, dt, top) in zip(windows, prepared)]
     except BaseException:
         for undo in reversed(undos):
             undo()
         raise
+
+
+REPLICATED = ("format", "capacity", "damp", "scale", "dtype", "accumulate", "ages", "counter", "frame", "frames",
+              "steps", "gram", "factor")  # fmt: skip
+
+
+def _replicated_digest(state) -> tuple[float, float]:
+    """``_comm.digest`` of the fields every rank of a sharded window holds alike, so that one
+    reduction can tell whether they are equal (docs/design.md §12)."""
+    parts = []
+    for key in REPLICATED:
+        if key in state:
+            value = state[key]
+            parts += [key, _host_array(value, key) if hasattr(value, "shape") else np.asarray(value)]
+    return digest(*parts)
 
 
 def _state_mapping(state) -> dict:

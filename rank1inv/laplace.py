@@ -32,11 +32,15 @@ GOLDEN_STEPS = 80  # golden-section iterations: the log-λ bracket shrinks by 0.
 
 def _allsum(op, value):
     """Sum a host array or float over the ranks of a sharded operator (identity otherwise)."""
-    comm = getattr(op, "communicator", None)
-    if comm is None:
-        return value
-    out = comm.allreduce_sum(np.asarray(value, dtype=np.float64))
+    out = op._sum_over_ranks(np.asarray(value, dtype=np.float64))
     return float(out) if np.ndim(value) == 0 else out
+
+
+def _finite(value: float, what: str) -> float:
+    """``value`` itself if finite, else OverflowError (an inf would be a wrong answer)."""
+    if not math.isfinite(value):
+        raise OverflowError(f"{what} exceeds the float64 range ({value!r}): rescale the weights or the loss")
+    return value
 
 
 def _delta(op, weights, prior_mean):
@@ -57,14 +61,12 @@ def _delta(op, weights, prior_mean):
     return delta
 
 
-def _block_sq(op, weights, prior_mean) -> np.ndarray:
-    """‖θ_b − θ₀_b‖² per diagonal block of the operator (host float64, block order)."""
+def _block_sq(op, delta) -> np.ndarray:
+    """‖θ_b − θ₀_b‖² per diagonal block of the operator (host float64, block order) for Δ from
+    ``_delta``."""
     xp = op.namespace
-    delta = _delta(op, weights, prior_mean)
     top = float(xp.max(xp.abs(delta))) if delta.shape[0] else 0.0
-    comm = getattr(op, "communicator", None)
-    if comm is not None:  # one scale for every rank
-        top = float(comm.allreduce_max(np.array([top]))[0])
+    top = float(op._max_over_ranks(np.array([top]))[0])  # one scale for every rank
     if top == 0.0:
         return np.zeros(len(op.block_sizes))
     delta = delta / top  # no overflow or underflow in the squares (scaled back below)
@@ -92,18 +94,22 @@ def log_marginal_likelihood(op, loss, weights, *, prior_mean=None) -> float:
     op: a StaticInverse/DynamicInverse for F = Λ₀ + s·GᵀG around ``weights``; loss: the summed
     negative log likelihood L at ``weights`` (a float); weights: θ*, shape (d,), the operator's
     namespace; prior_mean θ₀ (default 0), Δ = θ* − θ₀. Cost O(d) plus ``op.logdet()``."""
-    loss = _check_loss(loss)
+    with op._agreement("log_marginal_likelihood"):  # every rank checks its inputs, then all agree
+        loss = _check_loss(loss)
+        delta = _delta(op, weights, prior_mean)
     if isinstance(op.damp, np.ndarray):  # per-coordinate prior precision δ
         xp = op.namespace
         lam = op.damp
-        delta = _delta(op, weights, prior_mean)
-        scatter = _allsum(op, float(xp.sum(xp.asarray(lam, device=_backend.device(delta)) * delta * delta)))
+        with np.errstate(over="ignore"):
+            scatter = _allsum(op, float(xp.sum(xp.asarray(lam, device=_backend.device(delta)) * delta * delta)))
         log_prior = _allsum(op, math.fsum(np.log(lam).tolist()))
     else:
         damps, sizes = _block_damps(op), np.asarray(op.block_sizes, dtype=np.float64)
-        scatter = math.fsum((damps * _block_sq(op, weights, prior_mean)).tolist())
+        with np.errstate(over="ignore"):
+            scatter = math.fsum((damps * _block_sq(op, delta)).tolist())
         log_prior = math.fsum(np.atleast_1d(_allsum(op, sizes * np.log(damps))).tolist())  # Σ over all coordinates
-    return -loss - 0.5 * (scatter - log_prior + op.logdet())
+    _finite(scatter, "the prior term λ‖θ − θ₀‖²")
+    return _finite(-loss - 0.5 * (scatter - log_prior + op.logdet()), "the log marginal likelihood")
 
 
 def tune_damp(op, loss, weights, *, prior_mean=None, per_block: bool = False, bounds=(1e-8, 1e8)):
@@ -117,13 +123,16 @@ def tune_damp(op, loss, weights, *, prior_mean=None, per_block: bool = False, bo
     (``GOLDEN_STEPS`` steps of O(m) per block), then one ``with_damp`` (a DynamicInverse gives a
     StaticInverse snapshot). When the evidence keeps growing towards a bound, the bound is
     returned."""
-    lo, hi = (float(b) for b in bounds)
-    if not (0 < lo < hi and math.isfinite(hi)):
-        raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds!r}")
-    loss = _check_loss(loss)
-    if isinstance(op.damp, np.ndarray):
-        raise ValueError("tune_damp tunes one prior precision or one per block, not a per-coordinate prior")
-    sq = _block_sq(op, weights, prior_mean)
+    with op._agreement("tune_damp"):  # every rank checks its inputs, then all agree
+        lo, hi = _bounds(bounds)
+        loss = _check_loss(loss)
+        if isinstance(op.damp, np.ndarray):
+            raise ValueError("tune_damp tunes one prior precision or one per block, not a per-coordinate prior")
+        delta = _delta(op, weights, prior_mean)
+    with np.errstate(over="ignore"):
+        sq = _block_sq(op, delta)
+    if not np.all(np.isfinite(sq)):
+        raise OverflowError("‖θ − θ₀‖² exceeds the float64 range: rescale the weights")
     spectra = op.gram_spectra()
     nblocks = len(spectra)
 
@@ -149,15 +158,32 @@ def tune_damp(op, loss, weights, *, prior_mean=None, per_block: bool = False, bo
     return post, log_marginal_likelihood(post, loss, weights, prior_mean=prior_mean)
 
 
+def _bounds(bounds) -> tuple[float, float]:
+    """(low, high) from ``tune_damp``'s bounds: two real numbers with 0 < low < high < inf."""
+    try:
+        lo, hi = bounds
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"bounds must be a pair (low, high), got {bounds!r}") from err
+    for v in (lo, hi):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"bounds must be real numbers, got {bounds!r}")
+    lo, hi = float(lo), float(hi)
+    if not (0 < lo < hi and math.isfinite(hi)):
+        raise ValueError(f"bounds must satisfy 0 < low < high < inf, got {bounds!r}")
+    return lo, hi
+
+
 def predictive_variance(op, J, *, full: bool = False, chunk: int = 64):
     """diag(J F⁻¹ Jᵀ), shape (k,), for Jacobians J (k, d) in the operator's namespace; with
     ``full`` the (k, k) matrix J F⁻¹ Jᵀ. op.dtype (float64 for float64 J). One product with
     ``chunk`` columns at a time: O(dmk) and (d × chunk) float64 of extra memory."""
     xp = op.namespace
-    J = _checks.as_array(J, "J", xp)
-    if J.ndim != 2 or J.shape[1] != op.shape[0]:
-        raise ValueError(f"J must have shape (k, {op.shape[0]}), got {tuple(J.shape)}")
-    chunk = _checks.positive_int(chunk, "chunk")
+    with op._agreement("predictive_variance", "rows", "chunk") as agreed:
+        J = _checks.as_array(J, "J", xp)
+        if J.ndim != 2 or J.shape[1] != op.shape[0]:
+            raise ValueError(f"J must have shape (k, {op.shape[0]}), got {tuple(J.shape)}")
+        chunk = _checks.positive_int(chunk, "chunk")
+        agreed.set(rows=J.shape[0], chunk=chunk)
     k = J.shape[0]
     Jt = xp.matrix_transpose(J)
     parts = []
@@ -169,11 +195,11 @@ def predictive_variance(op, J, *, full: bool = False, chunk: int = 64):
         else:
             parts.append(xp.sum(xp.astype(Jt[:, j0 : j0 + chunk], xp.float64) * Y64, axis=0))
     out = xp.concat(parts, axis=1 if full else 0)
-    if getattr(op, "communicator", None) is not None:  # J's columns are this rank's: sum over ranks
+    if op.communicator is not None:  # J's columns are this rank's: sum over ranks
         out = xp.asarray(_allsum(op, _backend.to_host(out)), device=_backend.device(out))
     if full:
         out = (out + xp.matrix_transpose(out)) / 2.0  # exactly symmetric
-    return xp.astype(out, Y.dtype)
+    return _backend.cast_result(xp, out, Y.dtype, "the predictive variance")
 
 
 def probit_probabilities(logits, variances):

@@ -20,7 +20,7 @@ EXACT_CHUNK = 2048
 
 
 def _vector(op, x, name):
-    if getattr(op, "communicator", None) is not None:  # rank1inv.sharded: indices here are local
+    if op.communicator is not None:  # rank1inv.sharded: indices here are local
         raise TypeError("OBS pruning works on one process's operator, not on one sharded along d")
     xp = op.namespace
     x = _checks.as_array(x, name, xp)

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 
 from .. import _precision
+from .._comm import agreement as _comm_agreement
+from .._comm import as_communicator
 from ..dynamic import DynamicInverse, push_apply_all
 
 
@@ -582,9 +584,41 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # one step over every window: validated and staged everywhere before any is written
+        # one step over every window: validated and staged everywhere before any is written; over
+        # shards every rank agrees on which windows step before any collective (docs/design.md §12)
         active, jobs, created = [], [], []
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        comm = None if self._comm is None else as_communicator(self._comm)
+        try:
+            with _comm_agreement(comm, "MFAC step", "windows") as agreed:
+                self._collect(active, jobs, created, group_of)
+                unit = {id(b): u for u, b in enumerate(self._buffers)}
+                agreed.set(windows=float(sum(1 << min(unit[id(b)], 50) for b, _, _ in active)))
+        except BaseException:
+            for u in created:  # the step did not happen: the relative damping is chosen again
+                self._windows[u] = None
+            raise
+        if not jobs:
+            return loss
+        try:
+            with _cuda_context(active[0][2], stream=True):  # CuPy works on torch's stream: no race on the buffers
+                results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
+        except BaseException:
+            for u in created:  # the step did not happen: the relative damping is chosen again
+                self._windows[u] = None
+            raise
+        for buf, windows, g in active:
+            direction = torch.empty_like(g)
+            a = 0
+            for w in windows:
+                n = w.shape[0]
+                direction[a : a + n].copy_(to_tensor(next(results)))
+                a += n
+            self._apply(buf, direction)
+        return loss
+
+    def _collect(self, active, jobs, created, group_of) -> None:
+        """The windows that step and their gradients (validated, nothing written)."""
         for u, (buf, windows) in enumerate(zip(self._buffers, self._windows)):
             missing = [p.grad is None for p in buf.params]
             if all(missing):
@@ -610,24 +644,6 @@ class MFAC(torch.optim.Optimizer):
                 n = w.shape[0]
                 jobs.append((w, to_array(g[a : a + n])))
                 a += n
-        if not jobs:
-            return loss
-        try:
-            with _cuda_context(active[0][2], stream=True):  # CuPy works on torch's stream: no race on the buffers
-                results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
-        except BaseException:
-            for u in created:  # the step did not happen: the relative damping is chosen again
-                self._windows[u] = None
-            raise
-        for buf, windows, g in active:
-            direction = torch.empty_like(g)
-            a = 0
-            for w in windows:
-                n = w.shape[0]
-                direction[a : a + n].copy_(to_tensor(next(results)))
-                a += n
-            self._apply(buf, direction)
-        return loss
 
     def _apply(self, buf, direction):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}

@@ -919,6 +919,14 @@ def push_apply_all(windows, gradients) -> list:
     result that fails (OverflowError) undoes every push. For models whose parameters are split
     over several windows (one per block or layer): the step happens everywhere or nowhere.
     Cost: the sum of the ``push_apply`` calls."""
+    results, _ = staged_push_apply(windows, gradients)
+    return results
+
+
+def staged_push_apply(windows, gradients):
+    """``push_apply_all`` that also returns ``undo()``, which restores every window as it was
+    (bit for bit): for callers whose step can still fail after the pushes (an optimizer writing
+    its parameters), so that their step too happens everywhere or nowhere."""
     windows, gradients = list(windows), list(gradients)
     if len(windows) != len(gradients):
         raise ValueError(f"got {len(windows)} windows and {len(gradients)} gradients")
@@ -926,15 +934,21 @@ def push_apply_all(windows, gradients) -> list:
         raise ValueError("each window may appear once in one step")
     prepared = [w._prepare_push(g) for w, g in zip(windows, gradients)]
     undos = []
+
+    def undo():
+        for u in reversed(undos):
+            u()
+        undos.clear()
+
     try:
         for w, (stage, *_) in zip(windows, prepared):
             with _backend.device_scope(w._xp, w._anchor()):
                 undos.append(w._commit(stage))
-        return [w._apply_to_stored(slot, g_s, dt, top) for w, (_, slot, g_s, dt, top) in zip(windows, prepared)]
+        results = [w._apply_to_stored(slot, g_s, dt, top) for w, (_, slot, g_s, dt, top) in zip(windows, prepared)]
     except BaseException:
-        for undo in reversed(undos):
-            undo()
+        undo()
         raise
+    return results, undo
 
 
 REPLICATED = ("format", "capacity", "damp", "scale", "dtype", "accumulate", "ages", "counter", "frame", "frames",

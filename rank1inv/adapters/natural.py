@@ -17,7 +17,7 @@ import torch
 
 from ..factored import FactoredGradients
 from ..static import StaticInverse
-from .torch import descend, to_array, to_tensor, trainable
+from .torch import Descent, to_array, to_tensor, trainable
 
 
 def _linear_layers(model: torch.nn.Module):
@@ -154,17 +154,21 @@ class NaturalGradient(torch.optim.Optimizer):
         if any(p.grad is None for p in params):
             raise ValueError("every trainable parameter needs a gradient (call loss.backward() first)")
         g = torch.cat([p.grad.reshape(-1) for p in params])
+        if not bool(torch.isfinite(g).all()):
+            raise ValueError("the gradient contains non-finite values (nan or inf); the step is refused")
+        if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+            raise ValueError("inputs contain non-finite values (nan or inf); the step is refused")
         factors = linear_factors(self.model, inputs, targets, fisher=self.fisher, generator=self.generator)
         batch = factors.shape[0]
         op = StaticInverse(factors, group["damp"], scale=1.0 / batch)
-        direction = to_tensor(op @ to_array(g.detach())).to(device=g.device, dtype=g.dtype)
-        with torch.no_grad():
-            offset = 0
-            for p in params:
-                n = p.numel()
-                d = direction[offset : offset + n].view_as(p)
-                offset += n
-                descend(self.state[p], p, d, group["lr"], group["momentum"], group["weight_decay"])
+        direction = to_tensor(op @ to_array(g.detach())).to(device=g.device)
+        step, offset = Descent(), 0
+        for p in params:
+            n = p.numel()
+            step.add(self.state[p], p, direction[offset : offset + n].view_as(p), group["lr"], group["momentum"],
+                     group["weight_decay"])  # fmt: skip
+            offset += n
+        step.commit()
         return None
 
 
@@ -174,12 +178,21 @@ class FOOF(torch.optim.Optimizer):
     a constant input 1), re-inverted every ``inverse_every`` steps; momentum and decoupled weight
     decay as in ``MFAC``.
 
-    Inputs are captured by forward hooks during the caller's own forward pass, so a step is
-    ``loss.backward(); opt.step()``. Layers whose input width (plus 1 with a bias) is at most
-    ``window`` keep C as a dense matrix and a Cholesky factor; wider ones keep the last ``window``
-    rows of scaled inputs (√(weight)·a over the recent batches: a truncated EMA, weights
-    below ema^k dropped) and invert through ``StaticInverse`` (Woodbury), the rule of the block
-    groups. Memory: n_in² per narrow layer, window·n_in per wide one.
+    Inputs are captured by forward hooks during the caller's own forward passes: every forward
+    with gradients enabled since the last ``step`` or ``zero_grad`` contributes (the micro-batches
+    of an accumulated gradient; run evaluation passes under ``torch.no_grad()``), so a step is
+    ``opt.zero_grad(); loss.backward(); opt.step()`` or ``opt.step(closure)`` (the closure is
+    evaluated under ``torch.enable_grad()`` first, as in torch.optim, and its forward supplies the
+    inputs). Layers whose input width (plus 1 with a bias) is at most ``window`` keep C as a
+    dense matrix and a Cholesky factor; wider ones keep the last ``window`` rows of scaled inputs
+    (√(weight)·a over the recent batches: a truncated EMA, weights below ema^k dropped) and
+    invert through ``StaticInverse`` (Woodbury), the rule of the block groups. Memory: n_in² per
+    narrow layer, window·n_in per wide one.
+
+    A step is validated and staged for every layer (inputs captured and finite, gradients finite,
+    new statistics and their factorizations, every parameter's new value) before anything is
+    written: a step that raises changes no statistic and no parameter. ``state_dict`` carries the
+    statistics and factorizations, so a resumed run continues bit for bit.
     """
 
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, ema=0.95, inverse_every=1, momentum=0.9,
@@ -191,18 +204,20 @@ class FOOF(torch.optim.Optimizer):
             raise ValueError(f"inverse_every must be an int >= 1, got {inverse_every!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
         defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,
                         weight_decay=weight_decay)  # fmt: skip
         super().__init__([p for _, p in trainable(model)], defaults)
         self.ema, self.inverse_every, self.window = ema, inverse_every, int(window)
-        self._inputs = {}
+        self._inputs = {id(m): [] for m, _ in self.layers}
         self._stats = {id(m): {} for m, _ in self.layers}
         self._steps = 0
         self._handles = [m.register_forward_hook(self._capture) for m, _ in self.layers]
 
     def _capture(self, module, args, output):
         if torch.is_grad_enabled():
-            self._inputs[id(module)] = args[0].detach()
+            self._inputs[id(module)].append(args[0].detach())
 
     def remove_hooks(self) -> None:
         """Detach the input-capturing hooks from the model."""
@@ -210,66 +225,124 @@ class FOOF(torch.optim.Optimizer):
             h.remove()
         self._handles = []
 
-    def _update_statistics(self, module, has_bias) -> None:
-        a = self._inputs.get(id(module))
-        if a is None:
-            raise ValueError("no input was captured for a layer: run a forward pass with gradients enabled first")
-        if a.ndim != 2:
-            a = a.reshape(-1, a.shape[-1])  # tokens/patches as samples (appendix K)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's zero_grad, and the inputs captured since the last step are dropped."""
+        super().zero_grad(set_to_none=set_to_none)
+        for captured in self._inputs.values():
+            captured.clear()
+
+    def _layer_inputs(self, module, has_bias, k: int):
+        """The inputs captured for layer k since the last step, (N, n_in + bias) float64."""
+        captured = self._inputs.get(id(module)) or []
+        if not captured:
+            raise ValueError(f"no input was captured for layer {k}: run a forward pass with gradients enabled before "
+                             "step() (or pass a closure)")  # fmt: skip
+        a = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured], 0)  # tokens/patches as samples (app. K)
         a = a.to(torch.float64)
+        if not bool(torch.isfinite(a).all()):
+            raise ValueError(f"layer {k}'s captured inputs contain non-finite values (nan or inf); the step is refused")
         if has_bias:
             a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)], 1)
-        st = self._stats[id(module)]
+        return a
+
+    def _updated(self, st: dict, a, damp: float, refresh: bool) -> dict:
+        """The layer's new statistics (and, when ``refresh``, their new factorization), out of place."""
+        new = dict(st)
         n = a.shape[1]
         if n <= self.window:  # dense C
             cov = a.T @ a / a.shape[0]
-            st["C"] = cov if "C" not in st else self.ema * st["C"] + (1 - self.ema) * cov
+            new["C"] = cov if "C" not in st else self.ema * st["C"] + (1 - self.ema) * cov
         else:  # rows √w·a of the recent batches, newest last; weights decay by ema per step
             rows = a / math.sqrt(a.shape[0])
             old = st.get("rows")
-            if old is None:
-                st["rows"] = rows
-            else:
-                st["rows"] = torch.cat([old * math.sqrt(self.ema), rows * math.sqrt(1 - self.ema)], 0)[-self.window :]
-
-    def _refresh(self, module, damp) -> None:
-        st = self._stats[id(module)]
-        if "C" in st:
-            n = st["C"].shape[0]
-            st["chol"] = torch.linalg.cholesky(
-                st["C"] + damp * torch.eye(n, dtype=st["C"].dtype, device=st["C"].device)
+            new["rows"] = (
+                rows
+                if old is None
+                else torch.cat([old * math.sqrt(self.ema), rows * math.sqrt(1 - self.ema)], 0)[-self.window :]
             )
-            st.pop("op", None)
-        else:
-            rows = to_array(st["rows"].contiguous())
-            st["op"] = StaticInverse(rows, damp, scale=1.0)
+        if refresh or ("chol" not in st and "op_rows" not in st):
+            if "C" in new:
+                eye = torch.eye(n, dtype=new["C"].dtype, device=new["C"].device)
+                chol, info = torch.linalg.cholesky_ex(new["C"] + damp * eye)
+                if int(info) != 0 or not bool(torch.isfinite(chol).all()):
+                    raise ValueError("λI + C is not numerically positive definite for a layer (damp too small?)")
+                new["chol"] = chol
+            else:
+                new["op_rows"] = new["rows"]
+                new["op"] = StaticInverse(to_array(new["rows"].contiguous()), damp, scale=1.0)
+        return new
 
-    def _precondition(self, module, grad):
+    @staticmethod
+    def _precondition(st: dict, grad):
         """grad (n_out, n) times (λI + C)⁻¹ (C symmetric)."""
-        st = self._stats[id(module)]
         g = grad.to(torch.float64)
         if "chol" in st:
             return torch.cholesky_solve(g.T, st["chol"]).T
         return to_tensor(st["op"].matmat(to_array(g.T.contiguous()))).to(g.device).T
 
     def step(self, closure=None):  # noqa: D102 - documented in the class
+        loss = None
+        if closure is not None:
+            for captured in self._inputs.values():
+                captured.clear()  # the closure's forward supplies this step's inputs
+            with torch.enable_grad():
+                loss = closure()
         group = self.param_groups[0]
         lr, damp = group["lr"], group["damp"]
-        for module, has_bias in self.layers:
-            self._update_statistics(module, has_bias)
-            if self._steps % self.inverse_every == 0 or ("chol" not in self._stats[id(module)]
-                                                         and "op" not in self._stats[id(module)]):  # fmt: skip
-                self._refresh(module, damp)
+        refresh = self._steps % self.inverse_every == 0
+        staged, step = {}, Descent()
+        for k, (module, has_bias) in enumerate(self.layers):  # 1. validate and stage everything
+            a = self._layer_inputs(module, has_bias, k)
+            st = self._updated(self._stats[id(module)], a, damp, refresh)
+            staged[id(module)] = st
+            W = module.weight
+            if W.grad is None:
+                continue  # torch.optim: no gradient, no step for this layer
+            grad = W.grad if not has_bias else torch.cat([W.grad, module.bias.grad[:, None]], 1)
+            if not bool(torch.isfinite(grad).all()):
+                raise ValueError(f"layer {k}'s gradient contains non-finite values (nan or inf); the step is refused")
+            delta = self._precondition(st, grad)
+            parts = [(W, delta[:, : W.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
+            for p, d in parts:
+                step.add(self.state[p], p, d.reshape(p.shape), lr, group["momentum"], group["weight_decay"])
+        for key, st in staged.items():  # 2. commit (nothing here can fail)
+            self._stats[key] = st
         self._steps += 1
-        with torch.no_grad():
-            for module, has_bias in self.layers:
-                W = module.weight
-                if W.grad is None:
-                    continue
-                grad = W.grad if not has_bias else torch.cat([W.grad, module.bias.grad[:, None]], 1)
-                delta = self._precondition(module, grad).to(W.dtype)
-                parts = [(W, delta[:, : W.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
-                for p, d in parts:
-                    descend(self.state[p], p, d, lr, group["momentum"], group["weight_decay"])
-        self._inputs.clear()
-        return None
+        step.commit()
+        for captured in self._inputs.values():
+            captured.clear()
+        return loss
+
+    def state_dict(self):
+        """torch.optim's state plus FOOF's: the step count and every layer's statistics and
+        factorization (tensors; loads with ``torch.load(weights_only=True)``)."""
+        state = super().state_dict()
+        layers = [{k: v for k, v in self._stats[id(m)].items() if k != "op"} for m, _ in self.layers]
+        state["foof"] = {"steps": self._steps, "layers": layers}
+        return state
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        foof = state_dict.pop("foof", None)
+        if foof is None:
+            raise ValueError("state_dict has no 'foof' entry (not from a FOOF optimizer)")
+        layers = list(foof["layers"])
+        if len(layers) != len(self.layers):
+            raise ValueError(f"state_dict has statistics for {len(layers)} layers, this model has {len(self.layers)}")
+        damp = self.param_groups[0]["damp"] if not state_dict.get("param_groups") else (
+            state_dict["param_groups"][0]["damp"])  # fmt: skip
+        stats = {}
+        for (module, has_bias), st in zip(self.layers, layers):
+            n = module.weight.shape[1] + bool(has_bias)
+            st = dict(st)
+            for key in ("C", "chol"):
+                if key in st and tuple(st[key].shape) != (n, n):
+                    raise ValueError(f"state_dict's {key!r} has shape {tuple(st[key].shape)}, the layer needs {(n, n)}")
+            for key in ("rows", "op_rows"):
+                if key in st and st[key].shape[-1] != n:
+                    raise ValueError(f"state_dict's {key!r} has {st[key].shape[-1]} columns, the layer needs {n}")
+            if "op_rows" in st:
+                st["op"] = StaticInverse(to_array(st["op_rows"].contiguous()), damp, scale=1.0)
+            stats[id(module)] = st
+        super().load_state_dict(state_dict)
+        self._stats, self._steps = stats, int(foof["steps"])

@@ -15,7 +15,7 @@ import torch
 from .. import _precision
 from .._comm import agreement as _comm_agreement
 from .._comm import as_communicator
-from ..dynamic import DynamicInverse, push_apply_all
+from ..dynamic import DynamicInverse, staged_push_apply
 
 
 # ------------------------------------------------------------------------------ conversion
@@ -171,6 +171,9 @@ class GradientBuffer:
                 if p.grad is None:
                     self.buffer[a : a + n].zero_()
                 else:
+                    if p.grad.layout != torch.strided:
+                        raise TypeError(f"gradients must be dense (strided) tensors, got layout {p.grad.layout}; "
+                                        "convert sparse gradients with .to_dense()")  # fmt: skip
                     grad = local_shard(p.grad, "gradient")
                     if grad.shape != local.shape:
                         raise ValueError(f"a gradient's shard has shape {tuple(grad.shape)}, its parameter's "
@@ -398,19 +401,56 @@ def _backend_namespace(a):
 
 
 # ------------------------------------------------------------------------------ optimizer
-def descend(state: dict, p: torch.Tensor, d: torch.Tensor, lr: float, momentum: float, weight_decay: float) -> None:
-    """The step of this package's optimizers: heavy-ball momentum on the (preconditioned)
-    direction d (``state["momentum_buffer"]``, as torch.optim.SGD), decoupled weight decay
-    p ← (1 − lr·weight_decay)·p, then p ← p − lr·d. In place, under no_grad."""
-    if momentum:
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = d.clone()
-        else:
-            state["momentum_buffer"].mul_(momentum).add_(d)
-        d = state["momentum_buffer"]
-    if weight_decay:
-        p.mul_(1.0 - lr * weight_decay)
-    p.add_(d, alpha=-lr)
+class Descent:
+    """The step of this package's optimizers, staged then committed (nothing is written until
+    every parameter's new value is known to be finite): heavy-ball momentum on the
+    (preconditioned) direction d (``state["momentum_buffer"]``, as torch.optim.SGD), decoupled
+    weight decay p ← (1 − lr·weight_decay)·p, then p ← p − lr·d. The arithmetic runs in at least
+    float32 (a 16-bit parameter's direction is never cast to 16 bits on its own: only the new
+    parameter is, and an overflow raises OverflowError before any parameter changes)."""
+
+    def __init__(self):
+        self._writes = []
+
+    def add(self, state: dict, p: torch.Tensor, d: torch.Tensor, lr, momentum: float, weight_decay: float) -> None:
+        """Stage one parameter's step (out of place). ValueError for a direction of the wrong
+        shape or a momentum buffer that does not fit the parameter (a state from another model)."""
+        if d.shape != p.shape:
+            raise ValueError(f"a direction of shape {tuple(d.shape)} for a parameter of shape {tuple(p.shape)}")
+        work = torch.promote_types(p.dtype, torch.float32)
+        d = d.to(work)
+        buf = None
+        if momentum:
+            old = state.get("momentum_buffer")
+            if old is not None and old.shape != p.shape:
+                raise ValueError(f"the momentum buffer has shape {tuple(old.shape)}, its parameter {tuple(p.shape)}: "
+                                 "the optimizer state is from another model")  # fmt: skip
+            buf = d.clone() if old is None else old.to(work) * momentum + d
+            d = buf
+        lr = float(lr)
+        new = p.detach().to(work)
+        if weight_decay:
+            new = new * (1.0 - lr * weight_decay)
+        new = (new - lr * d).to(p.dtype)
+        if not bool(torch.isfinite(new).all()) and bool(torch.isfinite(p).all()):
+            raise OverflowError(f"the step leaves the {p.dtype} range of a parameter (|lr·direction| too large)")
+        self._writes.append((state, p, new, buf))
+
+    def commit(self) -> None:
+        """Write every staged step (nothing here can fail)."""
+        with torch.no_grad():
+            for state, p, new, buf in self._writes:
+                if buf is not None:
+                    state["momentum_buffer"] = buf
+                p.copy_(new)
+        self._writes = []
+
+
+def descend(state: dict, p: torch.Tensor, d: torch.Tensor, lr, momentum: float, weight_decay: float) -> None:
+    """One parameter's ``Descent`` step, staged and committed at once."""
+    step = Descent()
+    step.add(state, p, d, lr, momentum, weight_decay)
+    step.commit()
 
 
 class MFAC(torch.optim.Optimizer):
@@ -482,7 +522,7 @@ class MFAC(torch.optim.Optimizer):
             if blocks is not None or isinstance(damp, str):
                 raise ValueError("with DTensor parameters (sharded across ranks) use blocks=None and a numeric damp")
             self._comm = group
-        self._windows = self._make_windows()
+        self._windows, self._buffers = self._make_windows()
 
     @staticmethod
     def _check_group(group, where: str) -> None:
@@ -511,9 +551,14 @@ class MFAC(torch.optim.Optimizer):
         dimension changes, so the gradients kept so far cannot carry over)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._check_group(group, f"parameter group {len(self.param_groups) - 1}")
-        if hasattr(self, "_windows"):
-            self._windows = self._make_windows()  # in "groups" mode the existing windows are kept
+        try:  # a group that is refused is not kept (torch.optim appends before we can check)
+            self._check_group(group, f"parameter group {len(self.param_groups) - 1}")
+            if hasattr(self, "_windows"):
+                windows, buffers = self._make_windows()  # in "groups" mode the existing windows are kept
+                self._windows, self._buffers = windows, buffers
+        except BaseException:
+            self.param_groups.pop()
+            raise
 
     # one "unit" = the trainable parameters whose flattened gradients share one buffer
     def _units(self):
@@ -536,7 +581,7 @@ class MFAC(torch.optim.Optimizer):
         old = {}
         if reuse:
             old = dict(zip([id(b.params[0]) for b in getattr(self, "_buffers", [])], getattr(self, "_windows", [])))
-        windows, self._buffers = [], []
+        windows, buffers = [], []
         for group, unit in self._units():  # refused here, not at step()
             kinds = {p.dtype for p in unit}
             if len(kinds) > 1 or not kinds <= set(_TORCH_STORAGE):
@@ -545,13 +590,13 @@ class MFAC(torch.optim.Optimizer):
                     f"got {sorted(str(k) for k in kinds)} (use blocks='groups' with one dtype per group)"
                 )
             buf = GradientBuffer(unit)
-            self._buffers.append(buf)
+            buffers.append(buf)
             if self.blocks == "groups" and id(unit[0]) in old:
                 windows.append(old[id(unit[0])])  # an existing group keeps its window
                 continue
             relative = _relative_factor(group["damp"])
             windows.append(None if relative is not None else self._new_windows(buf, group, float(group["damp"])))
-        return windows
+        return windows, buffers
 
     def _new_windows(self, buf, group, damp: float):
         """The windows of one unit (one per block of its flat vector), on its device."""
@@ -600,21 +645,22 @@ class MFAC(torch.optim.Optimizer):
             raise
         if not jobs:
             return loss
+        undo = None
         try:
             with _cuda_context(active[0][2], stream=True):  # CuPy works on torch's stream: no race on the buffers
-                results = iter(push_apply_all([w for w, _ in jobs], [v for _, v in jobs]))
+                results, undo = staged_push_apply([w for w, _ in jobs], [v for _, v in jobs])
+            results = iter(results)
+            step = Descent()
+            for buf, windows, g in active:  # the directions stay in the windows' result dtype
+                direction = torch.cat([to_tensor(next(results)).to(g.device) for _ in windows])
+                self._stage(step, buf, direction)
         except BaseException:
+            if undo is not None:
+                undo()
             for u in created:  # the step did not happen: the relative damping is chosen again
                 self._windows[u] = None
             raise
-        for buf, windows, g in active:
-            direction = torch.empty_like(g)
-            a = 0
-            for w in windows:
-                n = w.shape[0]
-                direction[a : a + n].copy_(to_tensor(next(results)))
-                a += n
-            self._apply(buf, direction)
+        step.commit()
         return loss
 
     def _collect(self, active, jobs, created, group_of) -> None:
@@ -645,7 +691,7 @@ class MFAC(torch.optim.Optimizer):
                 jobs.append((w, to_array(g[a : a + n])))
                 a += n
 
-    def _apply(self, buf, direction):
+    def _stage(self, step, buf, direction):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         a = 0
         for p, local in zip(buf.params, buf.locals):  # a DTensor is stepped through its local shard
@@ -653,7 +699,7 @@ class MFAC(torch.optim.Optimizer):
             group = group_of[id(p)]
             d = direction[a : a + n].view_as(local)
             a += n
-            descend(self.state[p], local, d, group["lr"], group["momentum"], group["weight_decay"])
+            step.add(self.state[p], local, d, group["lr"], group["momentum"], group["weight_decay"])
 
     def state_dict(self):
         """torch.optim's state plus the windows (their arrays as CPU tensors, so the whole dict
@@ -667,11 +713,12 @@ class MFAC(torch.optim.Optimizer):
         windows = state_dict.pop("mfac_windows", None)
         if windows is None:
             raise ValueError("state_dict has no 'mfac_windows' (not from an MFAC optimizer)")
-        fresh = self._make_windows(reuse=False)
+        self._check_state_shapes(state_dict)
+        fresh, buffers = self._make_windows(reuse=False)
         if len(windows) != len(fresh):
             raise ValueError("state_dict windows do not match this optimizer's layout")
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        for u, (buf, states) in enumerate(zip(self._buffers, windows)):
+        for u, (buf, states) in enumerate(zip(buffers, windows)):
             if fresh[u] is None and states:  # relative damping chosen in the saved run
                 fresh[u] = self._new_windows(buf, group_of[id(buf.params[0])], 1.0)
             if (fresh[u] is None) != (not states) or (fresh[u] is not None and len(fresh[u]) != len(states)):
@@ -679,4 +726,25 @@ class MFAC(torch.optim.Optimizer):
             for w, s in zip(fresh[u] or [], states):
                 w.load_state_dict(s)
         super().load_state_dict(state_dict)
-        self._windows = fresh
+        self._windows, self._buffers = fresh, buffers
+
+    def _check_state_shapes(self, state_dict) -> None:
+        """ValueError unless every saved per-parameter tensor (momentum buffers) has its
+        parameter's shape: torch.optim maps saved states to parameters by position only, so a
+        state from a differently shaped model of the same size would load and half-apply a step."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} parameter groups, this optimizer "
+                             f"{len(self.param_groups)}")  # fmt: skip
+        by_index = {}
+        for saved, group in zip(saved_groups, self.param_groups):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError("state_dict's parameter groups hold other numbers of parameters than this optimizer's")
+            by_index.update(zip(saved["params"], group["params"]))
+        for index, entry in state_dict.get("state", {}).items():
+            p = by_index.get(index)
+            shape = None if p is None else local_shard(p).shape
+            for key, value in entry.items():
+                if shape is not None and isinstance(value, torch.Tensor) and value.ndim and value.shape != shape:
+                    raise ValueError(f"state_dict's {key!r} has shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(local_shard(p).shape)}: it is from another model")  # fmt: skip

@@ -106,7 +106,7 @@ def test_foof_step_calls_the_closure_and_uses_its_inputs():
     with torch.no_grad():
         model(batch(9)[0])  # no gradients: not captured
     loss = opt.step(closure)
-    assert calls == [True] and float(loss) > 0
+    assert calls == [True] and float(loss.detach()) > 0
     foof_step(ref, twin, 3)  # the same batch through the explicit form
     assert same(snapshot(model), snapshot(twin))
 
@@ -188,8 +188,8 @@ def test_mfac_refused_parameter_group_is_not_kept(bad):
 
 def test_mfac_refuses_a_state_from_a_differently_shaped_model():
     a = torch.nn.Linear(6, 2, dtype=torch.float64)  # 14 parameters
-    b = torch.nn.Sequential(torch.nn.Linear(2, 4, dtype=torch.float64), torch.nn.Linear(1, 2, bias=False,
-                                                                                       dtype=torch.float64))  # fmt: skip
+    f64 = torch.float64
+    b = torch.nn.Sequential(torch.nn.Linear(2, 4, dtype=f64), torch.nn.Linear(1, 2, bias=False, dtype=f64))
     assert sum(p.numel() for p in a.parameters()) == sum(p.numel() for p in b.parameters()) == 14
     opt_a = MFAC(a.parameters(), lr=0.1, ngrads=2, damp=1e-2, momentum=0.5)
     for _ in range(2):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import NamedTuple
 
 import array_api_compat
@@ -230,11 +231,13 @@ def device_scope(xp, anchor):
 
 
 def on_device(method):
-    """Decorator: run a method of an object with ``_xp`` and ``_anchor()`` under its device."""
+    """Decorator: run a method of an object with ``_xp`` and ``_anchor()`` under its device, and
+    under the object's ``_lock`` when it has one (a window: docs/guide.md, "Threads")."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        with device_scope(self._xp, self._anchor()):
+        lock = self.__dict__.get("_lock")
+        with lock if lock is not None else contextlib.nullcontext(), device_scope(self._xp, self._anchor()):
             return method(self, *args, **kwargs)
 
     return wrapper
@@ -430,6 +433,8 @@ class HoldsNamespace:
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        if "_lock" in state:  # a lock is per object: a copy gets its own
+            state["_lock"] = _NewLock()
         for key, value in state.items():
             if isinstance(value, type(np)) and (
                 array_api_compat.is_numpy_namespace(value) or array_api_compat.is_cupy_namespace(value)
@@ -441,7 +446,13 @@ class HoldsNamespace:
         for key, value in state.items():
             if isinstance(value, _NamespaceName):
                 state[key] = namespace_from_argument(__import__(value.name))
+            elif isinstance(value, _NewLock):
+                state[key] = threading.RLock()
         self.__dict__.update(state)
+
+
+class _NewLock:
+    """A lock, pickled as "make a new one"."""
 
 
 class _NamespaceName:

@@ -3,8 +3,10 @@ push_many), with O(dm + m²) updates (docs/design.md §6)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -100,6 +102,7 @@ class DynamicInverse(InverseOperator):
                  comm=None):  # fmt: skip
         if comm is not None:  # pragma: no cover - __new__ makes a ShardedWindow for comm
             raise TypeError("DynamicInverse(..., comm=...) is constructed through DynamicInverse itself")
+        self._lock = threading.RLock()  # every public call holds it (docs/guide.md, "Threads")
         self._dim = _checks.positive_int(dim, "dim")
         self._capacity = _checks.positive_int(capacity, "capacity")
         self._damp = _checks.damp(damp)
@@ -782,8 +785,8 @@ class DynamicInverse(InverseOperator):
         fresh = _passes.gram(xp, trial._view(p["G"][None, ...]), p["accumulate"], trial._row_scale(required))[0, ...]
         with _passes.agreement(view, "load_state_dict"):  # 3. the derived arrays, checked locally
             self._check_state(trial, p, required, fresh, rebuild)
-        # commit
-        self.__dict__.update(trial.__dict__)
+        # commit (the window keeps its own lock, which this call holds)
+        self.__dict__.update({k: v for k, v in trial.__dict__.items() if k != "_lock"})
 
     def _empty_like(self, damp, scale_mode, accumulate):
         """An empty window of this one's dim, capacity, dtype and backend (on the same ranks)."""
@@ -932,6 +935,25 @@ def staged_push_apply(windows, gradients):
         raise ValueError(f"got {len(windows)} windows and {len(gradients)} gradients")
     if len({id(w) for w in windows}) != len(windows):
         raise ValueError("each window may appear once in one step")
+    with _holding(windows):
+        results, undo = _staged_push_apply(windows, gradients)
+
+    def undo_held():
+        with _holding(windows):
+            undo()
+
+    return results, undo_held
+
+
+def _holding(windows):
+    """Every window's lock, taken in one order (no deadlock between steps over shared windows)."""
+    held = contextlib.ExitStack()
+    for w in sorted(windows, key=id):
+        held.enter_context(w._lock)
+    return held
+
+
+def _staged_push_apply(windows, gradients):
     prepared = [w._prepare_push(g) for w, g in zip(windows, gradients)]
     undos = []
 

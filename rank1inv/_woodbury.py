@@ -38,7 +38,8 @@ import numpy as np
 
 from . import _backend, _passes, _precision, _scaling
 
-CORRECTION_STEPS = 2
+MAX_REFINEMENTS = 8  # refinements of c in a corrected product (1 always, more while they still matter)
+REFINE_TOLERANCE = 1e-12  # δc below this fraction of c: at rounding level, no further refinement
 W_CACHE_BYTES = 1 << 31  # cache W = L⁻¹G (float64) for entry queries only up to 2 GiB
 
 
@@ -262,26 +263,34 @@ class WoodburyGroup(_backend.HoldsNamespace):
         """F⁻¹x (in the frame of ``apply``) for P = G'x without the cancellation of λ⁻¹(x − G'ᵀc).
 
         c solves K'c = G'x, equivalently G'r = M'c with r = x − G'ᵀc. With the spectral factor
-        (no amplified rounding along cancelling combinations of gradients), c is refined
-        ``CORRECTION_STEPS − 1`` times by δc = K'⁻¹(G'r − M'c), the residual taken through G
-        itself (not through the rounded Gram matrix). Then
+        (no amplified rounding along cancelling combinations of gradients), c is refined by
+        δc = K'⁻¹(G'r − M'c), the residual taken through G itself (not through the rounded Gram
+        matrix): once always, then again while δc is above rounding (``REFINE_TOLERANCE`` of c)
+        and still shrinking, at most ``MAX_REFINEMENTS`` times (gradients that are duplicates to
+        within ~1e-7 with λ near the rounding of their Gram matrix converge slowly, about 30× per
+        step: docs/numerics.md). Then
 
             F⁻¹x = λ⁻¹ r + G'ᵀ K'⁻¹ λ⁻¹(M'c − G'r),
 
         an identity whose second term is zero in exact arithmetic and, in floating point,
         removes the rounding error of r along the gradients (−λ⁻¹G'ᵀK'⁻¹G'·err(r)).
-        2·CORRECTION_STEPS + 1 passes over G.
+        5 passes over G, 2 more per further refinement.
         """
+        xp = self.xp
         solve = self.spectral.solve
         C = solve(P)
         if self.per_row:
             self._check_span(C)
-        for step in range(CORRECTION_STEPS):
+        previous = math.inf
+        for step in range(MAX_REFINEMENTS + 1):
             R = self._combine(X, C, 1.0, -1.0)
             E = self._project(R) - self._mu_rows() * C
-            if step + 1 < CORRECTION_STEPS:
-                C = C + solve(E)
-        return self._combine(R, solve(-E / self.damp_f), 1.0 / self.damp_f, 1.0)
+            D = solve(E)
+            size = float(xp.max(xp.abs(D) / xp.maximum(xp.max(xp.abs(C), axis=1, keepdims=True), 1e-300)))
+            if step == MAX_REFINEMENTS or (step >= 1 and (size <= REFINE_TOLERANCE or size > 0.5 * previous)):
+                break
+            C, previous = C + D, size
+        return self._combine(R, -D / self.damp_f, 1.0 / self.damp_f, 1.0)
 
     def _check_span(self, C) -> None:
         """ValueError when x lies (nearly) in the span of "far" gradients only: those whose frame

@@ -343,3 +343,29 @@ def test_reference_overwrite_matches_copy():
     V2, q2 = reference.static_precompute(G2, 0.1, overwrite=True)
     assert V2 is G2 and np.array_equal(V, V2) and np.array_equal(q, q2)
     assert not np.array_equal(G, G2)  # the copy path left G alone; overwrite used its storage
+
+
+def _near_duplicates(seed, m, d, noise):
+    """Two directions, each gradient one of them + noise (duplicates to within ~1e-7), with λ
+    for cond(F) ≈ 7e13: the regime where a fixed number of corrections left η near 1e-11."""
+    rng = np.random.default_rng(seed)
+    G = rng.standard_normal((2, d))[np.arange(m) % 2] + noise * rng.standard_normal((m, d))
+    damp = np.linalg.norm(G, 2) ** 2 / m / 7e13
+    X = np.stack([rng.standard_normal(d), G[0], G.T @ rng.standard_normal(m), G[0] - G[2]], 1)
+    return G, damp, X
+
+
+@pytest.mark.parametrize("noise", [5e-8, 1e-7])
+def test_near_duplicates_at_cond_1e14_reach_the_float64_target(noise):
+    """Refinement of the corrected products runs until δc is at rounding level (docs/numerics.md)."""
+    worst = 0.0
+    for seed in range(8):
+        for m, d in ((4, 500), (6, 500), (6, 200), (8, 100)):
+            G, damp, X = _near_duplicates(seed, m, d, noise)
+            F = testing.dense_fisher(G, damp)
+            worst = max(worst, testing.backward_error(F, r1.StaticInverse(G, damp) @ X, X))
+            w = r1.DynamicInverse(d, m, damp, scale=1 / m, dtype="float64")
+            for g in G:
+                w.push(g)
+            worst = max(worst, testing.backward_error(F, w @ X, X))
+    assert worst <= 5e-12, worst

@@ -274,6 +274,23 @@ def cholesky(xp, a):
     return c
 
 
+def pivot_condition(xp, factor, lower: bool) -> float:
+    """max_i K_ii / L_ii² for a batch of triangular factors (nb, n, n) of K = LLᵀ (``lower``) or
+    RᵀR: how much of each row's norm its elimination leaves, the inverse of the smallest relative
+    pivot, a lower estimate of the condition of the equilibrated K (1.0 for none). Zero rows or
+    decoupled directions count as well conditioned; near-duplicates do not. O(nb·n²)."""
+    F = to_host(factor)
+    if F.ndim == 2:
+        F = F[None, ...]
+    if F.size == 0 or F.shape[-1] == 0:
+        return 1.0
+    diag = np.abs(np.diagonal(F, axis1=-2, axis2=-1))
+    norms = np.sum(F * F, axis=-1 if lower else -2)  # rows of L, columns of R: K's diagonal
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(diag > 0, norms / (diag * diag), np.inf)
+    return float(np.max(ratio))
+
+
 def eigh(xp, a):
     """Eigenvalues (ascending) and eigenvectors of symmetric float64 matrices (nb, m, m). A batch
     of one goes to the 2-D solver: CuPy sends stacks to cuSOLVER's batched Jacobi method, slow

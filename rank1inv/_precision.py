@@ -39,7 +39,9 @@ class Precision:
     output: dtype name of query results (products, diagonals) unless the caller's x asks for more.
     eta: backward-error target of a product (docs/design.md §8). rel: diag/entry relative-error target
     where cond(F) ≤ 1e9. cancellation: ``_woodbury`` recomputes a product when less than this
-    fraction of ‖x‖² survives λ⁻¹(x − Gᵀc). native: the dtype the passes use for
+    fraction of ‖x‖² survives λ⁻¹(x − Gᵀc). refine_condition: it also does when the m×m system's
+    condition (estimated from its factor's pivots) exceeds this, where the one-pass Woodbury
+    product's error would exceed ``eta`` (docs/numerics.md). native: the dtype the passes use for
     ``accumulate="native"`` (float64 where there is no native BLAS path: 16-bit storage).
     max_value: the largest finite stored value. mantissa_bits: of the stored values (a float64
     product of two of them is exact when 2·bits ≤ 53).
@@ -53,6 +55,7 @@ class Precision:
     eta: float
     rel: float
     cancellation: float
+    refine_condition: float
     native: str
     max_value: float
     mantissa_bits: int
@@ -74,15 +77,15 @@ class Precision:
 # margin. The 16-bit dtypes accumulate exactly like float32 storage (exact float64 products).
 POLICIES = {
     "float64": Precision(
-        "float64", 8, "float64", 5e-12, 1e-6, 1e-2, "float64", float(np.finfo(np.float64).max), 53, None, None
+        "float64", 8, "float64", 5e-12, 1e-6, 1e-2, 1e9, "float64", float(np.finfo(np.float64).max), 53, None, None
     ),  # fmt: skip
     "float32": Precision(
-        "float32", 4, "float32", 1e-7, 1e-6, 1e-9, "float32", float(np.finfo(np.float32).max), 24, "f32", "f32"
+        "float32", 4, "float32", 1e-7, 1e-6, 1e-9, 1e14, "float32", float(np.finfo(np.float32).max), 24, "f32", "f32"
     ),  # fmt: skip
     "bfloat16": Precision(
-        "bfloat16", 2, "float32", 1e-7, 1e-6, 1e-9, "float32", 3.3895313892515355e38, 8, "bf16", "bf16"
+        "bfloat16", 2, "float32", 1e-7, 1e-6, 1e-9, 1e14, "float32", 3.3895313892515355e38, 8, "bf16", "bf16"
     ),  # fmt: skip
-    "float16": Precision("float16", 2, "float32", 1e-7, 1e-6, 1e-9, "float64", 65504.0, 11, "f16", "f16"),
+    "float16": Precision("float16", 2, "float32", 1e-7, 1e-6, 1e-9, 1e14, "float64", 65504.0, 11, "f16", "f16"),
 }
 STORAGE = tuple(POLICIES)
 STORAGE_TEXT = ", ".join(STORAGE[:-1]) + " or " + STORAGE[-1]

@@ -230,6 +230,12 @@ class WindowFactor(_backend.HoldsNamespace):
         """``logdet()`` as a host array of one block."""
         return np.array([self.logdet()])
 
+    def condition(self) -> float:
+        """``_backend.pivot_condition`` of R's leading n×n block: O(n²), cached."""
+        if getattr(self, "_condition", None) is None:
+            self._condition = _backend.pivot_condition(self.xp, self.R[: self.n, : self.n], lower=False)
+        return self._condition
+
 
 def mfac_coefficients(xp, R, n: int, damp: float, inverse_scale: float, frames):
     """M-FAC's D and B (n×n, age order; M-FAC eq. 8–10) from the window's factor.

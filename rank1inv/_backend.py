@@ -527,7 +527,10 @@ def cast_result(xp, y, dtype, what: str):
             raise OverflowError(
                 f"{what} exceeds the {name} range of the result; pass float64 input for a float64 result"
             )
-        raise OverflowError(f"{what} is not representable in {name} (its entries exceed the float64 range)")
+        raise OverflowError(
+            f"{what} is not representable in {name}: it has non-finite values (beyond the float64 range, or nan "
+            "or inf in the gradients: were they modified, or a memory map's file changed, after construction?)"
+        )
     return out
 
 

@@ -151,6 +151,8 @@ def same_backend(xp, x, name: str, where: str):
 
 def indices(xp, idx, dim: int, name: str):
     """A 1-D integer index array on the operator's backend, each in [0, dim)."""
+    if isinstance(idx, np.generic):  # a NumPy scalar (np.int64(3)) is an index like 3
+        idx = np.asarray(idx)
     if _backend.is_array(idx):
         same_backend(xp, idx, name, "the operator")
         arr = idx

@@ -352,6 +352,8 @@ class InverseOperator(_BlockOperator):
         n_dim = self.noise_dim
         if z.ndim not in (1, 2) or z.shape[-1] != n_dim:
             raise ValueError(f"z must have shape ({n_dim},) or (n, {n_dim}), got {tuple(z.shape)}")
+        if not (xp.isdtype(z.dtype, "real floating") or xp.isdtype(z.dtype, "integral")):
+            raise TypeError(f"z must be real (standard normals), got {z.dtype}")
         Z = xp.asarray(xp.matrix_transpose(z) if z.ndim == 2 else z[:, None], dtype=xp.float64, copy=True)
         if not _backend.all_finite(xp, Z):
             raise ValueError("z contains non-finite values (nan or inf)")

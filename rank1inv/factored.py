@@ -52,7 +52,12 @@ class FactoredGradients:
         layers = list(layers)
         if not layers:
             raise ValueError("layers must hold at least one (A, E) pair")
-        biases = [bool(bias)] * len(layers) if isinstance(bias, (bool, np.bool_)) else [bool(b) for b in bias]
+        if isinstance(bias, (bool, np.bool_)):
+            biases = [bool(bias)] * len(layers)
+        elif isinstance(bias, (list, tuple)) and all(isinstance(b, (bool, np.bool_)) for b in bias):
+            biases = [bool(b) for b in bias]
+        else:
+            raise TypeError(f"bias must be a bool or a list of bools (one per layer), got {bias!r}")
         if len(biases) != len(layers):
             raise ValueError(f"bias must be a bool or one per layer ({len(layers)}), got {len(biases)}")
         arrays = [a for pair in layers for a in _pair(pair)]

@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from . import _backend, _checks
+from ._operator import InverseOperator
 from .static import StaticInverse
 
 METHODS = ("obs", "obd", "magnitude")
@@ -19,7 +20,16 @@ UPDATES = ("simultaneous", "exact", None)
 EXACT_CHUNK = 2048
 
 
+def _operator(op):
+    """``op`` itself if it is an operator for F⁻¹ of this package, else TypeError."""
+    if not isinstance(op, InverseOperator):
+        raise TypeError(f"op must be a rank1inv operator for F⁻¹ (StaticInverse, DynamicInverse), not "
+                        f"{type(op).__module__}.{type(op).__name__}")  # fmt: skip
+    return op
+
+
 def _vector(op, x, name):
+    _operator(op)
     if op.communicator is not None:  # rank1inv.sharded: indices here are local
         raise TypeError("OBS pruning works on one process's operator, not on one sharded along d")
     xp = op.namespace
@@ -41,6 +51,7 @@ def saliency(op, w, method: str = "obs", grad=None):
     With ``grad`` (WoodTaylor, WoodFisher eq. 23): ρ_q = (w_q − [F⁻¹g]_q)² / (2[F⁻¹]_qq) − ½gᵀF⁻¹g.
     "obd": ρ_q = ½ w_q² F_qq with the diagonal of F itself (O(dm)). "magnitude": |w_q|.
     """
+    _operator(op)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     xp = op.namespace
@@ -61,6 +72,7 @@ def group_saliency(op, w, groups):
     """Structured OBS (WoodFisher eq. 18): ρ_Q = ½ w_Qᵀ ([F⁻¹]_QQ)⁻¹ w_Q for each group Q (a
     sequence of index arrays, e.g. a row or a filter). Returns (len(groups),) float64.
     Cost O(|Q|²m + |Q|³) per group."""
+    _operator(op)
     xp = op.namespace
     w = _vector(op, w, "w")
     out = []
@@ -150,6 +162,7 @@ def prune(
 
     Pruned weights are exactly zero in ``new_w`` (dtype of ``w``).
     """
+    _operator(op)
     sparsity = [_fraction(v, "sparsity") for v in sparsity] if isinstance(sparsity, (list, tuple)) else (
         _fraction(sparsity, "sparsity"))  # fmt: skip
     _check_update(update)
@@ -195,7 +208,7 @@ def _updated(op, w, Q, update, grad):
     return out
 
 
-def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="exact", method="obs"):
+def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="default", method="obs"):
     """N:M semi-structured pruning: in every group of ``m`` consecutive weights keep ``n`` (2:4 and
     4:8 are the layouts sparse tensor cores use, along a weight matrix's input dimension).
     Returns (mask, new_w), mask True = kept, exactly n True in every group.
@@ -207,8 +220,11 @@ def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="exact", me
     of F⁻¹ (``entries``: O(m²·m_grad) per group). ``update="exact"``: each group's exact joint
     OBS update δw = −F⁻¹E_Q([F⁻¹]_QQ)⁻¹w_Q (the constrained minimum for that group), summed over
     the groups into one IHVP (groups are then combined as in the "simultaneous" update); None
-    masks only. ``method="magnitude"`` keeps the n largest |w| of each group instead (the
-    usual baseline; with update None). Cost O(dm_grad·m) for the blocks plus one IHVP."""
+    masks only; the default is "exact" for ``method="obs"`` and None for ``method="magnitude"``,
+    which keeps the n largest |w| of each group instead (the usual baseline; with
+    ``update="exact"`` the kept weights then get the same exact OBS update for that mask).
+    Segment bounds are ints. Cost O(dm_grad·m) for the blocks plus one IHVP."""
+    _operator(op)
     import itertools
 
     for name, v in (("n", n), ("m", m)):
@@ -216,14 +232,16 @@ def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="exact", me
             raise TypeError(f"{name} must be an int, not {type(v).__name__}")
     if not 0 < n < m:
         raise ValueError(f"need 0 < n < m for N:M sparsity, got n={n}, m={m}")
-    if update not in ("exact", None):
-        raise ValueError(f"update must be 'exact' or None, got {update!r}")
     if method not in ("obs", "magnitude"):
         raise ValueError(f"method must be 'obs' or 'magnitude', got {method!r}")
+    if isinstance(update, str) and update == "default":
+        update = "exact" if method == "obs" else None
+    if update not in ("exact", None) or isinstance(update, bool):
+        raise ValueError(f"update must be 'exact' or None, got {update!r}")
     xp = op.namespace
     d = op.shape[0]
     w64 = _vector(op, w, "w")
-    segments = [(0, d)] if segments is None else [(int(a), int(b)) for a, b in segments]
+    segments = [(0, d)] if segments is None else [_segment(v) for v in segments]
     starts = []
     for a, b in segments:
         if not 0 <= a < b <= d or (b - a) % m:
@@ -234,26 +252,25 @@ def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="exact", me
     if first.size == 0:
         return xp.ones(d, dtype=xp.bool), xp.astype(w64, w.dtype if _backend.is_array(w) else xp.float64)
     idx = first[:, None] + np.arange(m)[None, :]  # (groups, m)
-    if method == "magnitude":
-        pruned = np.take_along_axis(idx, np.argsort(np.abs(_backend.to_host(w64)[idx]), axis=1)[:, :k], axis=1)
-        mask = np.ones(d, dtype=bool)
-        mask[pruned.reshape(-1)] = False
-        mask = xp.asarray(mask)
-        return mask, xp.astype(xp.where(mask, w64, 0.0), w.dtype if _backend.is_array(w) else xp.float64)
-    rows = np.repeat(idx, m, axis=1).reshape(-1)
-    cols = np.tile(idx, (1, m)).reshape(-1)
-    S = _backend.to_host(op.entries(xp.asarray(rows), xp.asarray(cols))).astype(np.float64).reshape(-1, m, m)
     wg = _backend.to_host(w64)[idx]  # (groups, m)
-    subsets = np.array(list(itertools.combinations(range(m), k)))  # (c, k)
-    best_rho = np.full(first.size, np.inf)
-    best = np.zeros(first.size, dtype=np.int64)
-    for c, Q in enumerate(subsets):
-        SQ = S[:, Q[:, None], Q[None, :]]  # (groups, k, k)
-        wQ = wg[:, Q]
-        rho = 0.5 * np.einsum("gi,gi->g", wQ, np.linalg.solve(SQ, wQ[..., None])[..., 0])
-        better = rho < best_rho
-        best_rho, best = np.where(better, rho, best_rho), np.where(better, c, best)
-    Q = subsets[best]  # (groups, k) local positions
+    S = None
+    if method == "obs" or update == "exact":
+        rows = np.repeat(idx, m, axis=1).reshape(-1)
+        cols = np.tile(idx, (1, m)).reshape(-1)
+        S = _backend.to_host(op.entries(xp.asarray(rows), xp.asarray(cols))).astype(np.float64).reshape(-1, m, m)
+    if method == "magnitude":
+        Q = np.sort(np.argsort(np.abs(wg), axis=1, kind="stable")[:, :k], axis=1)  # (groups, k) local positions
+    else:
+        subsets = np.array(list(itertools.combinations(range(m), k)))  # (c, k)
+        best_rho = np.full(first.size, np.inf)
+        best = np.zeros(first.size, dtype=np.int64)
+        for c, Qc in enumerate(subsets):
+            SQ = S[:, Qc[:, None], Qc[None, :]]  # (groups, k, k)
+            wQ = wg[:, Qc]
+            rho = 0.5 * np.einsum("gi,gi->g", wQ, np.linalg.solve(SQ, wQ[..., None])[..., 0])
+            better = rho < best_rho
+            best_rho, best = np.where(better, rho, best_rho), np.where(better, c, best)
+        Q = subsets[best]  # (groups, k) local positions
     pruned = np.take_along_axis(idx, Q, axis=1)  # (groups, k) global indices
     new = w64
     if update == "exact":
@@ -273,6 +290,7 @@ def prune_groups(op, w, groups, count: int, *, update="exact"):
     """Remove the ``count`` groups of lowest ``group_saliency``; returns (mask, new_w).
     ``update="exact"`` applies the joint OBS update of all removed weights ("simultaneous" the
     sum of single-weight updates); None masks only. count is an int in [0, len(groups)]."""
+    _operator(op)
     xp = op.namespace
     groups = list(groups)
     if isinstance(count, bool) or not isinstance(count, numbers.Integral):
@@ -289,6 +307,18 @@ def prune_groups(op, w, groups, count: int, *, update="exact"):
     mask = xp.ones(op.shape[0], dtype=xp.bool)
     mask[Q] = False
     return mask, xp.astype(xp.where(mask, new, 0.0), w.dtype if _backend.is_array(w) else xp.float64)
+
+
+def _segment(value) -> tuple[int, int]:
+    """A (start, stop) pair of ints (TypeError for anything else: a float bound would truncate)."""
+    try:
+        a, b = value
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"segments must be (start, stop) pairs, got {value!r}") from err
+    for v in (a, b):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"segment bounds must be ints, got {value!r}")
+    return int(a), int(b)
 
 
 def _fraction(value, name: str) -> float:

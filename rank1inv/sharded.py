@@ -205,6 +205,8 @@ class ShardedQueries(_Agreeing):
         m = self._groups()[0].Gg.shape[1]
         with _passes.agreement(self._ranks(), "sample_from_noise", "draws") as agreed:
             z = _checks.as_array(z, "z", xp)
+            if np.iscomplexobj(_backend.to_host(z)):
+                raise TypeError(f"z must be real (standard normals), got {z.dtype}")
             host = np.array(_backend.to_host(z), dtype=np.float64)
             if host.ndim not in (1, 2) or host.shape[-1] != self.noise_dim:
                 raise ValueError(f"z must have shape ({self.noise_dim},) or (n, {self.noise_dim}), got {host.shape}")

@@ -97,7 +97,10 @@ class StaticInverse(InverseOperator):
         bfloat16 is ``ml_dtypes.bfloat16`` on NumPy and its bit patterns in a uint16 array on CuPy
         (which has no bfloat16 dtype).
         The gradients, one per row. Referenced, not copied, and never modified: do not modify it
-        while the operator is in use. Query results are float64 for float64 G and float32
+        while the operator is in use (a memory-mapped G whose file is truncated meanwhile kills
+        the process with SIGBUS at the next pass over it: the operating system's behaviour, which
+        no library can catch; a value changed to nan or inf is reported by the next result's
+        OverflowError as non-finite). Query results are float64 for float64 G and float32
         otherwise (a float64 x promotes its product). Torch and JAX tensors go through
         ``rank1inv.adapters`` (zero-copy); other arrays are refused with a TypeError.
     damp : float > 0, or a sequence of them, one per block or one per coordinate

@@ -558,3 +558,74 @@ def test_suite_size():
         + 7
     )
     assert n >= 60, n
+
+
+# ----------------------------------------------------------------------------- round 3
+def _round3_cases():
+    from rank1inv import laplace
+
+    op = r1.StaticInverse(G0, 1e-2)
+    A, E = G0[:, :3], G0[:, :2]
+    J = np.full((2, 12), 1e18, dtype=np.float32)
+    op32_ = r1.StaticInverse(G0.astype(np.float32), 1e-30)
+    cases = {
+        "bias string": (lambda: r1.FactoredGradients([(A, E), (A, E)], bias="no"), TypeError, "bias"),
+        "bias ints": (lambda: r1.FactoredGradients([(A, E)], bias=[1]), TypeError, "bias"),
+        "complex noise": (lambda: op.sample_from_noise(np.ones(op.noise_dim) * (1 + 1j)), TypeError, "real"),
+        "nm float segment": (lambda: obs.prune_nm(op, np.ones(12), 2, 4, segments=[(0.5, 8.7)]), TypeError, "ints"),
+        "nm bool update": (lambda: obs.prune_nm(op, np.ones(12), 2, 4, update=True), ValueError, "update"),
+        "saliency of a matrix": (lambda: obs.saliency(np.eye(12), np.ones(12)), TypeError, "rank1inv operator"),
+        "prune of a matrix": (lambda: obs.prune(np.eye(12), np.ones(12), 0.5), TypeError, "rank1inv operator"),
+        "tune bounds bool": (lambda: laplace.tune_damp(op, 1.0, np.zeros(12), bounds=(True, 2.0)), TypeError, "bounds"),
+        "tune bounds one": (lambda: laplace.tune_damp(op, 1.0, np.zeros(12), bounds=(1.0,)), TypeError, "bounds"),
+        "variance overflow": (lambda: laplace.predictive_variance(op32_, J), OverflowError, "range"),
+        "lml overflow": (
+            lambda: laplace.log_marginal_likelihood(op, 1.0, np.full(12, 1e200)),
+            OverflowError,
+            "float64 range",
+        ),  # fmt: skip
+        "tune overflow": (lambda: laplace.tune_damp(op, 1.0, np.full(12, 1e200)), OverflowError, "float64 range"),
+    }
+    return cases
+
+
+ROUND3_CASES = _round3_cases()
+
+
+@pytest.mark.parametrize("case", sorted(ROUND3_CASES))
+def test_round3_refusals(case):
+    fn, exc, words = ROUND3_CASES[case]
+    raises(fn, exc, words)
+
+
+def test_numpy_integer_scalars_are_indices():
+    op = r1.StaticInverse(G0, 1e-2)
+    for q in (np.int64(3), np.int32(3), np.uint8(3)):
+        np.testing.assert_array_equal(op.column(q), op.column(3))
+        np.testing.assert_array_equal(op.diag(q), op.diag(3))
+
+
+def test_magnitude_nm_with_the_exact_update():
+    """method="magnitude" keeps the n largest |w| per group; update="exact" then applies the exact
+    OBS update for that mask (it used to be ignored), the default stays a mask only."""
+    op = r1.StaticInverse(G0, 1e-2)
+    w = np.random.default_rng(0).standard_normal(12)
+    mask0, w0 = obs.prune_nm(op, w, 2, 4, method="magnitude")
+    mask1, w1 = obs.prune_nm(op, w, 2, 4, method="magnitude", update="exact")
+    np.testing.assert_array_equal(mask0, mask1)
+    np.testing.assert_array_equal(w0[mask0], w[mask0])  # mask only
+    assert not np.allclose(w1[mask1], w[mask1])  # updated
+    Finv = np.linalg.inv(testing.dense_fisher(G0, 1e-2))
+    Q = np.flatnonzero(~mask1)
+    groups = [Q[(Q >= a) & (Q < a + 4)] for a in range(0, 12, 4)]  # per group −F⁻¹E_Q([F⁻¹]_QQ)⁻¹w_Q, summed
+    delta = sum(Finv[:, q] @ np.linalg.solve(Finv[np.ix_(q, q)], w[q]) for q in groups)
+    np.testing.assert_allclose(np.where(mask1, w - delta, 0.0), w1, rtol=1e-8, atol=1e-10)
+
+
+def test_torch_conversions_refuse_other_types():
+    torch = _torch()
+    from rank1inv.adapters.torch import to_array, to_tensor
+
+    raises(lambda: to_array(np.ones(3)), TypeError, "torch.Tensor")
+    raises(lambda: to_tensor([1.0, 2.0]), TypeError, "NumPy or CuPy array")
+    assert torch.equal(to_tensor(np.ones(2)), torch.ones(2, dtype=torch.float64))

@@ -23,6 +23,9 @@ def to_array(tensor: torch.Tensor):
     """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory (detached, zero-copy).
     bfloat16 tensors become ``ml_dtypes.bfloat16`` arrays on the CPU and uint16 bit patterns on
     CUDA (CuPy has no bfloat16; rank1inv reads uint16 CuPy arrays as bfloat16)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"to_array takes a torch.Tensor, not {type(tensor).__module__}.{type(tensor).__name__}"
+                        " (NumPy and CuPy arrays go to rank1inv as they are)")  # fmt: skip
     t = tensor.detach()
     bits = t.dtype == torch.bfloat16
     if bits:
@@ -44,6 +47,8 @@ def to_tensor(array) -> torch.Tensor:
         if array.dtype == _precision.numpy_dtype("bfloat16"):
             return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
         return torch.from_numpy(array)
+    if not hasattr(array, "__dlpack__"):
+        raise TypeError(f"to_tensor takes a NumPy or CuPy array, not {type(array).__module__}.{type(array).__name__}")
     return torch.from_dlpack(array)
 
 

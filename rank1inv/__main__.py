@@ -1,33 +1,35 @@
-"""``python -m rank1inv demo`` (the main job), ``bench`` (benchmarks), ``gpu-check`` (the checks
-for a lent GPU). ``--help`` of each says more."""
+"""``python -m rank1inv [demo]``: the main job. ``python -m rank1inv --help`` lists every entry
+point, those of a checkout included."""
 
 import sys
 
 COMMANDS = {
     "demo": "accuracy and speed against the paper, then OBS pruning of a digits MLP (the main job)",
-    "bench": "the benchmarks of docs/benchmarks.md",
-    "gpu-check": "the GPU tests and benchmarks in one short run, with a report (docs/benchmarks.md)",
+}
+CHECKOUT = {  # entry points that live beside the package, in a clone of the repository
+    "python -m benchmarks [--help]": "the benchmarks of docs/benchmarks.md",
+    "python -m benchmarks experiments [name]": "the experiments of docs/experiments.md (PyTorch)",
+    "python -m tools.gpu_check --out DIR": "the GPU tests and benchmarks in one short run, with a report",
+    "bash .ci/run": "install the pinned test dependencies and run lint and the tests (what CI runs)",
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m rank1inv [command] [options]   (command: demo by default)", ""]
     lines += [f"  {name:10s} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "from a checkout of the repository:"]
+    lines += [f"  {name:42s} {text}" for name, text in CHECKOUT.items()]
     return "\n".join(lines)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv else "demo"
-    if command in ("-h", "--help", "help"):
+    if argv and argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    command = argv.pop(0) if argv else "demo"
     if command == "demo":
-        from .demo import main as run
-    elif command == "bench":
-        from .bench import main as run
-    elif command == "gpu-check":
-        from .gpu_check import main as run
+        from .examples.demo import main as run
     else:
         print(usage(), file=sys.stderr)
         return 2

@@ -419,7 +419,7 @@ class InverseOperator(_BlockOperator):
         (docs/numerics.md)."""
         import numbers
 
-        from ._prior import NO_POWER
+        from .groups.prior import NO_POWER
 
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)):
             raise TypeError(f"p must be a finite real number, got {p!r}")

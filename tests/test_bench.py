@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rank1inv import bench
+from benchmarks import bench
 
 
 def _rows(text):
@@ -58,7 +58,7 @@ def test_gpu_check_dry_run_fits_the_device_budget(capsys):
     """The device script's steps, estimated at ≤ 6 minutes of H100/H200 time in all."""
     from pathlib import Path
 
-    from rank1inv import gpu_check
+    from tools import gpu_check
 
     assert gpu_check.run(Path("unused"), dry_run=True) == 0
     text = capsys.readouterr().out
@@ -79,7 +79,7 @@ def test_cli_help_exits_zero():
 
 def test_dask_bench_runs():
     pytest.importorskip("distributed")
-    from rank1inv import bench_dask
+    from benchmarks import bench_dask
 
     text = bench_dask.run(m=8, d=1 << 19)
     assert "bytes sent back by the chunks' tasks per IHVP (2 chunks) | 144 |" in text, text  # 2 · 8 · (8 + 1)

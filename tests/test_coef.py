@@ -6,7 +6,8 @@ from helpers import host
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rank1inv import _backend, _coef, reference
+from rank1inv import _backend, reference
+from rank1inv.groups import coefficients as _coef
 
 xp_np = _backend.namespace_from_argument(None)
 

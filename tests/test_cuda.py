@@ -10,20 +10,26 @@ import pytest
 from helpers import host
 
 import rank1inv as r1
-from rank1inv import _backend, _coef, _precision, testing
+from benchmarks import paper_kernels
+from rank1inv import _backend, _precision, testing
 from rank1inv.cuda import SOURCES, mirrors
+from rank1inv.groups import coefficients as _coef
 
 CUDA_DIR = Path(r1.__file__).parent / "cuda"
 ARCHS = ("80", "90")
 
 
-@pytest.mark.parametrize("source", SOURCES)
+ALL_SOURCES = [CUDA_DIR / s for s in SOURCES] + sorted((Path(__file__).parents[1] / "benchmarks" / "cuda").glob("*.cu"))
+
+
+@pytest.mark.parametrize("source", ALL_SOURCES, ids=lambda p: p.name)
 def test_kernel_compiles_with_nvcc(source, tmp_path):
+    """Every .cu file of the repository (the library's and the benchmarks') compiles for sm_80 and sm_90."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [nvcc, "-std=c++14", *gencode, "-c", str(CUDA_DIR / source), "-o", str(tmp_path / "k.o")]
+    cmd = [nvcc, "-std=c++14", *gencode, "-c", str(source), "-o", str(tmp_path / "k.o")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
@@ -32,7 +38,7 @@ def test_launch_constants_match_the_defines():
     """The launchers and mirrors use the kernels' own constants (read from the #defines)."""
     import re
 
-    from rank1inv import _coef
+    from rank1inv.groups import coefficients as _coef
 
     defines = {}
     for source in SOURCES:
@@ -45,7 +51,7 @@ def test_launch_constants_match_the_defines():
 
 
 def test_sources_are_shipped():
-    assert {"mfac_b.cu", "passes.cu", "forward_substitution.cu", "cholesky_update.cu"} <= set(SOURCES)
+    assert {"mfac_b.cu", "passes.cu", "cholesky_update.cu"} <= set(SOURCES)
 
 
 @pytest.mark.parametrize("m", [1, 7, 32, 33, 100])
@@ -59,13 +65,13 @@ def test_forward_substitution_mirror_is_algorithm_2(m):
     damp, n = 0.1, float(m)
     D, _ = _coef.coefficients(xp, A @ A.T, damp, n)
     b = rng.standard_normal(m)
-    q = mirrors.forward_substitution(D, n, b)
+    q = paper_kernels.forward_substitution_mirror(D, n, b)
     U = D + n * np.eye(m)
     np.testing.assert_allclose(U.T @ q, b, rtol=1e-10, atol=1e-10 * np.abs(b).max())
     # Algorithm 2 (reference) computes the same q inside its IHVP; compare through the result
     G, x = A, rng.standard_normal(m + 10)
     Dp, Bp = reference.dynamic_coefficients(A @ A.T, damp, n, dtype=np.float64)
-    q2 = mirrors.forward_substitution(Dp, n, (G @ x) / damp)
+    q2 = paper_kernels.forward_substitution_mirror(Dp, n, (G @ x) / damp)
     y = x / damp - (q2 @ Bp) @ G
     np.testing.assert_allclose(y, reference.dynamic_apply(G, Dp, Bp, damp, n, x), rtol=1e-9, atol=1e-9)
 
@@ -141,12 +147,8 @@ def test_forward_substitution_kernel_matches_mirror(m, dtype):
     A = rng.standard_normal((m, m + 16))
     D, _ = _coef.coefficients(_backend.namespace_from_argument(None), A @ A.T, 0.1, float(m))
     b = rng.standard_normal(m)
-    q = host(
-        _backend.kernels(_backend.namespace_from_argument(cupy)).forward_substitution(
-            cupy.asarray(D, dtype=dtype), float(m), cupy.asarray(b)
-        )
-    )
-    ref = mirrors.forward_substitution(D, float(m), b)
+    q = host(paper_kernels.forward_substitution(cupy.asarray(D, dtype=dtype), float(m), cupy.asarray(b)))
+    ref = paper_kernels.forward_substitution_mirror(D, float(m), b)
     tol = 1e-4 if dtype == "float32" else 1e-10
     np.testing.assert_allclose(q, ref, rtol=tol, atol=tol * np.abs(ref).max())
 

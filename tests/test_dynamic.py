@@ -322,7 +322,7 @@ def test_a_failed_refresh_does_not_refuse_the_push(monkeypatch):
     Cholesky factor exists (it failed after ~10⁵ pushes of huge rows with λ = 1e-6, where the
     O(m²) updates still succeeded) the updated factor serves on, and the refresh is retried
     after another capacity updates."""
-    from rank1inv import _window
+    from rank1inv.groups import window as _window
 
     pool = testing.gradients("lowrank", 40, 60, seed=2, dtype="float64")
     w = r1.DynamicInverse(60, 8, 1e-4, dtype="float64")
@@ -525,7 +525,7 @@ def test_a_small_pivot_within_its_rounding_band_cannot_hurt_products():
     the load check accepts a 10 % change there. Products and push_apply stay on target anyway,
     since such windows take the refined corrected form (docs/numerics.md, "Checking a saved
     window"); a change beyond the band is refused."""
-    from rank1inv import _window
+    from rank1inv.groups import window as _window
 
     worst, refused = 0.0, 0
     for seed in range(4):

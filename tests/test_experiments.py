@@ -4,34 +4,35 @@ pruning experiment and the demo run end to end."""
 import numpy as np
 import pytest
 
-from rank1inv import demo, experiments
+from benchmarks import experiments
+from rank1inv.examples import demo, digits
 
 
 def test_digits_load_offline():
-    Xtr, ytr, Xte, yte = experiments.load_digits()
+    Xtr, ytr, Xte, yte = digits.load_digits()
     assert Xtr.shape == (1257, 64) and Xte.shape == (540, 64)
     assert set(np.unique(ytr)) == set(range(10))
     assert 0.0 <= Xtr.min() and Xtr.max() <= 1.0
 
 
 def test_mlp_gradient_matches_finite_differences():
-    Xtr, ytr, _, _ = experiments.load_digits()
-    w = experiments.init(3)
+    Xtr, ytr, _, _ = digits.load_digits()
+    w = digits.init(3)
     X, y = Xtr[:20].astype(np.float64), ytr[:20]
-    _, g = experiments.loss_and_grad(w, X, y)
+    _, g = digits.loss_and_grad(w, X, y)
     rng = np.random.default_rng(0)
     for i in rng.choice(len(w), 15, replace=False):
         e = np.zeros_like(w)
         e[i] = 1e-6
-        fd = (experiments.loss_and_grad(w + e, X, y)[0] - experiments.loss_and_grad(w - e, X, y)[0]) / 2e-6
+        fd = (digits.loss_and_grad(w + e, X, y)[0] - digits.loss_and_grad(w - e, X, y)[0]) / 2e-6
         assert abs(fd - g[i]) <= 1e-6 * max(1.0, abs(g[i]))
 
 
 def test_pruning_experiment_runs_small():
-    dense, damp, results = experiments.pruning_table(m=32, steps=2)
+    dense, damp, results = digits.pruning_table(m=32, steps=2)
     assert 0.9 <= dense <= 1.0 and damp > 0
     for accs in results.values():
-        assert len(accs) == len(experiments.SPARSITIES) and all(0.0 <= a <= 1.0 for a in accs)
+        assert len(accs) == len(digits.SPARSITIES) and all(0.0 <= a <= 1.0 for a in accs)
     # sanity, not a claim: mild pruning keeps most of the accuracy for every method
     assert all(accs[0] >= 0.8 for accs in results.values())
 
@@ -57,13 +58,13 @@ def test_demo_writes_its_plot_where_asked(tmp_path, capsys, monkeypatch):
 
 def test_laplace_experiment_curvatures_are_what_they_claim():
     """Per-sample gradients sum to the batch gradient; the GGN rows give Σ J_iᵀ(diag p − ppᵀ)J_i."""
-    from rank1inv import experiments as E
+    from benchmarks import experiments as E
 
-    X, y, _, _ = E.load_digits(0)
+    X, y, _, _ = digits.load_digits(0)
     X, y = X[:7], y[:7]
-    w = E.init(1)
+    w = digits.init(1)
     G = E.fisher_rows(w, X, y, "empirical")
-    np.testing.assert_allclose(G.sum(0), len(y) * E.loss_and_grad(w, X, y)[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(G.sum(0), len(y) * digits.loss_and_grad(w, X, y)[1], rtol=1e-10, atol=1e-12)
     z, J = E.logits_and_jacobians(w, X)
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -80,7 +81,7 @@ def test_laplace_experiment_curvatures_are_what_they_claim():
 
 def test_optimizers_experiment_runs():
     pytest.importorskip("torch")
-    from rank1inv import experiments as E
+    from benchmarks import experiments as E
 
     text = E.optimizers_report(steps=20, seeds=(0,), quick=True)
     for name in ("SGD", "Adam", "natural gradient", "FOOF"):

@@ -128,7 +128,7 @@ def test_vectors_in_the_span(xp, name, dtype, rng):
 
 def test_entries_without_the_w_cache(xp, rng, monkeypatch):
     """Large problems whiten the requested columns on demand instead of caching W."""
-    from rank1inv import _woodbury
+    from rank1inv.groups import woodbury as _woodbury
 
     monkeypatch.setattr(_woodbury, "W_CACHE_BYTES", 0)
     G = xp.asarray(testing.gradients("lowrank", 12, 90, seed=2, dtype="float64"))

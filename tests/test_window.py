@@ -7,7 +7,9 @@ from helpers import host
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rank1inv import _backend, _coef, _window, cpu, reference, testing
+from rank1inv import _backend, cpu, reference, testing
+from rank1inv.groups import coefficients as _coef
+from rank1inv.groups import window as _window
 
 xp_np = _backend.namespace_from_argument(None)
 

@@ -25,14 +25,13 @@ from .mirrors import (
 _HERE = Path(__file__).parent
 _NAMES = {
     "mfac_b.cu": [f"mfac_b_{k}<{t}>" for k in ("diagonal", "sweep", "columns") for t in ("float", "double")],
-    "forward_substitution.cu": [f"mfac_forward_substitution<{t}>" for t in ("float", "double")],
     "passes.cu": [f"{k}<{e}>" for k in ("project", "combine") for e in ("F32", "BF16", "F16")] + ["reduce_parts"],
 }
 # the passes' element type per storage dtype (the precision policy's cuda_pass)
 _ELEMENT = {"f32": "F32", "bf16": "BF16", "f16": "F16"}
 # Up to this many tile rows B uses the column schedule (2 launches); beyond, the sweeps (nt
 # launches, more blocks in flight). Chosen without a GPU at hand: to be set from
-# `python -m rank1inv bench --device gpu`, which times both.
+# `python -m benchmarks --device gpu`, which times both.
 COLUMN_SCHEDULE_MAX_TILES = 64
 
 
@@ -132,18 +131,6 @@ def mfac_b(D, n: float, damp: float, schedule: str | None = None):
     for t in range(1, nt):
         sweep((nt - t, nt - t), (TILE, TILE), (D, B, np.int32(m), scalar(n), scalar(damp), np.int32(t), np.int32(nt)))
     return B
-
-
-def forward_substitution(D, n: float, b):
-    """q with (D + n·I)ᵀ q = b (M-FAC Algorithm 2's recursion) in one thread block, any m."""
-    m = D.shape[0]
-    ctype, scalar = _template_type(D.dtype)
-    D = cupy.ascontiguousarray(D)
-    b = cupy.ascontiguousarray(b, dtype=D.dtype)
-    q = cupy.empty((m,), dtype=D.dtype)
-    kern = _module("forward_substitution.cu", cupy.cuda.Device().id).get_function(f"mfac_forward_substitution<{ctype}>")
-    kern((1,), (1024,), (D, b, q, np.int32(m), scalar(n)))
-    return q
 
 
 def chol_drop_usable(R, n: int) -> bool:

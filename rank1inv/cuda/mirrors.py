@@ -1,6 +1,6 @@
 """NumPy mirrors of the CUDA kernels' schedules, so the schedules are tested on CPU.
 
-The blocked B kernels (``mfac_b.cu``) are mirrored twice: ``rank1inv._coef.b_blocked`` (the
+The blocked B kernels (``mfac_b.cu``) are mirrored twice: ``rank1inv.groups.coefficients.b_blocked`` (the
 schedule, vectorised, with a separate accumulator) and ``mfac_b`` below, a thread-block by
 thread-block transcription of the kernels themselves (edge tiles masked; in the sweeps B
 doubles as the accumulator). The window's Cholesky update kernel (``cholesky_update.cu``) is
@@ -115,21 +115,3 @@ def mfac_b(D, n: float, damp: float, schedule: str = "sweeps"):
                     acc = -damp * (_tile(B, i, i) @ acc)
                 _store(B, i, j, acc)
     return B
-
-
-def forward_substitution(D, n: float, b):
-    """q with (D + n·I)ᵀ q = b, as ``forward_substitution.cu`` computes it: tiles of 32 unknowns
-    in order, the recurrence of M-FAC eq. 11–12 inside a tile, then one 32-wide update of all
-    later residuals."""
-    D = np.asarray(D, dtype=np.float64)
-    r = np.array(b, dtype=np.float64)
-    m = D.shape[0]
-    q = np.empty(m)
-    for t0 in range(0, m, TILE):
-        tn = min(TILE, m - t0)
-        for i in range(tn):
-            gi = t0 + i
-            q[gi] = r[gi] / (n + D[gi, gi])
-            r[gi + 1 : t0 + tn] -= D[gi, gi + 1 : t0 + tn] * q[gi]
-        r[t0 + tn :] -= q[t0 : t0 + tn] @ D[t0 : t0 + tn, t0 + tn :]
-    return q

@@ -21,12 +21,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: benchmarks.paper_kernels
 import fakecupy  # noqa: E402
 
 sys.modules["cupy"] = fakecupy
 
-from rank1inv import _backend, _coef, _precision, _window  # noqa: E402
+from benchmarks import paper_kernels  # noqa: E402
+from rank1inv import _backend, _precision  # noqa: E402
 from rank1inv.cuda import kernels, mirrors  # noqa: E402
+from rank1inv.groups import coefficients as _coef  # noqa: E402
+from rank1inv.groups import window as _window  # noqa: E402
 
 XP = _backend.namespace_from_argument(None)
 ALL = ("forward", "reverse", "random", "warp-ahead")
@@ -144,9 +148,9 @@ def forward_substitution_case(m, dtype, policies):
     D = coefficients(m, 1)
     b = np.random.default_rng(m).standard_normal(m)
     Dd, bd = fakecupy.asarray(D.astype(dtype)), fakecupy.asarray(b.astype(dtype))
-    (q,) = under(policies, lambda: [kernels.forward_substitution(Dd, float(m), bd)])
+    (q,) = under(policies, lambda: [paper_kernels.forward_substitution(Dd, float(m), bd)])
     tol = 1e-4 if dtype == "float32" else 1e-10
-    close(q, mirrors.forward_substitution(D, float(m), b), tol, "q vs mirror")
+    close(q, paper_kernels.forward_substitution_mirror(D, float(m), b), tol, "q vs mirror")
     U = D + float(m) * np.eye(m)
     close(U.T @ np.asarray(q, dtype=np.float64), b, tol, "Uᵀq vs b")
 

@@ -17,7 +17,7 @@ all diagonal tiles first, then one sweep per sub-diagonal of tiles.
 
 from __future__ import annotations
 
-from . import _backend
+from .. import _backend
 
 TILE = 32
 
@@ -124,7 +124,7 @@ def b_from_D(xp, D, n: float, damp: float, method: str | None = None):
     if method == "blocked":
         return b_blocked(xp, D, n, damp)
     if method == "kernel":
-        from .cuda import kernels
+        from ..cuda import kernels
 
         return kernels.mfac_b(D, n, damp)
     if method != "direct":

@@ -1,191 +1,16 @@
-"""Experiments on real data: OBS pruning of a digits MLP (the demo's part 2) and the M-FAC
-optimizer against SGD (``python -m rank1inv.experiments training``, needs PyTorch).
-
-Data: the UCI handwritten digits (``rank1inv/data``, CC BY 4.0), 1797 images of 8×8 pixels,
-split 70/30 into train and test with a fixed seed. The model is a 64-32-10 tanh MLP written in
-NumPy (2410 parameters).
+"""Experiments on real data beyond the demo: the M-FAC optimizer against SGD, N:M pruning of a
+digits CNN, damping, Laplace (``python -m benchmarks experiments [name]``, from a checkout; they
+need PyTorch). The digits data and MLP are ``rank1inv.examples.digits``.
 """
 
 from __future__ import annotations
 
-import gzip
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
-from . import StaticInverse, obs
-
-DATA = Path(__file__).parent / "data" / "digits.csv.gz"
-SIZES = (64, 32, 10)
-SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
-
-
-def load_digits(seed: int = 0):
-    """(X_train, y_train, X_test, y_test): pixels scaled to [0, 1] as float32, labels int64."""
-    with gzip.open(DATA, "rt") as fh:
-        data = np.loadtxt(fh, delimiter=",")
-    X = (data[:, :64] / 16.0).astype(np.float32)
-    y = data[:, 64].astype(np.int64)
-    perm = np.random.default_rng(seed).permutation(len(y))
-    cut = int(0.7 * len(y))
-    tr, te = perm[:cut], perm[cut:]
-    return X[tr], y[tr], X[te], y[te]
-
-
-# ------------------------------------------------------------------------------ the MLP
-def _shapes():
-    a, h, c = SIZES
-    return [(a, h), (h,), (h, c), (c,)]
-
-
-def num_params() -> int:
-    return sum(int(np.prod(s)) for s in _shapes())
-
-
-def unflatten(w):
-    out, i = [], 0
-    for s in _shapes():
-        n = int(np.prod(s))
-        out.append(w[i : i + n].reshape(s))
-        i += n
-    return out
-
-
-def init(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    parts = []
-    for s in _shapes():
-        parts.append(rng.standard_normal(s).ravel() / np.sqrt(s[0]) if len(s) == 2 else np.zeros(s[0]))
-    return np.concatenate(parts)
-
-
-def loss_and_grad(w, X, y):
-    """Mean cross-entropy and its gradient (float64)."""
-    W1, b1, W2, b2 = unflatten(np.asarray(w, dtype=np.float64))
-    h = np.tanh(X @ W1 + b1)
-    z = h @ W2 + b2
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    n = len(y)
-    loss = -np.mean(np.log(p[np.arange(n), y] + 1e-300))
-    dz = p
-    dz[np.arange(n), y] -= 1.0
-    dz /= n
-    dh = (dz @ W2.T) * (1.0 - h * h)
-    grad = np.concatenate([(X.T @ dh).ravel(), dh.sum(0), (h.T @ dz).ravel(), dz.sum(0)])
-    return loss, grad
-
-
-def accuracy(w, X, y) -> float:
-    W1, b1, W2, b2 = unflatten(np.asarray(w, dtype=np.float64))
-    return float(np.mean(np.argmax(np.tanh(X @ W1 + b1) @ W2 + b2, axis=1) == y))
-
-
-def weight_mask():
-    """True for the entries of the weight matrices, False for biases (which are not pruned)."""
-    return np.concatenate([np.full(int(np.prod(s)), len(s) == 2) for s in _shapes()])
-
-
-def train(X, y, *, epochs: int = 30, batch: int = 32, lr: float = 0.01, seed: int = 0):
-    """Adam on mini-batches; returns the flat weights (float64)."""
-    rng = np.random.default_rng(seed)
-    w = init(seed)
-    m1, m2 = np.zeros_like(w), np.zeros_like(w)
-    t = 0
-    for _ in range(epochs):
-        perm = rng.permutation(len(y))
-        for a in range(0, len(y), batch):
-            idx = perm[a : a + batch]
-            _, g = loss_and_grad(w, X[idx], y[idx])
-            t += 1
-            m1 = 0.9 * m1 + 0.1 * g
-            m2 = 0.999 * m2 + 0.001 * g * g
-            w -= lr * (m1 / (1 - 0.9**t)) / (np.sqrt(m2 / (1 - 0.999**t)) + 1e-8)
-    return w
-
-
-def batch_gradients(w, X, y, m: int, batch: int = 16, seed: int = 0):
-    """m mini-batch-averaged gradients at w, as an (m, d) float32 array."""
-    rng = np.random.default_rng(seed)
-    G = np.empty((m, len(w)), dtype=np.float32)
-    for i in range(m):
-        idx = rng.choice(len(y), size=batch, replace=False)
-        G[i] = loss_and_grad(w, X[idx], y[idx])[1]
-    return G
-
-
-# ------------------------------------------------------------------------------ pruning
-def pruning_table(*, m: int = 256, relative_damp: float = 1e-2, block_size: int = 128, steps: int = 4, seed: int = 0):
-    """Test accuracy after one-shot pruning of the weight matrices (biases kept) at each
-    sparsity, for every method, and OBS with recomputation (``obs.prune_in_steps``, ``steps``
-    steps). λ = relative_damp · mean diag(GᵀG/m), fixed a priori (not tuned on the test set)."""
-    Xtr, ytr, Xte, yte = load_digits(seed)
-    w = train(Xtr, ytr, seed=seed)
-    G = batch_gradients(w, Xtr, ytr, m, seed=seed)
-    damp = relative_damp * float(np.mean(np.sum(G.astype(np.float64) ** 2, axis=0)) / m)
-    full = StaticInverse(G, damp)
-    blocked = StaticInverse(G, damp, block_size=block_size)
-    keep = weight_mask()
-    fresh = lambda wc, mk: batch_gradients(wc, Xtr, ytr, m, seed=seed + 1)  # noqa: E731
-    methods = {
-        "magnitude": lambda s: obs.prune(full, w, s, method="magnitude", update=None, prunable=keep),
-        "OBD": lambda s: obs.prune(full, w, s, method="obd", update=None, prunable=keep),
-        "OBS full": lambda s: obs.prune(full, w, s, prunable=keep),
-        f"OBS blocks of {block_size}": lambda s: obs.prune(blocked, w, s, prunable=keep),
-        "OBS exact joint": lambda s: obs.prune(full, w, s, update="exact", prunable=keep),
-        f"OBS full, {steps} steps recomputed": lambda s: obs.prune_in_steps(w, s, steps, fresh, damp, prunable=keep),
-        f"OBS exact, {steps} steps recomputed": lambda s: obs.prune_in_steps(
-            w, s, steps, fresh, damp, update="exact", prunable=keep),
-    }  # fmt: skip
-    results = {name: [accuracy(fn(s)[1], Xte, yte) for s in SPARSITIES] for name, fn in methods.items()}
-    return accuracy(w, Xte, yte), damp, results
-
-
-def pruning_report(plot: str | None = None, **kw) -> str:
-    t0 = time.perf_counter()
-    dense, damp, results = pruning_table(**kw)
-    head = f"{'method':32}" + "".join(f"{s:>8.0%}" for s in SPARSITIES)
-    lines = [
-        f"Part 2 — pruning the weight matrices ({int(weight_mask().sum())} of {num_params()} parameters) of a "
-        f"{'-'.join(map(str, SIZES))} MLP trained on UCI",
-        f"digits; 256 mini-batch gradients, λ = {damp:.2e}; test accuracy of the dense model {dense:.1%}.",
-        "Test accuracy after pruning to each sparsity:",
-        "",
-        head,
-    ]
-    lines += [f"{name:32}" + "".join(f"{a:>8.1%}" for a in accs) for name, accs in results.items()]
-    mag = results["magnitude"]
-    lines.append("")
-    for name, accs in results.items():
-        if name.startswith("OBS"):
-            marks = ", ".join(
-                f"{s:.0%} {'yes' if a >= b else 'NO'}" for s, a, b in zip(SPARSITIES, accs, mag) if s >= 0.7
-            )
-            lines.append(f"{name} ≥ magnitude?  {marks}")
-    lines.append(f"({time.perf_counter() - t0:.0f} s)")
-    if plot:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            lines.append("(matplotlib not installed: no plot)")
-        else:
-            fig, ax = plt.subplots(figsize=(6, 4))
-            for name, accs in results.items():
-                ax.plot([100 * s for s in SPARSITIES], [100 * a for a in accs], marker="o", label=name)
-            ax.set_xlabel("sparsity [%]")
-            ax.set_ylabel("test accuracy [%]")
-            ax.set_title("Pruning a digits MLP (UCI digits, test accuracy)")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(plot, dpi=120)
-            lines.append(f"plot written to {plot}")
-    return "\n".join(lines)
+from rank1inv import StaticInverse
+from rank1inv.examples.digits import SIZES, load_digits, loss_and_grad, pruning_report, train, unflatten
 
 
 # ------------------------------------------------------------------------------ M-FAC vs SGD
@@ -194,7 +19,7 @@ def training_report(steps: int = 300, batch: int = 32, seed: int = 0) -> str:
     its best learning rate from a grid (tuned on the final training loss), on the digits MLP."""
     import torch
 
-    from .adapters.torch import MFAC
+    from rank1inv.adapters.torch import MFAC
 
     Xtr, ytr, _, _ = load_digits(seed)
     X, Y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
@@ -237,7 +62,7 @@ def optimizers_report(
 
     import torch
 
-    from .adapters.natural import FOOF, NaturalGradient
+    from rank1inv.adapters.natural import FOOF, NaturalGradient
 
     Xtr, ytr, _, _ = load_digits(0)
     X, Y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
@@ -378,7 +203,7 @@ def nm_report(seed: int = 0, ngrads: int = 128, train_steps: int = 1500) -> str:
     inverse Fisher with one block per layer from ``ngrads`` mini-batch gradients)."""
     import torch
 
-    from .adapters import torch as ta
+    from rank1inv.adapters import torch as ta
 
     X, Y, Xte, Yte = _cnn_data(seed)
     net = digits_cnn(seed)
@@ -388,7 +213,7 @@ def nm_report(seed: int = 0, ngrads: int = 128, train_steps: int = 1500) -> str:
     batches = [torch.randint(0, len(Y), (16,), generator=gen) for _ in range(ngrads)]
     batches = [(X[i], Y[i]) for i in batches]
     loss = lambda model, b: torch.nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
-    from . import obs as obs_
+    from rank1inv import obs as obs_
 
     rows = [("dense", _cnn_accuracy(net, Xte, Yte), None)]
     for n, m in ((2, 4), (4, 8)):
@@ -434,7 +259,7 @@ def damping_report(steps: int = 300, seed: int = 0) -> str:
     """M-FAC on the digits CNN with absolute dampings and with damp="relative:…" (λ from the
     first gradient's scale): final training loss after ``steps`` steps at the best lr of a grid."""
 
-    from .adapters.torch import MFAC
+    from rank1inv.adapters.torch import MFAC
 
     X, Y, _, _ = _cnn_data(seed)
     lrs = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
@@ -502,7 +327,7 @@ def logits_and_jacobians(w, X):
 
 
 def _scores(probs, y, bins: int = 15):
-    from .laplace import expected_calibration_error
+    from rank1inv.laplace import expected_calibration_error
 
     nll = -float(np.mean(np.log(probs[np.arange(len(y)), y] + 1e-300)))
     return float(np.mean(probs.argmax(1) == y)), nll, expected_calibration_error(probs, y, bins)
@@ -514,8 +339,8 @@ def laplace_report(seed: int = 0, samples: int = 1000) -> str:
     model against the linearised predictive (probit, and Monte Carlo with exact samples)."""
     import time
 
-    from . import laplace
-    from .static import StaticInverse
+    from rank1inv import laplace
+    from rank1inv.static import StaticInverse
 
     X, y, Xt, yt = load_digits(seed)
     w = train(X, y, seed=seed)
@@ -560,10 +385,11 @@ def laplace_report(seed: int = 0, samples: int = 1000) -> str:
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     what = argv[0] if argv else "pruning"
+
     reports = {"training": training_report, "pruning": pruning_report, "nm": nm_report, "damping": damping_report,
                "laplace": laplace_report, "optimizers": optimizers_report}  # fmt: skip
     if what not in reports:
-        raise SystemExit(f"usage: python -m rank1inv.experiments [{'|'.join(reports)}]")
+        raise SystemExit(f"usage: python -m benchmarks experiments [{'|'.join(reports)}]")
     print(reports[what]())
 
 

@@ -1,6 +1,6 @@
 """Out of core: an IHVP over a memory-mapped G on disk, against reading the same file.
 
-``python -m rank1inv bench --out-of-core DIR`` writes a float32 G (m × d, a few GB) into DIR,
+``python -m benchmarks --out-of-core DIR`` writes a float32 G (m × d, a few GB) into DIR,
 measures the sequential read speed of that file (64 MiB ``readinto`` blocks into one buffer),
 then builds ``StaticInverse(np.memmap(...))`` and times IHVPs, which read G twice. Extra memory
 is what the process allocates (tracemalloc: NumPy's and the library's buffers; the mapped
@@ -61,7 +61,7 @@ def _drop_caches() -> bool:
 
 
 def run(directory: str, m: int = 256, d: int = 4_000_000) -> str:
-    from .static import StaticInverse
+    from rank1inv.static import StaticInverse
 
     path = os.path.join(directory, "rank1inv_G.npy")
     try:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _backend, _passes, _scaling
-from ._woodbury import WoodburyGroup
+from .. import _backend, _passes, _scaling
+from .woodbury import WoodburyGroup
 
 NO_POWER = "power(p) needs one damping value per block: with per-coordinate damping D and GᵀG do not commute"
 

@@ -1,6 +1,6 @@
 """Dask: an IHVP over a chunked G on a ``dask.distributed`` LocalCluster, against NumPy.
 
-``python -m rank1inv bench --dask`` builds ``StaticInverse`` over a Dask G (m × d float32, in
+``python -m benchmarks --dask`` builds ``StaticInverse`` over a Dask G (m × d float32, in
 column chunks of ``CHUNK`` coordinates, persisted on two worker processes of this machine) and
 times construction and an IHVP (``(op @ x).compute()``) against the same operator over the
 NumPy array, and reports the bytes the chunks' tasks send back per reduction (the partial
@@ -32,7 +32,7 @@ def run(m: int = 64, d: int = 4_000_000) -> str:
     import dask.array as da
     from distributed import Client, LocalCluster
 
-    from . import StaticInverse, testing
+    from rank1inv import StaticInverse, testing
 
     rng = np.random.default_rng(0)
     G = rng.standard_normal((m, d), dtype=np.float32) + rng.standard_normal((1, d), dtype=np.float32)

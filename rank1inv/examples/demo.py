@@ -3,7 +3,7 @@
 Part 1 builds a StaticInverse for an embedded default problem (low-rank gradients, the regime
 real networks produce), checks it against a dense float64 inverse next to the paper's float32
 algorithm, and times both. Part 2 (``--skip-pruning`` to omit) is the pruning experiment of
-``rank1inv.experiments`` on the UCI digits data shipped with the package.
+``rank1inv.examples.digits`` on the UCI digits data shipped with the package.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import argparse
 
 import numpy as np
 
-from . import StaticInverse, _backend, reference, testing
-from .bench import Timer
+from .. import StaticInverse, _backend, reference, testing
+from .timing import Timer
 
 
 def accuracy_and_speed(m: int = 64, d: int = 800, damp: float = 1e-6, seed: int = 0) -> list[str]:
@@ -58,7 +58,7 @@ def accuracy_and_speed(m: int = 64, d: int = 800, damp: float = 1e-6, seed: int 
     lines += [
         f"{'same, m = 256, d = 100 000 [ms]':34}{1e3 * t_ours:>14.2e}{1e3 * t_ref:>18.2e}   ({slower:.1f}× faster)",
         "",
-        "Full benchmarks: python -m rank1inv bench",
+        "Full benchmarks (from a checkout): python -m benchmarks",
     ]
     return lines
 
@@ -72,7 +72,7 @@ def main(argv=None):
     print("\n".join(accuracy_and_speed()))
     if not args.skip_pruning:
         try:
-            from . import experiments
+            from . import digits as experiments
         except ImportError:
             return 0
         print()

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from . import _backend
+from .. import _backend
 
 LEVEL2_COLUMNS = 8  # up to this many right-hand sides go to the compiled level-2 loops
 
@@ -244,7 +244,7 @@ def mfac_coefficients(xp, R, n: int, damp: float, inverse_scale: float, frames):
     frames in age order), so M's lower Cholesky factor is C = D⁻¹Rᵀ/√λ, U = diag(C)·Cᵀ, i.e.
     U_ij = R_ii·R_ij·2^(E_i+E_j)/λ, and D = U − n_s·I, B = λ⁻¹·(C·diag(C)⁻¹)⁻¹
     (``rank1inv._coef``; the blocked kernel on CuPy). O(n²) for D, O(n³) for B."""
-    from . import _coef
+    from . import coefficients as _coef
 
     Ra = R[:n, :n]
     c = xp.linalg.diagonal(Ra)

@@ -36,7 +36,7 @@ import warnings
 
 import numpy as np
 
-from . import _backend, _passes, _precision, _scaling
+from .. import _backend, _passes, _precision, _scaling
 
 MAX_REFINEMENTS = 8  # refinements of c in a corrected product (1 always, more while they still matter)
 REFINE_TOLERANCE = 1e-12  # δc below this fraction of c: at rounding level, no further refinement

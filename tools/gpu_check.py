@@ -1,4 +1,4 @@
-"""``python -m rank1inv gpu-check --out DIR [--dry-run]``: the checks a lent GPU should run, in
+"""``python -m tools.gpu_check --out DIR [--dry-run]``: the checks a lent GPU should run, in
 order of value, within about 6 minutes of device time.
 
 Each step runs as a subprocess with its own timeout, and the markdown report DIR/report.md is
@@ -55,13 +55,13 @@ def steps(out: Path) -> list[Step]:
         ),
         Step(
             "benchmark, quick",
-            (py, "-m", "rank1inv", "bench", "--device", "gpu", "--quick", "--out", str(out / "bench_quick.md")),
+            (py, "-m", "benchmarks", "--device", "gpu", "--quick", "--out", str(out / "bench_quick.md")),
             60,
             150,
         ),  # fmt: skip
         Step(
             "benchmark, full rows",
-            (py, "-m", "rank1inv", "bench", "--device", "gpu", "--out", str(out / "bench_full.md")),
+            (py, "-m", "benchmarks", "--device", "gpu", "--out", str(out / "bench_full.md")),
             120,
             240,
         ),  # fmt: skip
@@ -89,10 +89,10 @@ def run(out: Path, dry_run: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = out / "report.md"
     lines = [
-        "# rank1inv gpu-check",
+        "# rank1inv GPU check",
         "",
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: {_device_name()}",
-        f"command: python -m rank1inv gpu-check --out {out}",
+        f"command: python -m tools.gpu_check --out {out}",
         "",
     ]
     report.write_text("\n".join(lines) + "\n")
@@ -115,8 +115,14 @@ def run(out: Path, dry_run: bool = False) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rank1inv gpu-check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="gpu-check", help="folder for report.md and the benchmark tables")
     p.add_argument("--dry-run", action="store_true", help="list the steps with their estimated device time")
     args = p.parse_args(argv)
     return run(Path(args.out), args.dry_run)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

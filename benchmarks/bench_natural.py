@@ -1,6 +1,6 @@
 """One exact natural-gradient step from layer factors against per-sample gradients.
 
-``python -m rank1inv bench --natural`` (needs torch): an MLP of about 10⁷ parameters, a batch of
+``python -m benchmarks --natural`` (needs torch): an MLP of about 10⁷ parameters, a batch of
 B = 128, F̂ = (1/B)·Σ g_ig_iᵀ of per-sample gradients (true Fisher labels drawn from the model),
 and one step (λI + F̂)⁻¹g computed two ways, each in its own child process so that peak memory
 is measured cleanly (peak resident memory minus that after building the model and data):
@@ -19,6 +19,9 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the child scripts import benchmarks
 
 CHILD = """
 import json, resource, sys, time
@@ -42,7 +45,7 @@ t0 = time.perf_counter()
 if "{method}" == "factored":
     G = natural.linear_factors(net, x, fisher="true", generator=gen)
 else:
-    from rank1inv.bench_laplace import per_sample_gradients
+    from benchmarks.bench_laplace import per_sample_gradients
     with torch.no_grad():
         labels = torch.multinomial(torch.softmax(net(x), 1), 1, generator=gen)[:, 0]
     G = per_sample_gradients(net, x, labels, chunk_size=16)
@@ -69,7 +72,8 @@ def run(batch: int = 128, damp: float = 1e-3, sizes=SIZES) -> str:
         for method in ("factored", "per-sample"):
             code = textwrap.dedent(CHILD).format(sizes=list(sizes), batch=batch, damp=damp, method=method)
             path = os.path.join(tmp, f"{method}.npy")
-            out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=1800)
+            out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=1800,
+                                 cwd=ROOT)  # fmt: skip
             if out.returncode:
                 results[method] = dict(error=out.stderr.strip().splitlines()[-1][:200])
                 continue

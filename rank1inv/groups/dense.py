@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import _backend, _passes, _scaling
+from .. import _backend, _passes, _scaling
 
 
 class DenseGroup(_backend.HoldsNamespace):

@@ -1,6 +1,6 @@
 """Side by side with laplace-torch: full-covariance Laplace with an empirical-Fisher backend.
 
-``python -m rank1inv bench --laplace`` (needs the ``bench`` extra: laplace-torch and the CPU
+``python -m benchmarks --laplace`` (needs the ``bench`` extra: laplace-torch and the CPU
 torch). Three parts, one markdown table:
 
 1. agreement on a digits MLP small enough for laplace-torch's d×d posterior (d = 1210): posterior
@@ -20,14 +20,17 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: the child scripts import benchmarks
 
 PEER_MEMORY_LIMIT = 16 << 30  # bytes of address space for the laplace-torch child process
 PEER_TIMEOUT = 600  # seconds
 
 
-def _mlp(hidden: int, dtype):
+def mlp(hidden: int, dtype):
     import torch
 
     torch.manual_seed(0)
@@ -35,10 +38,10 @@ def _mlp(hidden: int, dtype):
     return net.to(dtype)
 
 
-def _digits(dtype):
+def digits(dtype):
     import torch
 
-    from .experiments import load_digits
+    from rank1inv.examples.digits import load_digits
 
     X, y, Xt, yt = load_digits(0)
     return torch.tensor(X, dtype=dtype), torch.tensor(y), torch.tensor(Xt, dtype=dtype), torch.tensor(yt)
@@ -78,12 +81,12 @@ def agreement(rows, lam: float = 0.5):
     from laplace import Laplace
     from laplace.curvature import CurvlinopsEF
 
-    from . import laplace as ours
-    from .adapters import torch as ta
-    from .static import StaticInverse
+    from rank1inv import laplace as ours
+    from rank1inv.adapters import torch as ta
+    from rank1inv.static import StaticInverse
 
-    X, y, Xt, _ = _digits(torch.float64)
-    net = _train(_mlp(16, torch.float64), X, y)
+    X, y, Xt, _ = digits(torch.float64)
+    net = _train(mlp(16, torch.float64), X, y)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=128)
     t0 = time.perf_counter()
     la = Laplace(net, "classification", subset_of_weights="all", hessian_structure="full",
@@ -124,12 +127,12 @@ def agreement(rows, lam: float = 0.5):
 def _ours_at_scale(rows, hidden: int, m: int = 256, draws: int = 100, inputs: int = 10):
     import torch
 
-    from . import laplace as ours
-    from .adapters import torch as ta
-    from .static import StaticInverse
+    from rank1inv import laplace as ours
+    from rank1inv.adapters import torch as ta
+    from rank1inv.static import StaticInverse
 
-    X, y, Xt, _ = _digits(torch.float32)
-    net = _train(_mlp(hidden, torch.float32), X, y, steps=50)
+    X, y, Xt, _ = digits(torch.float32)
+    net = _train(mlp(hidden, torch.float32), X, y, steps=50)
     d = sum(p.numel() for p in net.parameters())
     G = per_sample_gradients(net, X[:m], y[:m])  # float32 (m, d)
     J = ta.output_jacobians(net, Xt[:inputs]).reshape(-1, d)
@@ -162,9 +165,9 @@ import resource, sys, time, torch
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 from laplace import Laplace
 from laplace.curvature import CurvlinopsEF
-from rank1inv.bench_laplace import _digits, _mlp
-X, y, _, _ = _digits(torch.float32)
-net = _mlp({hidden}, torch.float32)
+from benchmarks.bench_laplace import digits, mlp
+X, y, _, _ = digits(torch.float32)
+net = mlp({hidden}, torch.float32)
 loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[:{m}], y[:{m}]), batch_size=64)
 t0 = time.perf_counter()
 try:
@@ -181,7 +184,8 @@ except BaseException as err:
 def _peer_at_scale(rows, hidden: int, d: int, m: int = 256):
     code = textwrap.dedent(PEER_SCRIPT).format(limit=PEER_MEMORY_LIMIT, hidden=hidden, m=m)
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PEER_TIMEOUT)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=PEER_TIMEOUT,
+                             cwd=ROOT)  # fmt: skip
         line = (out.stdout.strip().splitlines() or [f"no output (exit {out.returncode}): {out.stderr[-160:]}"])[-1]
     except subprocess.TimeoutExpired:
         line = f"TIMEOUT after {PEER_TIMEOUT} s"

@@ -1,6 +1,6 @@
 """Benchmarks: ratios measured in one run (docs/design.md §9).
 
-``python -m rank1inv bench [--device cpu|gpu] [--quick] [--out FILE]``
+``python -m benchmarks [--device cpu|gpu] [--quick] [--out FILE]``
 
 Every figure is a ratio of two timings taken in the same process: time / floor (the memory
 traffic a product cannot avoid) and time / the paper's algorithm as written (``reference``) on
@@ -11,76 +11,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import numpy as np
 
-from . import DynamicInverse, StaticInverse, _backend, _coef, reference
-
-
-class Timer:
-    """Median wall time of ``fn`` on a backend (synchronising the GPU around each call)."""
-
-    def __init__(self, xp, repeat: int = 5, pause: float | None = None):
-        self.xp, self.repeat = xp, repeat
-        self.pause = SPIN_PAUSE if pause is None else pause
-
-    def _sync(self):
-        if _backend.is_cupy(self.xp):
-            import cupy
-
-            cupy.cuda.Device().synchronize()
-
-    def _once(self, fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        self._sync()
-        return time.perf_counter() - t0
-
-    def __call__(self, fn, repeat: int | None = None) -> float:
-        fn()
-        self._sync()
-        return statistics.median(self._once(fn) for _ in range(repeat or self.repeat))
-
-    def ratio(self, fn, reference, repeat: int | None = None) -> tuple[float, float, float]:
-        """Median over rounds of time(fn)/time(reference), with the two times of the median
-        round. Each round times a block of ``reference`` calls, then a block of ``fn`` calls,
-        with a pause of ``SPIN_PAUSE`` before each block: multi-threaded OpenBLAS keeps its idle
-        workers spinning for a while after a call (measured here: more than 0.15 s, less than
-        0.5 s), and whatever runs next would share the cores with them (on 2 vCPUs our compiled
-        passes then take up to 1.7× as long). After the pause each block first warms up
-        (``_warm``): a VM's idle cores come back slowly, and the first calls after a pause are
-        up to 2× slower than the steady ones (docs/benchmarks.md). Rounds make the ratio robust
-        to a machine whose speed drifts during the run."""
-        fn()
-        reference()
-        self._sync()
-        rounds = []
-        for _ in range(max(3, (repeat or self.repeat) // 3)):
-            time.sleep(self.pause)
-            self._warm(reference)
-            b = statistics.median(self._once(reference) for _ in range(3))
-            time.sleep(self.pause)
-            self._warm(fn)
-            a = statistics.median(self._once(fn) for _ in range(3))
-            rounds.append((a / b, a, b))
-        rounds.sort()
-        return rounds[len(rounds) // 2]
-
-    def _warm(self, fn) -> None:
-        """Untimed calls until ``WARM_UP`` seconds have passed (at least one, at most
-        ``WARM_UP_CALLS``: each push_apply call consumes a fresh gradient)."""
-        start = time.perf_counter()
-        for _ in range(WARM_UP_CALLS):
-            self._once(fn)
-            if time.perf_counter() - start >= WARM_UP:
-                break
-
-
-SPIN_PAUSE = 0.5  # seconds: longer than OpenBLAS's spin-wait before its workers sleep (0.15 s was not, measured)
-WARM_UP = 0.1  # seconds of untimed calls after each pause (the slow first calls last ~5 push_apply at m = 1024)
-WARM_UP_CALLS = 8
+from rank1inv import DynamicInverse, StaticInverse, _backend, reference
+from rank1inv.examples.timing import SPIN_PAUSE, WARM_UP, WARM_UP_CALLS, Timer  # noqa: F401 - re-exported
+from rank1inv.groups import coefficients as _coef
 
 
 class _LowRank:
@@ -244,7 +181,9 @@ def window_large(rows, timer, xp, m, d):
 def gpu_suite(rows, quick: bool):
     import cupy
 
-    from .cuda import kernels
+    from rank1inv.cuda import kernels
+
+    from . import paper_kernels
 
     xp = _backend.namespace_from_argument(cupy)
     timer = Timer(xp, repeat=10)
@@ -292,7 +231,7 @@ def gpu_suite(rows, quick: bool):
             note = f"cuBLAS trsm path {cublas * 1e3:.3g} ms; target ≤ 0.3 ms at m=1024"
             _row(rows, f"B kernel m={m} (float64), {schedule}", kern * 1e3, "ms", note)
         b = cupy.ones(m)
-        fs = timer(lambda: kernels.forward_substitution(Dd, float(m), b), repeat=5)
+        fs = timer(lambda: paper_kernels.forward_substitution(Dd, float(m), b), repeat=5)
         Bd = kernels.mfac_b(Dd, float(m), 1e-3)
         gemv = timer(lambda: Bd @ b, repeat=5)
         _row(rows, f"Algorithm 2 forward substitution m={m}", fs * 1e3, "ms", f"B·p GEMV instead: {gemv * 1e3:.3g} ms")
@@ -314,7 +253,7 @@ def host_streaming(rows, timer, cupy, m, d):
     the pinned host-to-device bandwidth (two passes over G)."""
     import cupyx
 
-    from .streamed import StreamedGradients
+    from rank1inv.streamed import StreamedGradients
 
     Gh = np.random.default_rng(2).standard_normal((m, d), dtype=np.float32)
     pinned = cupyx.empty_pinned((1 << 26,), dtype=np.float32)
@@ -334,7 +273,7 @@ def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
     """docs/design.md §8 metrics for every family: rank1inv (float32 storage, default accumulation) next
     to the paper's static algorithm in float32 (Algorithm 3, eq. 24–25) and its dynamic one
     (Algorithms 1–2). Reference: dense float64 inverse of the float32-rounded gradients."""
-    from . import testing
+    from rank1inv import testing
 
     rng = np.random.default_rng([seed, 1])  # independent of the gradients' stream
     head = (
@@ -381,7 +320,7 @@ def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
 def storage_speed(rows, timer, xp, m=256, d=2_000_000):
     """IHVP and push_apply with bfloat16 and float16 storage against float32 (the same rounded
     values): the 16-bit passes read half the bytes."""
-    from . import _precision
+    from rank1inv import _precision
 
     base = _LowRank(xp, d, seed=5).matrix(m + FRESH)
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
@@ -440,7 +379,7 @@ def drift_table(pushes: int = 100_000, m: int = 64, d: int = 2000, seed: int = 0
     the window's IHVP (3 random vectors) and of a StaticInverse of the same gradients (float64
     results), η of the last push_apply (its float32/float64 result), the diagonal's relative
     error where cond(F) ≤ 1e9. Reference: dense float64 inverse of the stored gradients."""
-    from . import testing
+    from rank1inv import testing
 
     lines = [
         f"pushes = {pushes}, capacity m = {m}, d = {d}",
@@ -522,7 +461,7 @@ def run(device: str = "cpu", quick: bool = False, out: str | None = None, plot: 
         if not quick:
             window_large(rows, timer, xp, 8192, 10_000)
             storage_memory(rows)
-        from . import cpu
+        from rank1inv import cpu
 
         where = f"{platform.processor() or platform.machine()}, compiled CPU passes: {cpu.available()}"
     lines = [f"device: {where}", "", "| measurement | value | unit | note |", "|---|---|---|---|"]
@@ -535,7 +474,7 @@ def run(device: str = "cpu", quick: bool = False, out: str | None = None, plot: 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m rank1inv bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--quick", action="store_true", help="smaller problems (a smoke test)")
     p.add_argument("--out", help="also write the table to this file")

@@ -1,0 +1,19 @@
+"""``python -m benchmarks [options]`` (the benchmarks) or ``python -m benchmarks experiments
+[name]`` (the experiments); ``--help`` of each says more."""
+
+import sys
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "experiments":
+        from .experiments import main as run
+
+        return run(argv[1:]) or 0
+    from .bench import main as run
+
+    return run(argv) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

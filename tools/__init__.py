@@ -1,0 +1,1 @@
+"""Developer tools of rank1inv (from a checkout): ``python -m tools.gpu_check`` for a lent GPU."""

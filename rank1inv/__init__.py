@@ -5,13 +5,15 @@ window (the M-FAC optimizer). Both share one query API; ``obs`` is the pruning t
 See ``docs/guide.md``.
 """
 
-from . import obs
+from . import chunked, obs, sharded  # noqa: F401 - the variants register with their base classes
 from ._precision import AccuracyWarning
+from .chunked import DaskInverse
 from .dynamic import DynamicInverse, push_apply_all
 from .factored import FactoredGradients
+from .sharded import ShardedInverse, ShardedWindow, reshard
 from .static import StaticInverse
 from .streamed import StreamedGradients
 
 __all__ = ["StaticInverse", "DynamicInverse", "FactoredGradients", "StreamedGradients", "push_apply_all",
-           "AccuracyWarning", "obs"]  # fmt: skip
+           "ShardedInverse", "ShardedWindow", "DaskInverse", "reshard", "AccuracyWarning", "obs"]  # fmt: skip
 __version__ = "0.1.0"

@@ -16,6 +16,14 @@ from . import _backend, _passes, _precision
 ACCUMULATE = ("float64", "native")
 
 
+def one_damp(value, who: str) -> float:
+    """``damp`` for gradients that take one damping value (sharded, chunked, streamed): a real
+    number (not a sequence), checked as ``damp``."""
+    if isinstance(value, (list, tuple)) or (_backend.is_array(value) and getattr(value, "ndim", 0) >= 1):
+        raise ValueError(f"{who} take one damping value (per-block or per-coordinate damps: not yet)")
+    return damp(value)
+
+
 def damp(value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         if _backend.is_array(value) and getattr(value, "ndim", 1) == 0:

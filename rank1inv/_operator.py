@@ -43,6 +43,36 @@ def scaled_diagonal(xp, values, exponent, count: int):
     return xp.reshape(_backend.ldexp(xp, xp.reshape(values, (count, -1)), e), (-1,))
 
 
+class Variants:
+    """Constructors that pick a variant: a public class (``StaticInverse``, ``DynamicInverse``)
+    declares ``_variants = []``, and each subclass that serves some arguments registers itself
+    with a predicate, ``class ShardedInverse(StaticInverse, serves=lambda args, kwargs: ...)``
+    (docs/design.md §2). Constructing the public class then makes the first variant whose
+    predicate accepts the arguments (the base itself if none does). The base never names a
+    variant: registration happens when the variant's module is imported (``rank1inv`` imports
+    them all)."""
+
+    _variants: list = []
+
+    def __init_subclass__(cls, serves=None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if serves is not None:
+            public = next(b for b in cls.__mro__[1:] if "_variants" in b.__dict__ and b is not Variants)
+            public._variants.append((serves, cls))
+
+    def __new__(cls, *args, **kwargs):
+        if "_variants" in cls.__dict__:  # the public class: the first variant that serves these arguments
+            for serves, variant in cls._variants:
+                if serves(args, kwargs):
+                    return super().__new__(variant)
+        return super().__new__(cls)
+
+
+def argument(args, kwargs, name: str, position: int):
+    """The constructor argument ``name`` (at ``position``), for the predicates of ``Variants``."""
+    return args[position] if len(args) > position else kwargs.get(name)
+
+
 class _BlockOperator(_backend.HoldsNamespace):
     """Products with a symmetric block-diagonal operator, shape (d, d). Subclasses define
     ``_groups()`` and ``_group_product``."""
@@ -187,17 +217,30 @@ class _BlockOperator(_backend.HoldsNamespace):
         ``cupyx.scipy.sparse.linalg.LinearOperator`` (CuPy data); symmetric, rmatvec = matvec."""
         return _backend.linear_operator(self._xp, self.shape, self.dtype, self.matvec, self.matmat)
 
-    @_backend.on_device
     def to_dense(self, max_dim: int = DENSE_LIMIT):
-        """The d×d matrix (op.dtype). O(d²m); refused (ValueError) when d > max_dim."""
-        if self._dim > max_dim:
+        """The d×d matrix (op.dtype): one product with the identity, O(d²m); refused (ValueError)
+        when d > max_dim. Over shards, this rank's rows (d_local, d); over a Dask G, a lazy
+        array."""
+        d = self.global_dim
+        if d > max_dim:
             raise ValueError(
-                f"to_dense would build a {self._dim}×{self._dim} matrix; dimension exceeds max_dim={max_dim} "
+                f"to_dense would build a {d}×{d} matrix; dimension exceeds max_dim={max_dim} "
                 "(pass a larger max_dim to force it)"
             )
-        xp = self._xp
-        eye = xp.eye(self._dim, dtype=xp.float64, device=_backend.device(self._anchor()))
-        return _backend.cast_result(xp, self._apply64(eye), self.dtype, "the matrix")
+        Y = self._product(self._identity(), "the identity")
+        return Y if _backend.is_dask_array(Y) else _backend.cast_result(self._xp, Y, self.dtype, "the matrix")
+
+    @property
+    def global_dim(self) -> int:
+        """d over all ranks (d itself unless the operator is sharded along d)."""
+        return self._dim
+
+    def _identity(self):
+        """The columns e_1 … e_d as this operator's right-hand sides, float64: (d, d), or this
+        rank's rows of them over shards."""
+        xp, anchor = self._xp, self._anchor()
+        with _backend.device_scope(xp, anchor):
+            return xp.eye(self._dim, dtype=xp.float64, device=None if anchor is None else _backend.device(anchor))
 
     def _anchor(self):
         """An array on the operator's device (for allocations)."""
@@ -300,11 +343,6 @@ class InverseOperator(_BlockOperator):
 
     # -- across ranks: identities here, collectives on operators sharded along d (§12) -------
     communicator = None  # the Communicator of an operator sharded along d (``rank1inv.sharded``)
-
-    @property
-    def global_dim(self) -> int:
-        """d over all ranks (d itself unless the operator is sharded along d)."""
-        return self._dim
 
     def _agreement(self, what: str, *names: str):
         """A context for a call's local validation: on a sharded operator every rank agrees on

@@ -20,11 +20,12 @@ import operator
 
 import numpy as np
 
-from . import _backend, _checks, _precision
-from ._blocks import Layout
+from . import _backend, _checks
 from ._chunks import ColumnChunks
-from ._operator import FisherOperator, PowerOperator
-from .static import StaticInverse, make_group
+from ._operator import FisherOperator, PowerOperator, argument
+from .static import StaticInverse
+
+__all__ = ["DaskInverse"]
 
 
 def _dask():
@@ -46,13 +47,6 @@ def _tree(parts, combine):
             for i in range(0, len(parts), 2)
         ]
     return parts[0]
-
-
-def _one_damp(damp):
-    """``damp`` itself if it is one number (the only damping Dask gradients take), else ValueError."""
-    if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating, np.integer)):
-        raise ValueError("Dask gradients take one damping value (per-block or per-coordinate damps: not yet)")
-    return damp
 
 
 def _on_chunk(fn, g, *rest):
@@ -120,7 +114,7 @@ class ChunkedView(ColumnChunks):
         return out
 
 
-class DaskInverse(StaticInverse):
+class DaskInverse(StaticInverse, serves=lambda args, kwargs: _backend.is_dask_array(argument(args, kwargs, "G", 0))):
     """``StaticInverse(G, damp)`` for a Dask array G (m, d) chunked along d (NumPy or CuPy
     chunks; float64, float32 or 16-bit): F⁻¹ for F = λI + s·GᵀG with every pass over G run as
     one task per chunk on Dask's scheduler (a ``dask.distributed`` cluster when a Client is
@@ -133,12 +127,15 @@ class DaskInverse(StaticInverse):
     per chunk come back), and computing it runs the output pass. ``diag()`` is lazy the same way;
     ``diag(indices)``, ``entries``, ``submatrix`` gather the m values of each indexed column and
     return arrays of the chunks' namespace; ``logdet``, ``with_damp``, ``gram_spectra``,
-    ``eigenvalues``, ``fisher()``, ``power(p)`` work as usual. One block only (d > m), one
-    damping value; ``to_dense`` and ``sample`` are refused. A lost worker's tasks are rerun by
-    Dask from the graph, with the same result (the sums' order is fixed).
+    ``eigenvalues``, ``fisher()``, ``power(p)`` work as usual; ``to_dense`` and the samples are
+    lazy Dask arrays. One block only (d > m), one damping value. A lost worker's tasks are rerun
+    by Dask from the graph, with the same result (the sums' order is fixed).
     """
 
-    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64"):
+    def _accept(self, G, damp, block_size):
+        """The Dask checks: two dimensions with known chunk sizes, one block, one damping value,
+        d > m; G rechunked to one chunk along m (every task sees whole columns); the m×m algebra in
+        the namespace of G's chunks."""
         _dask()
         if not _backend.is_dask_array(G):
             raise TypeError(f"DaskInverse needs a Dask array, not {type(G).__name__}")
@@ -150,25 +147,18 @@ class DaskInverse(StaticInverse):
             raise ValueError("G has unknown chunk sizes: call G.compute_chunk_sizes() first")
         if block_size is not None:
             raise ValueError("block layouts over Dask chunks are not supported: pass block_size=None")
-        _one_damp(damp)
-        spaces = _backend.namespaces(G)  # Dask's for the data, the chunks' for the m×m algebra
-        algebra = spaces.algebra
+        _checks.one_damp(damp, "Dask gradients")
+        algebra = _backend.namespaces(G).algebra  # Dask's for the data, the chunks' for the m×m algebra
         policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(algebra))
         m, d = G.shape
-        if m < 1 or d < 1:
-            raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
-        if d <= m:
+        if m >= 1 and d <= m:
             raise ValueError(f"Dask gradients need d > m (got d = {d}, m = {m}); compute G and pass the array")
         if G.numblocks[0] != 1:
-            G = G.rechunk({0: -1})  # one chunk along m: every task sees whole columns
-        s = _checks.scale(scale)
-        self._scale = 1.0 / m if s in (None, "count") else s
-        self._accumulate = _checks.accumulate(accumulate)
-        self._damp, self._layout = _checks.damp(damp), Layout(d, None)
-        self._xp, self._dim, self._dtype = algebra, d, _precision.of(policy).output
-        self._storage, self._G = policy, G
-        self._group_list = [make_group(algebra, ChunkedView(G), self._layout.runs[0], self._damp, self._scale,
-                                       self._accumulate)]  # fmt: skip
+            G = G.rechunk({0: -1})
+        return G, algebra, policy
+
+    def _make_source(self, G):
+        return ChunkedView(G)
 
     @property
     def _data(self):
@@ -242,37 +232,55 @@ class DaskInverse(StaticInverse):
         return _backend.linear_operator(_backend.namespace_from_argument(None), self.shape, self.dtype, compute,
                                         compute)  # fmt: skip
 
-    def to_dense(self, max_dim: int = 0):
-        """Refused for Dask gradients (use ``submatrix``)."""
-        raise ValueError("to_dense is not offered for Dask gradients: use submatrix(indices) or compute G first")
-
     def sample_from_noise(self, z):
-        """Not offered for Dask gradients yet."""
-        raise ValueError("samples are not offered for Dask gradients yet: compute G and use StaticInverse")
+        """``StaticInverse.sample_from_noise`` as a lazy Dask array: z (noise_dim,) or (n, noise_dim)
+        (NumPy or Dask; z₁ = z[..., :d] chunked like G's columns, z₂ the last m values) gives
+        draws (d,) or (n, d) chunked like G's columns. Two passes over G on the workers (one
+        compute for the projection, the output pass lazy); one compute checks z is finite."""
+        da = _dask().array
+        xp, d = self._xp, self._dim
+        if not _backend.is_dask_array(z):
+            z = _checks.as_array(z, "z", xp)
+        if z.ndim not in (1, 2) or z.shape[-1] != self.noise_dim:
+            raise ValueError(f"z must have shape ({self.noise_dim},) or (n, {self.noise_dim}), got {tuple(z.shape)}")
+        if not (np.issubdtype(z.dtype, np.floating) or np.issubdtype(z.dtype, np.integer)):
+            raise TypeError(f"z must be real (standard normals), got {z.dtype}")
+        Z = da.asarray(z).astype(np.float64)
+        Z = Z[:, None] if z.ndim == 1 else Z.T  # (noise_dim, k)
+        if not bool(_dask().compute(da.isfinite(Z).all())[0]):
+            raise ValueError("z contains non-finite values (nan or inf)")
+        (grp,) = self._group_list
+        Z1 = Z[:d].rechunk({0: self._G.chunks[1], 1: -1})[None, ...]
+        (Z2,) = _dask().compute(Z[d:])
+        values, e = grp.sample(Z1, xp.asarray(Z2)[None, ...])
+        Y = _backend.cast_result(xp, _backend.ldexp(xp, values, e)[0], self.dtype, "the sample")
+        return Y[:, 0] if z.ndim == 1 else Y.T
 
     def sample(self, size=None, *, rng=None):
-        """Not offered for Dask gradients yet."""
-        raise ValueError("samples are not offered for Dask gradients yet: compute G and use StaticInverse")
+        """Exact draws from N(0, F⁻¹) as a lazy Dask array, (d,) or (size, d): the standard normals
+        come from ``dask.array.random`` seeded by ``rng`` (None, an int, or a NumPy Generator that
+        gives the seed), chunked like G's columns, so no d-long array is formed on the client."""
+        da = _dask().array
+        n = 1 if size is None else _checks.positive_int(size, "size")
+        seed = _backend.as_rng(np, rng).integers(2**63)
+        chunks = ((n,), tuple(self._G.chunks[1]) + (len(self._layout.runs) * self._G.shape[0],))
+        z = da.random.default_rng(int(seed)).standard_normal((n, self.noise_dim), chunks=chunks)
+        out = self.sample_from_noise(z)
+        return out[0] if size is None else out
 
     def with_damp(self, damp):
         """As ``StaticInverse.with_damp``, for one damping value (no pass over G)."""
-        return super().with_damp(_one_damp(damp))
+        return super().with_damp(_checks.one_damp(damp, "Dask gradients"))
 
     def __repr__(self) -> str:
         return super().__repr__().replace("StaticInverse(", "StaticInverse(dask, ", 1)
 
 
-class _NoDense:
-    def to_dense(self, max_dim: int = 0):
-        """Refused for Dask gradients."""
-        raise ValueError("to_dense is not offered for Dask gradients: compute G first")
-
-
-class _DaskFisher(_NoDense, FisherOperator):
+class _DaskFisher(FisherOperator):
     def diag(self):
         """diag F as a lazy Dask array (d,). O(dm) on the workers."""
         return self._inverse_op._per_chunk("fisher_diag", "fisher_exponent", "the diagonal")
 
 
-class _DaskPower(_NoDense, PowerOperator):
+class _DaskPower(PowerOperator):
     pass

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _backend, _checks, _passes, _precision, _scaling, _window_state
 from ._blocks import Layout
-from ._operator import InverseOperator, may_overflow
+from ._operator import InverseOperator, Variants, may_overflow
 from .groups import window as _window
 from .groups.dense import DenseGroup
 from .groups.woodbury import WoodburyGroup
@@ -38,7 +38,7 @@ class _Staged:
             setattr(self, k, kw.get(k))
 
 
-class DynamicInverse(InverseOperator):
+class DynamicInverse(Variants, InverseOperator):
     """F⁻¹ for F = λI + s·Σ gᵢgᵢᵀ over a window of at most ``capacity`` gradients.
 
     Parameters
@@ -81,17 +81,12 @@ class DynamicInverse(InverseOperator):
     Every mutating call either succeeds or raises and leaves the window bit-for-bit unchanged.
     """
 
-    def __new__(cls, *args, comm=None, **kwargs):
-        if comm is not None and cls is DynamicInverse:  # gradients sharded along d
-            from .sharded import ShardedWindow
-
-            return super().__new__(ShardedWindow)
-        return super().__new__(cls)
+    _variants = []  # ShardedWindow (comm=...): ``_operator.Variants``
 
     def __init__(self, dim, capacity, damp, *, scale=None, dtype="float32", xp=None, accumulate="float64",
                  comm=None):  # fmt: skip
-        if comm is not None:  # pragma: no cover - __new__ makes a ShardedWindow for comm
-            raise TypeError("DynamicInverse(..., comm=...) is constructed through DynamicInverse itself")
+        if comm is not None:  # pragma: no cover - Variants makes a sharded.ShardedWindow for a comm
+            raise TypeError("a communicator makes the sharded window (rank1inv.sharded.ShardedWindow)")
         self._lock = threading.RLock()  # every public call holds it (docs/guide.md, "Threads")
         self._dim = _checks.positive_int(dim, "dim")
         self._capacity = _checks.positive_int(capacity, "capacity")

@@ -29,6 +29,8 @@ import numpy as np
 
 from . import _backend, _precision
 
+__all__ = ["FactoredGradients"]
+
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile of G built from the factors (2 MiB)
 
 

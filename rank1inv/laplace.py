@@ -27,6 +27,14 @@ import numpy as np
 
 from . import _backend, _checks
 
+__all__ = [
+    "log_marginal_likelihood",
+    "tune_damp",
+    "predictive_variance",
+    "probit_probabilities",
+    "expected_calibration_error",
+]
+
 GOLDEN_STEPS = 80  # golden-section iterations: the log-λ bracket shrinks by 0.618^80 ≈ 2e-17
 
 

@@ -15,6 +15,17 @@ from . import _backend, _checks
 from ._operator import InverseOperator
 from .static import StaticInverse
 
+__all__ = [
+    "saliency",
+    "group_saliency",
+    "relative_damp",
+    "prune",
+    "prune_nm",
+    "prune_groups",
+    "cubic_schedule",
+    "prune_in_steps",
+]
+
 METHODS = ("obs", "obd", "magnitude")
 UPDATES = ("simultaneous", "exact", None)
 EXACT_CHUNK = 2048

@@ -12,6 +12,8 @@ import numpy as np
 
 from ._backend import namespace
 
+__all__ = ["static_precompute", "static_apply", "static_diag", "static_entry", "dynamic_coefficients", "dynamic_apply"]
+
 
 def _ns(*arrays):
     return namespace(*[a for a in arrays if hasattr(a, "shape")])

@@ -25,6 +25,8 @@ from ._passes import ShardedView
 from .dynamic import DynamicInverse
 from .static import StaticInverse
 
+__all__ = ["ShardedInverse", "ShardedWindow", "reshard"]
+
 ONE_DAMP = "sharded gradients take one damping value (per-block or per-coordinate damps: not yet)"
 
 
@@ -109,9 +111,13 @@ class ShardedQueries(_Agreeing):
     def _max_over_ranks(self, a):
         return self._comm.allreduce_max(np.asarray(a, dtype=np.float64))
 
-    def to_dense(self, max_dim: int = 0):
-        """Refused: the matrix is spread over the ranks (use ``submatrix`` with global indices)."""
-        raise ValueError("to_dense of a sharded operator would be only this rank's diagonal block")
+    def _identity(self):
+        """This rank's rows of the d×d identity: (d_local, d), the right-hand sides of ``to_dense``."""
+        xp = self._xp
+        lo, hi = self.local_range
+        eye = xp.zeros((hi - lo, self._global_dim), dtype=xp.float64, device=_backend.device(self._anchor()))
+        eye[:, lo:hi] = xp.eye(hi - lo, dtype=xp.float64, device=_backend.device(self._anchor()))
+        return eye
 
     def fisher(self):
         """F as an operator over the shards: products and diag on this rank's slice."""
@@ -236,7 +242,7 @@ class ShardedQueries(_Agreeing):
         return lam
 
 
-class ShardedInverse(ShardedQueries, StaticInverse):
+class ShardedInverse(ShardedQueries, StaticInverse, serves=lambda args, kwargs: kwargs.get("comm") is not None):
     """``StaticInverse(G_local, damp, comm=...)``: F⁻¹ for F = λI + s·GᵀG with G's columns split
     across the ranks of ``comm`` (an mpi4py communicator, a torch.distributed process group, or
     "torch" for the default group). Every rank passes the same m, damp, scale, dtype and
@@ -288,7 +294,7 @@ class ShardedInverse(ShardedQueries, StaticInverse):
         return ShardedView(G[None, ...], self._comm, self._global_dim)
 
 
-class ShardedWindow(ShardedQueries, DynamicInverse):
+class ShardedWindow(ShardedQueries, DynamicInverse, serves=lambda args, kwargs: kwargs.get("comm") is not None):
     """``DynamicInverse(dim_local, capacity, damp, comm=...)``: a sliding window whose gradients
     are sharded along d: each rank stores its slice of every gradient (capacity × dim_local) and
     pushes its slice of each new gradient; the m×m state (Gram matrix, factor) is replicated.
@@ -373,9 +379,8 @@ def reshard(states, sizes) -> list[dict]:
 
 
 class _LocalOnly(_Agreeing):
-    def to_dense(self, max_dim: int = 0):
-        """Refused: the matrix is spread over the ranks."""
-        raise ValueError("to_dense of a sharded operator would be only this rank's diagonal block")
+    def _identity(self):
+        return self._inverse_op._identity()
 
     def _ranks(self):
         return self._inverse_op._ranks()

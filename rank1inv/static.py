@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _backend, _checks, _precision
 from ._blocks import Layout
-from ._operator import InverseOperator
+from ._operator import InverseOperator, Variants
 from .factored import FactoredGradients
 from .groups import make_group, redamp_group
 from .streamed import StreamedGradients
@@ -23,7 +23,7 @@ def _damp_layout(dim: int, block_size, damp):
     return value, Layout(dim, sizes)
 
 
-class StaticInverse(InverseOperator):
+class StaticInverse(Variants, InverseOperator):
     """The inverse of F = λI + s·Σ gᵢgᵢᵀ for the m rows gᵢ of G, as a linear operator.
 
     Parameters
@@ -62,20 +62,12 @@ class StaticInverse(InverseOperator):
     O(m) each after a one-time O(dm²) whitening (cached, 8·d·m bytes); see the user guide.
     """
 
-    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64", _gram=None, comm=None):
-        if isinstance(G, FactoredGradients):  # layer factors, never an m×d array
-            xp = G.xp
-            policy = _precision.name_of(G.dtype)
-        elif isinstance(G, StreamedGradients):  # host memory, streamed to xp's device per pass
-            xp, policy = G.xp, G.storage
-            if block_size is not None or G.shape[1] <= G.shape[0] or not isinstance(damp, (int, float, np.floating)):
-                raise ValueError("streamed gradients take one block (block_size=None), d > m and one damping value")
-        else:
-            G = _checks.as_array(G, "G")
-            xp = _backend.namespace(G)
-            if G.ndim != 2:
-                raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
-            policy = _checks.float_kind(G, "G", cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
+    _variants = []  # ShardedInverse (comm=...), DaskInverse (a Dask G): ``Variants``
+
+    def __init__(self, G, damp, *, scale=None, block_size=None, accumulate="float64", comm=None, _gram=None):
+        if comm is not None:  # pragma: no cover - Variants makes a sharded.ShardedInverse for a comm
+            raise TypeError("a communicator makes the sharded operator (rank1inv.sharded.ShardedInverse)")
+        G, xp, policy = self._accept(G, damp, block_size)
         m, d = G.shape
         if m < 1 or d < 1:
             raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
@@ -93,17 +85,21 @@ class StaticInverse(InverseOperator):
                 for i, run in enumerate(self._layout.runs)
             ]
 
-    def __new__(cls, *args, comm=None, **kwargs):
-        if comm is not None and cls is StaticInverse:  # gradients sharded along d
-            from .sharded import ShardedInverse
-
-            return super().__new__(ShardedInverse)
-        G = args[0] if args else kwargs.get("G")
-        if _backend.is_dask_array(G) and cls is StaticInverse:  # chunked along d
-            from .chunked import DaskInverse
-
-            return super().__new__(DaskInverse)
-        return super().__new__(cls)
+    def _accept(self, G, damp, block_size):
+        """(G as the groups read it, the namespace of the m×m algebra, the storage dtype name), after
+        the checks this kind of gradients needs (overridden by the variants: Dask)."""
+        if isinstance(G, FactoredGradients):  # layer factors, never an m×d array
+            return G, G.xp, _precision.name_of(G.dtype)
+        if isinstance(G, StreamedGradients):  # host memory, streamed to xp's device per pass
+            if block_size is not None or G.shape[1] <= G.shape[0]:
+                raise ValueError("streamed gradients take one block (block_size=None) and d > m")
+            _checks.one_damp(damp, "streamed gradients")
+            return G, G.xp, G.storage
+        G = _checks.as_array(G, "G")
+        xp = _backend.namespace(G)
+        if G.ndim != 2:
+            raise ValueError(f"G must have ndim 2, got shape {tuple(G.shape)}")
+        return G, xp, _checks.float_kind(G, "G", cupy=_backend.is_cupy(xp))  # CuPy uint16: bfloat16 bits
 
     def _make_source(self, G):
         """What the groups read the gradients from (overridden for sharded gradients)."""

@@ -20,6 +20,8 @@ import numpy as np
 from . import _backend, _checks, _precision
 from ._chunks import ColumnChunks
 
+__all__ = ["StreamedGradients"]
+
 CHUNK_BYTES = 1 << 27  # bytes of G per chunk (128 MiB): two staging and two device buffers of it
 
 

@@ -14,6 +14,19 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = [
+    "FAMILIES",
+    "gradients",
+    "dense_fisher",
+    "backward_error",
+    "relative_error",
+    "entry_error",
+    "assert_inverse_close",
+    "gradient_sets",
+    "block_layouts",
+    "static_problems",
+]
+
 FAMILIES = ("iid", "collinear", "lowrank", "clusters", "duplicate", "zero_rows", "huge_row")
 
 

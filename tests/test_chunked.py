@@ -14,7 +14,7 @@ import dask  # noqa: E402
 from helpers import STORAGE, family  # noqa: E402
 
 import rank1inv as r1  # noqa: E402
-from rank1inv import testing  # noqa: E402
+from rank1inv import _backend, testing  # noqa: E402
 
 
 def chunked(G, width):
@@ -114,9 +114,8 @@ def test_refusals_and_errors_are_clear():
         op @ da.ones((49,), chunks=7)
     with pytest.raises(ValueError, match="non-finite"):
         op @ da.from_array(np.full(50, np.inf), chunks=10)
-    for call in (op.to_dense, op.sample, lambda: op.fisher().to_dense()):
-        with pytest.raises(ValueError):
-            call()
+    with pytest.raises(ValueError, match="max_dim"):
+        op.to_dense(max_dim=10)
     # a result beyond float32 raises when it is computed, never a silent inf
     op32 = r1.StaticInverse(chunked(G.astype(np.float32), 10), 1e-30)
     y = op32 @ da.from_array(np.full(50, 1e30, dtype=np.float32), chunks=10)
@@ -207,3 +206,24 @@ def test_cupy_chunks_equal_numpy_chunks():
     np.testing.assert_allclose(cupy.asnumpy(Y.compute()), (host @ x).compute(), rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(cupy.asnumpy(gpu.diag().compute()), host.diag().compute(), rtol=1e-6)
     assert gpu.logdet() == pytest.approx(host.logdet(), rel=1e-8)
+
+
+def test_dense_matrices_and_samples_are_lazy_and_right():
+    """to_dense, fisher().to_dense() and samples of a Dask operator: the inherited queries, lazy."""
+    rng = np.random.default_rng(8)
+    G = rng.standard_normal((6, 40))
+    op = r1.StaticInverse(chunked(G, 10), 1e-2)
+    F = testing.dense_fisher(G, 1e-2)
+    dense = op.to_dense()
+    assert _backend.is_dask_array(dense)
+    np.testing.assert_allclose(dense.compute(), np.linalg.inv(F), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(op.fisher().to_dense().compute(), F, rtol=1e-12, atol=1e-12)
+    z = rng.standard_normal((3, op.noise_dim))
+    ref = r1.StaticInverse(G, 1e-2).sample_from_noise(z)
+    got = op.sample_from_noise(z)
+    assert _backend.is_dask_array(got)
+    np.testing.assert_allclose(got.compute(), ref, rtol=1e-10, atol=1e-12)
+    draws = op.sample(4000, rng=1).compute()
+    cov = draws.T @ draws / draws.shape[0]
+    Finv = np.linalg.inv(F)
+    assert np.max(np.abs(cov - Finv)) <= 6 * np.sqrt(2 / 4000) * np.max(np.diag(Finv))

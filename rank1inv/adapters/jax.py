@@ -16,6 +16,8 @@ from jax.flatten_util import ravel_pytree
 from .. import _precision
 from ..dynamic import DynamicInverse
 
+__all__ = ["to_array", "to_jax", "ravel", "mfac", "window_of", "MFACState"]
+
 
 def to_array(x: jax.Array):
     """A NumPy (CPU) or CuPy (GPU) array sharing ``x``'s buffer (zero-copy, via DLPack).

@@ -19,6 +19,8 @@ from ..factored import FactoredGradients
 from ..static import StaticInverse
 from .torch import Descent, to_array, to_tensor, trainable
 
+__all__ = ["linear_factors", "NaturalGradient", "FOOF"]
+
 
 def _linear_layers(model: torch.nn.Module):
     """The model's nn.Linear modules in parameter order; ValueError unless every trainable

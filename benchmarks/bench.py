@@ -61,7 +61,7 @@ def cpu_static(rows, timer, xp, m=256, d=100_000):
     G = _lowrank(xp, m, d)
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
     c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
-    floor = lambda: (G @ x, c @ G)  # noqa: E731
+    floor = lambda: (G @ x, c @ G)
     op = StaticInverse(G, 1e-4)
     native = StaticInverse(G, 1e-4, accumulate="native")
     ihvp, _, t_floor = timer.ratio(lambda: op @ x, floor)
@@ -72,8 +72,8 @@ def cpu_static(rows, timer, xp, m=256, d=100_000):
     _row(rows, "StaticInverse IHVP / floor", ihvp, "×", "target ≤ 2.5 (float64 accumulation)")
     _row(rows, "StaticInverse IHVP, accumulate='native' / floor", ihvp_native, "×", "")
     _row(rows, "StaticInverse IHVP, 100 equal blocks / floor", ihvp_blocked, "×", "block-diagonal F")
-    ours = lambda: StaticInverse(G, 1e-4).diag()  # noqa: E731
-    paper = lambda: reference.static_diag(*reference.static_precompute(G, 1e-4), 1e-4)  # noqa: E731
+    ours = lambda: StaticInverse(G, 1e-4).diag()
+    paper = lambda: reference.static_diag(*reference.static_precompute(G, 1e-4), 1e-4)
     slower, t_paper, t_ours = timer.ratio(paper, ours, repeat=5)
     _row(rows, "precompute + full diagonal", t_ours * 1e3, "ms", "")
     _row(rows, "paper Algorithm 3 + eq. 25 (float32)", t_paper * 1e3, "ms", "")
@@ -93,7 +93,7 @@ def dynamic_push_apply(rows, timer, xp, m, d):
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
     c = xp.asarray(np.random.default_rng(2).standard_normal(m), dtype=xp.float32)
     Gw = w._G
-    floor = lambda: (Gw @ x, c @ Gw)  # noqa: E731
+    floor = lambda: (Gw @ x, c @ Gw)
     fresh = iter(range(m, m + FRESH))  # a gradient pushed twice would be a duplicate in the window
     pa, _, t_floor = timer.ratio(lambda: w.push_apply(G[next(fresh)]), floor)
     ihvp, _, _ = timer.ratio(lambda: w @ x, floor)

@@ -169,7 +169,7 @@ def _cnn_data(seed: int = 0):
     import torch
 
     Xtr, ytr, Xte, yte = load_digits(seed)
-    as_images = lambda X: torch.from_numpy(X).reshape(-1, 1, 8, 8)  # noqa: E731
+    as_images = lambda X: torch.from_numpy(X).reshape(-1, 1, 8, 8)
     return as_images(Xtr), torch.from_numpy(ytr), as_images(Xte), torch.from_numpy(yte)
 
 
@@ -212,7 +212,7 @@ def nm_report(seed: int = 0, ngrads: int = 128, train_steps: int = 1500) -> str:
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randint(0, len(Y), (16,), generator=gen) for _ in range(ngrads)]
     batches = [(X[i], Y[i]) for i in batches]
-    loss = lambda model, b: torch.nn.functional.cross_entropy(model(b[0]), b[1])  # noqa: E731
+    loss = lambda model, b: torch.nn.functional.cross_entropy(model(b[0]), b[1])
     from rank1inv import obs as obs_
 
     rows = [("dense", _cnn_accuracy(net, Xte, Yte), None)]
@@ -295,8 +295,8 @@ def per_sample_gradients(w, X, y):
 
 def fisher_rows(w, X, y, kind: str, seed: int = 0):
     """Rows G with GᵀG a curvature of the summed cross-entropy at w: "empirical" (the data
-    labels), "sampled" (one label per input drawn from the model: the true Fisher, seed eq. 1),
-    or "ggn" (exact: J_iᵀ·L_i with L_iL_iᵀ = diag(p_i) − p_ip_iᵀ, C rows per input)."""
+    labels), "sampled" (one label per input drawn from the model: the true Fisher, eq. 1 of the
+    exact-natural-gradient paper), or "ggn" (exact: J_iᵀ·L_i with L_iL_iᵀ = diag(p_i) − p_ip_iᵀ, C rows per input)."""
     if kind == "empirical":
         return per_sample_gradients(w, X, y)
     z, J = logits_and_jacobians(w, X)

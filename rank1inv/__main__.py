@@ -3,6 +3,8 @@ point, those of a checkout included."""
 
 import sys
 
+from .examples import demo
+
 COMMANDS = {
     "demo": "accuracy and speed against the paper, then OBS pruning of a digits MLP (the main job)",
 }
@@ -29,7 +31,7 @@ def main(argv=None):
         return 0
     command = argv.pop(0) if argv else "demo"
     if command == "demo":
-        from .examples.demo import main as run
+        run = demo.main
     else:
         print(usage(), file=sys.stderr)
         return 2

@@ -21,8 +21,10 @@ from typing import NamedTuple
 import array_api_compat
 import numpy as np
 import scipy.linalg
+import scipy.sparse.linalg
 
-from . import _precision
+from . import _precision, cpu
+from ._protocols import Kernels
 
 _ADAPTERS = {
     "torch": "rank1inv.adapters.torch.to_array(tensor)",
@@ -168,7 +170,7 @@ def decode_into(xp, out, src):
     """out[...] = src as float64, for every storage dtype, exactly. On CuPy, bfloat16 bit
     patterns are widened by a shift, and float32 subnormals are decoded from their bits: CuPy
     compiles its kernels with -ftz=true, which would flush them to zero where the CPU keeps
-    them (issue 18.5, CPU/GPU parity; the pass kernels decode the same way)."""
+    them (CPU/GPU parity; the pass kernels decode the same way)."""
     if is_cupy(xp) and src.dtype == xp.uint16:
         out[...] = (src.astype(xp.uint32) << 16).view(xp.float32)
     elif is_cupy(xp) and src.dtype == xp.float32:
@@ -363,7 +365,7 @@ def linear_operator(xp, shape, dtype, matvec, matmat):
     if is_cupy(xp):
         from cupyx.scipy.sparse.linalg import LinearOperator
     else:
-        from scipy.sparse.linalg import LinearOperator
+        LinearOperator = scipy.sparse.linalg.LinearOperator
     return LinearOperator(
         shape,
         matvec=matvec,
@@ -375,16 +377,14 @@ def linear_operator(xp, shape, dtype, matvec, matmat):
 
 
 # --------------------------------------------------------------------------- kernels
-def kernels(xp):
+def kernels(xp) -> Kernels | None:
     """The compiled pass kernels for ``xp``: the CuPy RawKernels, the optional CPU extension for
     NumPy, or None. Each offers ``usable(Gg, k)``, ``project(Gg, X)`` and ``combine(Gg, X, C, a, b)``
     on groups Gg (nb, m, B) (see ``_passes``)."""
     if is_cupy(xp):
-        from .cuda import kernels as k
+        from .cuda import kernels as k  # noqa: PLC0415 (it imports CuPy)
 
         return k
-    from . import cpu
-
     return cpu if cpu.available() else None
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _backend
+
 
 @dataclass(frozen=True)
 class Run:
@@ -77,15 +79,9 @@ class Layout:
 
     def locate(self, xp, idx):
         """For global indices: (run id, offset inside the run, block id inside the run)."""
-        starts = xp.asarray(self.run_starts, device=_device_of(idx))
+        starts = xp.asarray(self.run_starts, device=_backend.device(idx))
         run = xp.searchsorted(starts, idx, side="right") - 1
-        sizes = xp.asarray(np.array([r.size for r in self.runs], dtype=np.int64), device=_device_of(idx))
+        sizes = xp.asarray(np.array([r.size for r in self.runs], dtype=np.int64), device=_backend.device(idx))
         offset = idx - xp.take(starts, run)
         block = offset // xp.take(sizes, run)
         return run, offset, block
-
-
-def _device_of(x):
-    from ._backend import device
-
-    return device(x)

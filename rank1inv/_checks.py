@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from . import _backend, _passes, _precision
+from . import _backend, _precision
 
 ACCUMULATE = ("float64", "native")
 
@@ -131,19 +131,6 @@ def float_kind(x, name: str, cupy: bool = False) -> str:
         return _precision.of_array(x, cupy).name
     except TypeError as err:
         raise TypeError(f"{name} must be {_precision.STORAGE_TEXT}, got {x.dtype}") from err
-
-
-def float_array(x, name: str, ndims: tuple[int, ...]):
-    """(namespace, max|x|) after checking that ``x`` is a finite array of a storage dtype with an
-    allowed ndim. The finiteness check runs in tiles (no boolean m·d mask)."""
-    xp = _backend.namespace(x)
-    if x.ndim not in ndims:
-        raise ValueError(f"{name} must have ndim in {ndims}, got shape {tuple(x.shape)}")
-    float_kind(x, name)
-    top = _passes.max_abs(xp, x)
-    if not math.isfinite(top):
-        raise ValueError(f"{name} contains non-finite values (nan or inf)")
-    return xp, top
 
 
 def same_backend(xp, x, name: str, where: str):

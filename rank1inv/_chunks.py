@@ -7,18 +7,19 @@ chunks of whole columns. Every pass is the one-process pass of ``_passes`` on ea
 a fixed order, d-local passes assemble the chunks' results along the columns. Subclasses say
 *how* chunks are reached: ``chunked.ChunkedView`` runs one Dask task per chunk (lazy d-long
 results), ``streamed.StreamedView`` copies host chunks to the device through pinned buffers
-(eager device results). ``_passes`` recognises the base by its marker, one dispatch line per
-pass.
+(eager device results). ``ColumnChunks`` is a ``_protocols.GradientView``: ``_passes``
+dispatches it in one line per pass.
 """
 
 from __future__ import annotations
 
 import operator
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 
 import numpy as np
 
 from . import _backend, _passes
+from ._protocols import GradientView
 
 PRIOR_REFUSED = "gradients read in chunks take one damping value (a per-coordinate prior: not yet)"
 
@@ -27,14 +28,16 @@ def _add_pairs(a, b):
     return a[0] + b[0], a[1] + b[1]
 
 
-class ColumnChunks(_backend.HoldsNamespace, ABC):
+class ColumnChunks(_backend.HoldsNamespace, GradientView):
     """Group array (1, m, d) read chunk by chunk. Subclasses set ``shape``, ``dtype``, ``xp``
     (the namespace of the m×m algebra and of the chunks' results) and ``cuts`` (chunk widths),
     and implement ``_reduce``, ``_map`` and ``columns``."""
 
-    chunked_view = True
-    ndim = 3
-    device = None  # where the chunks' results live (None: the namespace's default device)
+    _device = None  # where the chunks' results live (None: the namespace's default device)
+
+    @property
+    def device(self):
+        return self._device
 
     @abstractmethod
     def _reduce(self, fn, X=None, combine=operator.add):
@@ -61,15 +64,15 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
             raise ValueError(PRIOR_REFUSED)
         return np.asarray(self._reduce(lambda xp, g: _passes.row_max_abs(xp, g), combine=np.maximum))
 
-    def gram(self, accumulate, scale, weights=None):
+    def gram(self, accumulate, scale=1.0, weights=None):
         if weights is not None:
             raise ValueError(PRIOR_REFUSED)
         return self._reduce(lambda xp, g: _passes.gram(xp, g, accumulate, scale))
 
-    def project(self, X, accumulate, scale):
+    def project(self, X, accumulate, scale=1.0):
         return self._reduce(lambda xp, g, x: _passes.project(xp, g, x, accumulate, scale), X)
 
-    def project_sumsq(self, X, accumulate, scale, weights=None):
+    def project_sumsq(self, X, accumulate, scale=1.0, weights=None):
         """(project(X), Σ X²) in one reduction (``_passes.project_sumsq``)."""
         if weights is not None:
             raise ValueError(PRIOR_REFUSED)
@@ -80,8 +83,8 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
         return self._reduce(both, X, combine=_add_pairs)
 
     # -- local in d ----------------------------------------------------------------------
-    def combine(self, X, C, alpha, beta, accumulate, scale):
-        """αX + β(σG)ᵀC: (1, d, k) float64."""
+    def combine(self, X, C, alpha, beta, accumulate, scale=1.0, out=None):
+        """αX + β(σG)ᵀC: (1, d, k) float64 (a new array, or lazy: ``out`` is not used)."""
 
         def part(xp, g, x=None):
             c = xp.asarray(C, device=_backend.device(g))
@@ -89,12 +92,21 @@ class ColumnChunks(_backend.HoldsNamespace, ABC):
 
         return self._map(part, X, width=C.shape[-1])
 
-    def column_sumsq(self, scale, weights=None):
+    def column_gram(self, accumulate, scale=1.0):
+        raise ValueError("blocks no wider than m (parameter space) cannot be read in column chunks")
+
+    def project_gram(self, X, accumulate, scale=1.0):
+        def both(xp, g, x):
+            return _passes.project(xp, g, x, accumulate, scale), _passes.inner_products(xp, x)
+
+        return self._reduce(both, X, combine=_add_pairs)
+
+    def column_sumsq(self, scale=1.0, weights=None):
         if weights is not None:
             raise ValueError(PRIOR_REFUSED)
         return self._map(lambda xp, g: _passes.column_sumsq(xp, g, scale))
 
-    def map_tiles(self, fn, scale, weights=None):
+    def map_tiles(self, fn, scale=1.0, weights=None):
         """As ``_passes.map_tiles``, chunk by chunk (fn sees each chunk's tiles as blocks 0:1)."""
         if weights is not None:
             raise ValueError(PRIOR_REFUSED)

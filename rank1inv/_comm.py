@@ -19,6 +19,7 @@ rank goes on to a collective the others skip, and none commits alone.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Protocol, runtime_checkable
 
@@ -242,8 +243,6 @@ def agreed_max(comm, values, err, what: str = "call", finite: bool = False, **ch
 def digest(*parts) -> tuple[float, float]:
     """Two exact floats (48 bits each of a SHA-256) of arrays and scalars, for agreement checks
     of inputs too long to send (index lists, replicated state)."""
-    import hashlib
-
     h = hashlib.sha256()
     for part in parts:
         a = np.asarray(part)

@@ -1,8 +1,8 @@
 """The shared query API of StaticInverse and DynamicInverse, and the LinearOperator exports.
 
 An operator is a block-diagonal layout (``rank1inv._blocks``) whose runs of equal blocks are
-each served by a *group* (``rank1inv._protocols.Group``: ``_woodbury.WoodburyGroup`` or
-``_dense.DenseGroup``). This module maps the public queries (products, diagonal, entries,
+each served by a *group* (``rank1inv._protocols.Group``: ``groups.woodbury.WoodburyGroup`` or
+``groups.dense.DenseGroup``). This module maps the public queries (products, diagonal, entries,
 submatrices) onto the groups; it never touches the gradients itself.
 
 Every right-hand side is normalized block by block and column by column (max|x| in
@@ -15,11 +15,16 @@ output dtype raises OverflowError instead of returning inf.
 from __future__ import annotations
 
 import math
+import numbers
+from typing import Any
 
 import numpy as np
 
 from . import _backend, _checks, _comm, _precision
+from ._blocks import Layout
 from ._passes import tile_budget
+from ._protocols import Array, Group
+from .groups.prior import NO_POWER
 
 DENSE_LIMIT = 4096
 SAMPLE_CHUNK = 8  # samples per pass over G in ``sample`` (the compiled CPU passes take up to 8 vectors)
@@ -36,7 +41,7 @@ def may_overflow(max_x: float, dim: int, damp: float, dtype) -> bool:
 
 def scaled_diagonal(xp, values, exponent, count: int):
     """values (count·B,) of a group times 2^exponent, for an int exponent or one per block
-    ((count, 1, 1), as ``_woodbury.WoodburyGroup.fisher_exponent`` when blocks' frames differ)."""
+    ((count, 1, 1), as ``groups.woodbury.WoodburyGroup.fisher_exponent`` when blocks' frames differ)."""
     if isinstance(exponent, (int, np.integer)):
         return _backend.ldexp(xp, values, exponent)
     e = xp.asarray(np.reshape(exponent, (count, 1)), device=_backend.device(values))
@@ -81,15 +86,16 @@ class _BlockOperator(_backend.HoldsNamespace):
     __array_ufunc__ = None
 
     # set by subclasses
-    _xp = None
+    _xp: Any = None  # the array namespace
     _dim = 0
     _dtype = "float32"  # the output dtype name (the policy's output for the storage dtype)
-    _layout = None
+    _damp: Any  # a float, a tuple of one per block, or a host array (one per coordinate)
+    _layout: Layout
 
-    def _groups(self):  # pragma: no cover - abstract
+    def _groups(self) -> list[Group]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _group_product(self, group, X):  # pragma: no cover - abstract
+    def _group_product(self, group: Group, X: Array) -> tuple[Array, Any]:  # pragma: no cover - abstract
         """(values, exponent) of the operator's product with X for one group."""
         raise NotImplementedError
 
@@ -342,7 +348,10 @@ class InverseOperator(_BlockOperator):
         return FisherOperator(self)
 
     # -- across ranks: identities here, collectives on operators sharded along d (§12) -------
-    communicator = None  # the Communicator of an operator sharded along d (``rank1inv.sharded``)
+    @property
+    def communicator(self) -> _comm.Communicator | None:
+        """The Communicator of an operator sharded along d (``rank1inv.sharded``); None here."""
+        return None
 
     def _agreement(self, what: str, *names: str):
         """A context for a call's local validation: on a sharded operator every rank agrees on
@@ -443,7 +452,7 @@ class InverseOperator(_BlockOperator):
         nonzero (min(m, B) of them; those of a window's empty slots are 0): a list of NumPy
         float64 arrays, descending. With them log det F_b(λ) = B·log λ + Σ log1p(s·Λ_i/λ) for any
         λ in O(m) (``rank1inv.laplace.tune_damp``). O(m³) per block once, cached."""
-        out = []
+        out: list[np.ndarray] = []
         for grp in self._groups():
             out.extend(np.asarray(row) for row in grp.gram_spectrum())
         return out
@@ -455,10 +464,6 @@ class InverseOperator(_BlockOperator):
         block, cached), then two passes over G per product. A vector in the span of the
         gradients is not corrected for cancellation as the products of F⁻¹ are
         (docs/numerics.md)."""
-        import numbers
-
-        from .groups.prior import NO_POWER
-
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(float(p)):
             raise TypeError(f"p must be a finite real number, got {p!r}")
         if isinstance(self.damp, np.ndarray):

@@ -14,9 +14,11 @@ folded into the vectors or results, exactly; float64 storage with σ ≠ 1 (only
 beyond 2^±256) is scaled tile by tile.
 
 A *group* is an array ``Gg`` of shape (nb, m, B): nb equal blocks, each an m×B slice of G, or a
-``rank1inv.factored.FactoredView`` of that shape (gradients as layer factors), a
-``ShardedView`` (this rank's columns) or a ``rank1inv._chunks.ColumnChunks`` view (G read in
-column chunks: Dask, host streaming): each pass dispatches such views in one line.
+``_protocols.GradientView`` of that shape: a ``TiledView`` (gradients as layer factors,
+``rank1inv.factored``), a ``rank1inv._chunks.ColumnChunks`` view (G read in column chunks:
+Dask, host streaming) or a ``rank1inv.sharded.ShardedView`` (this rank's columns). Each pass
+dispatches a view to its method of the same name in one line; the views run these functions
+on the arrays they hold.
 With float32 storage, passes with few vectors (the IHVP and push_apply hot path has one) go to
 compiled kernels when ``_backend.kernels`` has them: the optional CPU extension
 (``rank1inv.cpu``, up to 8 vectors, any number of blocks) on NumPy, the RawKernels
@@ -26,78 +28,62 @@ makes one BLAS call.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _backend, _comm, _precision
+from ._comm import Communicator
+from ._protocols import Array, GradientView, GroupGradients
 
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile on CPU for matrix-vector work (2 MiB, ~L2)
 BLAS3_TILE_ELEMENTS = 1 << 22  # on CPU for matrix-matrix work (32 MiB): fewer, larger BLAS-3 calls
 GPU_TILE_ELEMENTS = 1 << 25  # on CuPy for all work (256 MiB): each tile costs kernel launches
 
 
-class ShardedView:
-    """A group array (nb, m, B_local) holding this rank's columns of gradients sharded along d
-    (``rank1inv.sharded``). Passes that reduce over d reduce across ranks here, and only here
-    (docs/design.md §12); the others work on the local columns."""
-
-    def __init__(self, local, comm, global_size: int):
-        self.local, self.comm, self.global_size = local, comm, global_size
-        self.shape, self.dtype, self.ndim = local.shape, local.dtype, 3
-
-    def sum(self, xp, a):
-        return xp.asarray(self.comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
+# -------------------------------------------------------------------- views and ranks (§12)
+def communicator(Gg: GroupGradients) -> Communicator | None:
+    """The Communicator of a view across ranks, None for any other group (one process)."""
+    return Gg.communicator if isinstance(Gg, GradientView) else None
 
 
-# -------------------------------------------------------------------- across ranks (§12)
-def communicator(Gg):
-    """The Communicator of a ShardedView, None for any other group (one process)."""
-    return Gg.comm if isinstance(Gg, ShardedView) else None
-
-
-def agreement(Gg, what: str, *names: str):
+def agreement(Gg: GroupGradients, what: str, *names: str):
     """``_comm.agreement`` over the ranks of ``Gg`` (a no-op but for re-raising on one process):
     a call's local validation, then one reduction of the "I refused" flag and ``names``."""
     return _comm.agreement(communicator(Gg), what, *names)
 
 
-def max_over_ranks(Gg, values, err=None, what: str = "call", finite: bool = False, **checks) -> np.ndarray:
+def max_over_ranks(
+    Gg: GroupGradients, values, err=None, what: str = "call", finite: bool = False, **checks
+) -> np.ndarray:
     """The elementwise max of host ``values`` over the ranks of ``Gg`` (nan where any rank has a
     nan), carrying the agreement on ``err`` and ``checks`` in the same reduction
     (``_comm.agreed_max``); on one process ``err`` is raised and ``values`` returned."""
     return _comm.agreed_max(communicator(Gg), values, err, what, finite, **checks)
 
 
-def sum_over_ranks(xp, Gg, a):
+def sum_over_ranks(xp, Gg: GroupGradients, a):
     """The elementwise sum of ``a`` over the ranks of ``Gg`` (``a`` itself on one process)."""
-    return a if not isinstance(Gg, ShardedView) else Gg.sum(xp, a)
+    comm = communicator(Gg)
+    if comm is None:
+        return a
+    return xp.asarray(comm.allreduce_sum(_backend.to_host(a)), device=_backend.device(a))
 
 
-def project_gram(xp, Gg, X, accumulate: str, scale=1.0):
-    """(``project`` of X, XᵀX per block): the Gram row of new window gradients X (nb, B, k)
-    against the stored ones and their own k×k Gram matrix, (nb, m, k) and (nb, k, k) float64,
-    over all shards in one reduction. σ applies to G only (X arrives scaled)."""
-    local, shard = _local(Gg)
-    nb, m, _ = local.shape
-    P = project(xp, local, X, accumulate, scale) if m else xp.zeros((nb, 0, X.shape[-1]), dtype=xp.float64)
-    k = X.shape[-1]
-    if k == 1:  # no BLAS call (it would wake multi-threaded BLAS, docs/benchmarks.md), no temporary
-        inner = xp.reshape(_backend.sumsq(xp, X), (nb, 1, 1))
-    else:
-        inner = xp.matrix_transpose(X) @ X
-    if shard is None:
-        return P, inner
-    both = shard.sum(xp, xp.concat([xp.reshape(P, (-1,)), xp.reshape(inner, (-1,))]))
-    return xp.reshape(both[: P.size], P.shape), xp.reshape(both[P.size :], inner.shape)
-
-
-def _local(Gg):
-    """(the local group array, its ShardedView or None)."""
-    return (Gg.local, Gg) if isinstance(Gg, ShardedView) else (Gg, None)
-
-
-def global_width(Gg) -> int:
+def global_width(Gg: GroupGradients) -> int:
     """B of the group's blocks over all shards."""
-    return Gg.global_size if isinstance(Gg, ShardedView) else Gg.shape[2]
+    return Gg.global_width if isinstance(Gg, GradientView) else Gg.shape[2]
+
+
+def device_of(Gg: GroupGradients):
+    """The device of a group's arrays (local shard, factors, or chunks' results)."""
+    return Gg.device if isinstance(Gg, GradientView) else _backend.device(Gg)
+
+
+def materialized(Gg: GroupGradients) -> bool:
+    """Whether the group is held in memory as such (an array or a shard of one), so that caching
+    an m×B float64 whitening of it is reasonable (not for layer factors or column chunks)."""
+    return not isinstance(Gg, GradientView) or Gg.materialized
 
 
 def is_unit(scale) -> bool:
@@ -124,58 +110,6 @@ def _outer_scale(scale):
     return scale[:, :, None] * scale[:, None, :]
 
 
-def project_sumsq(xp, Gg, X, accumulate: str, scale=1.0, weights=None):
-    """(``project`` of X·W, Σ_i X[b, i, j]²): the first pass of an IHVP and the size of its
-    right-hand sides, (nb, m, k) and (nb, k) float64, over all shards, in one reduction: one
-    all-reduce of (m + 1)·k floats per block when sharded, one compute when chunked. W =
-    diag(``weights``) (nb, B) or None."""
-    if is_chunked(Gg):
-        return Gg.project_sumsq(X, accumulate, scale, weights)
-    XW = X if weights is None else X * weights[:, :, None]
-    local, shard = _local(Gg)
-    P, xx = project(xp, local, XW, accumulate, scale), _backend.sumsq(xp, X)
-    if shard is None:
-        return P, xx
-    both = shard.sum(xp, xp.concat([xp.reshape(P, (-1,)), xp.reshape(xx, (-1,))]))
-    return xp.reshape(both[: P.size], P.shape), xp.reshape(both[P.size :], xx.shape)
-
-
-def is_factored(Gg) -> bool:
-    """Whether Gg is a ``rank1inv.factored.FactoredView`` (gradients given as layer factors;
-    recognised by its marker, so that this module imports nothing above it)."""
-    return getattr(Gg, "factored_view", False) is True
-
-
-def is_chunked(Gg) -> bool:
-    """Whether Gg is a ``rank1inv._chunks.ColumnChunks`` view (G read in column chunks: a Dask
-    array, or host memory streamed to the device): each pass runs on every chunk and sums the
-    partial results (recognised by its marker)."""
-    return getattr(Gg, "chunked_view", False) is True
-
-
-def device_of(Gg):
-    """The device of a group's arrays (local shard, factors, or chunks' results)."""
-    Gg, _ = _local(Gg)
-    if is_factored(Gg):
-        return _backend.device(Gg.source.anchor)
-    if is_chunked(Gg):
-        return Gg.device
-    return _backend.device(Gg)
-
-
-_device = device_of
-
-
-def columns(xp, Gg, blocks, offsets):
-    """Columns g_j of blocks ``blocks`` at local ``offsets``: (n, m) float64 (decoded exactly)."""
-    Gg, _ = _local(Gg)
-    if is_factored(Gg) or is_chunked(Gg):
-        return Gg.columns(blocks, offsets)
-    cols = xp.empty((offsets.shape[0], Gg.shape[1]), dtype=xp.float64, device=_backend.device(offsets))
-    _backend.decode_into(xp, cols, Gg[blocks, :, offsets])
-    return cols
-
-
 def tile_budget(xp, matrix: bool = False) -> int:
     """float64 elements per tile: cache-sized on CPU, launch-amortising on a GPU."""
     if _backend.is_cupy(xp):
@@ -200,17 +134,17 @@ def tiles(count: int, length: int, width: int, budget: int = TILE_ELEMENTS):
                 yield b, b + 1, c0, min(length, c0 + step)
 
 
-def float64_tiles(xp, Gg, *, matrix: bool = False, rows: bool = False, scale=1.0):
+def float64_tiles(xp, Gg: Array | TiledView, *, matrix: bool = False, rows: bool = False, scale=1.0):
     """Yield (b0, b1, s0, s1, tile): the tiles of ``tiles`` as float64 arrays of σG (σ =
     ``scale``), along G's columns (tile = Gg[b0:b1, :, s0:s1]) or, with ``rows``, along its rows
-    (Gg[b0:b1, s0:s1, :]), of ``tile_budget(xp, matrix)`` elements.
+    (Gg[b0:b1, s0:s1, :]), of ``tile_budget(xp, matrix)`` elements (a ``TiledView`` builds
+    them itself).
 
     Conversions go into one buffer reused from tile to tile (a fresh multi-MiB array per tile
     costs page faults comparable to the conversion itself), so a tile is only valid until the
     next one is yielded, and must not be written to (float64 storage with σ = 1 yields views
     of G)."""
-    Gg, _ = _local(Gg)
-    if is_factored(Gg):  # rank1inv.factored: tiles built from the factors
+    if isinstance(Gg, TiledView):
         yield from Gg.float64_tiles(tile_budget(xp, matrix), rows=rows, scale=scale)
         return
     nb, m, B = Gg.shape
@@ -234,12 +168,12 @@ def _f64(xp, a):
     return xp.astype(a, xp.float64, copy=False)
 
 
-def _scaled_tiles(xp, Gg, scale) -> bool:
+def _scaled_tiles(xp, Gg: GroupGradients, scale) -> bool:
     """Whether σ must be applied tile by tile: float64 storage, whose products can overflow."""
     return not is_unit(scale) and not _precision.of_array(Gg, _backend.is_cupy(xp)).exact_products
 
 
-def _single_call(xp, Gg, accumulate: str) -> bool:
+def _single_call(xp, Gg: GroupGradients, accumulate: str) -> bool:
     """One library call on G as stored: float64 storage accumulates in float64 anyway; "native"
     asks for the storage dtype where the policy has a native pass (not for 16-bit storage,
     which then accumulates in float64 as by default)."""
@@ -247,65 +181,63 @@ def _single_call(xp, Gg, accumulate: str) -> bool:
     return policy.name == "float64" or (accumulate == "native" and policy.native == policy.name)
 
 
-def gram(xp, Gg, accumulate: str, scale=1.0, weights=None):
+# -------------------------------------------------------------------- the passes
+def gram(xp, Gg: GroupGradients, accumulate: str, scale=1.0, weights=None) -> Array:
     """(σGg·W)(σGg·W)ᵀ per block: (nb, m, m) float64, W = diag(``weights``) (nb, B) float64 or
     None (the identity). Cost O(nb·m²·B).
 
     Always accumulated in float64, also for ``accumulate="native"``: a float32 Gram matrix of
     nearly dependent gradients is often not even positive definite."""
-    if is_chunked(Gg):
+    if isinstance(Gg, GradientView):
         return Gg.gram(accumulate, scale, weights)
-    Gg, shard = _local(Gg)
-    if shard is not None:
-        return shard.sum(xp, gram(xp, Gg, accumulate, scale, weights))
-    nb, m, B = Gg.shape
-    if weights is None and is_factored(Gg):
-        return Gg.gram(scale, tile_budget(xp, True))  # Σ (AAᵀ) ⊙ (EEᵀ), seed eq. 22
     if weights is not None:
-        out = xp.zeros((nb, m, m), dtype=xp.float64, device=_device(Gg))
-        for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
-            tw = t * weights[b0:b1, None, c0:c1]
-            out[b0:b1, ...] += tw @ xp.matrix_transpose(tw)
-        return out
+        return _tiled_gram(xp, Gg, scale, weights)
     if Gg.dtype == xp.float64 and is_unit(scale):
         return Gg @ xp.matrix_transpose(Gg)
-    out = xp.zeros((nb, m, m), dtype=xp.float64, device=_device(Gg))
+    nb, m, _ = Gg.shape
+    out = xp.zeros((nb, m, m), dtype=xp.float64, device=device_of(Gg))
     tiled = _scaled_tiles(xp, Gg, scale)
     for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, scale=scale if tiled else 1.0):
         out[b0:b1, ...] += t @ xp.matrix_transpose(t)
     return out if tiled else out * _outer_scale(scale)
 
 
-def column_gram(xp, Gg, accumulate: str, scale=1.0):
+def _tiled_gram(xp, Gg: GroupGradients, scale, weights):
+    nb, m, _ = Gg.shape
+    out = xp.zeros((nb, m, m), dtype=xp.float64, device=device_of(Gg))
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
+        tw = t if weights is None else t * weights[b0:b1, None, c0:c1]
+        out[b0:b1, ...] += tw @ xp.matrix_transpose(tw)
+    return out
+
+
+def column_gram(xp, Gg: GroupGradients, accumulate: str, scale=1.0) -> Array:
     """(σGg)ᵀ(σGg) per block: (nb, B, B) float64. Cost O(nb·m·B²). Always float64 (see ``gram``)."""
-    if isinstance(Gg, ShardedView) or is_chunked(Gg):
-        raise ValueError("blocks no wider than m (parameter space) cannot be sharded along d")
-    nb, m, B = Gg.shape
-    if Gg.dtype == xp.float64 and is_unit(scale) and not is_factored(Gg):
+    if isinstance(Gg, GradientView):
+        return Gg.column_gram(accumulate, scale)
+    if Gg.dtype == xp.float64 and is_unit(scale):
         return xp.matrix_transpose(Gg) @ Gg
-    out = xp.zeros((nb, B, B), dtype=xp.float64, device=_device(Gg))
     tiled = _scaled_tiles(xp, Gg, scale) or _per_row(scale)  # per-row σ_i weigh the sum over rows
-    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True, scale=scale if tiled else 1.0):
-        out[b0:b1, ...] += xp.matrix_transpose(t) @ t
+    out = _tiled_column_gram(xp, Gg, scale if tiled else 1.0)
     return out if tiled else out * (scale * scale)
 
 
-def project(xp, Gg, X, accumulate: str, scale=1.0):
+def _tiled_column_gram(xp, Gg: GroupGradients, scale):
+    nb, _, B = Gg.shape
+    out = xp.zeros((nb, B, B), dtype=xp.float64, device=device_of(Gg))
+    for b0, b1, _, _, t in float64_tiles(xp, Gg, matrix=True, rows=True, scale=scale):
+        out[b0:b1, ...] += xp.matrix_transpose(t) @ t
+    return out
+
+
+def project(xp, Gg: GroupGradients, X, accumulate: str, scale=1.0) -> Array:
     """(σGg) X per block: (nb, m, k) float64 for X of shape (nb, B, k). Cost O(nb·m·B·k)."""
-    if is_chunked(Gg):
+    if isinstance(Gg, GradientView):
         return Gg.project(X, accumulate, scale)
-    Gg, shard = _local(Gg)
-    if shard is not None:
-        return shard.sum(xp, project(xp, Gg, X, accumulate, scale))
-    if is_factored(Gg):
-        return Gg.project(X, scale, tile_budget(xp))  # rowsum(A ⊙ (E·U)), seed eq. 21
     nb, m, B = Gg.shape
     k = X.shape[-1]
     if _scaled_tiles(xp, Gg, scale):
-        out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
-        for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale):
-            out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
-        return out
+        return _tiled_project(xp, Gg, X, scale)
     if _single_call(xp, Gg, accumulate):
         out = _f64(xp, Gg @ xp.astype(X, Gg.dtype))
     else:
@@ -313,13 +245,51 @@ def project(xp, Gg, X, accumulate: str, scale=1.0):
         if kern is not None and kern.usable(Gg, k):
             out = kern.project(Gg, X)
         else:
-            out = xp.zeros((nb, m, k), dtype=xp.float64, device=_backend.device(Gg))
-            for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
-                out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
+            out = _tiled_project(xp, Gg, X, 1.0)
     return out if is_unit(scale) else out * row_scale(xp, scale)
 
 
-def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale=1.0, *, overwrite=False):
+def _tiled_project(xp, Gg: GroupGradients, X, scale):
+    nb, m, _ = Gg.shape
+    out = xp.zeros((nb, m, X.shape[-1]), dtype=xp.float64, device=device_of(Gg))
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale):
+        out[b0:b1, ...] += t @ X[b0:b1, c0:c1, :]
+    return out
+
+
+def project_sumsq(xp, Gg: GroupGradients, X, accumulate: str, scale=1.0, weights=None) -> tuple[Array, Array]:
+    """(``project`` of X·W, Σ_i X[b, i, j]²): the first pass of an IHVP and the size of its
+    right-hand sides, (nb, m, k) and (nb, k) float64, over all shards, in one reduction: one
+    all-reduce of (m + 1)·k floats per block when sharded, one compute when chunked. W =
+    diag(``weights``) (nb, B) or None."""
+    if isinstance(Gg, GradientView):
+        return Gg.project_sumsq(X, accumulate, scale, weights)
+    XW = X if weights is None else X * weights[:, :, None]
+    return project(xp, Gg, XW, accumulate, scale), _backend.sumsq(xp, X)
+
+
+def project_gram(xp, Gg: GroupGradients, X, accumulate: str, scale=1.0) -> tuple[Array, Array]:
+    """(``project`` of X, XᵀX per block): the Gram row of new window gradients X (nb, B, k)
+    against the stored ones and their own k×k Gram matrix, (nb, m, k) and (nb, k, k) float64,
+    over all shards in one reduction. σ applies to G only (X arrives scaled)."""
+    if isinstance(Gg, GradientView):
+        return Gg.project_gram(X, accumulate, scale)
+    nb, m, _ = Gg.shape
+    P = project(xp, Gg, X, accumulate, scale) if m else xp.zeros((nb, 0, X.shape[-1]), dtype=xp.float64)
+    return P, inner_products(xp, X)
+
+
+def inner_products(xp, X):
+    """XᵀX per block (nb, k, k) for X (nb, B, k); for k = 1 no BLAS call (it would wake
+    multi-threaded BLAS, docs/benchmarks.md) and no temporary."""
+    if X.shape[-1] == 1:
+        return xp.reshape(_backend.sumsq(xp, X), (X.shape[0], 1, 1))
+    return xp.matrix_transpose(X) @ X
+
+
+def combine(
+    xp, Gg: GroupGradients, X, C, alpha: float, beta: float, accumulate: str, scale=1.0, *, overwrite=False
+) -> Array:
     """alpha·X + beta·(σGg)ᵀ C per block: (nb, B, k) float64. Cost O(nb·m·B·k).
 
     X is (nb, B, k) float64 or None (no alpha term), C is (nb, m, k) float64. This is the
@@ -327,20 +297,16 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale=1.0,
     With ``overwrite`` the result may be written into X (a d-long float64 array less: each
     element of X is read before its result is written).
     """
-    if is_chunked(Gg):  # lazy, chunked like G's columns
-        return Gg.combine(X, C, alpha, beta, accumulate, scale)
-    Gg, _ = _local(Gg)  # the output pass is local to each shard
-    if is_factored(Gg):  # Eᵀ·diag(c)·A per layer, seed eq. 23
-        return Gg.combine(X, C, alpha, beta, scale, tile_budget(xp), out=X if (overwrite and X is not None) else None)
+    target = X if (overwrite and X is not None) else None
+    if isinstance(Gg, GradientView):
+        return Gg.combine(X, C, alpha, beta, accumulate, scale, out=target)
     nb, m, B = Gg.shape
     k = C.shape[-1]
     tiled = _scaled_tiles(xp, Gg, scale)
-    tile_scale = scale if tiled else 1.0
     if not tiled and _per_row(scale):  # σ_i folded into C where products are exact
         C = C * row_scale(xp, scale)
     elif not tiled:
         beta = beta * scale  # σ folded into beta where products are exact
-    target = X if (overwrite and X is not None) else None
     if not tiled:
         if _single_call(xp, Gg, accumulate):
             low = beta * _f64(xp, xp.matrix_transpose(Gg) @ xp.astype(C, Gg.dtype))
@@ -348,61 +314,76 @@ def combine(xp, Gg, X, C, alpha: float, beta: float, accumulate: str, scale=1.0,
         kern = _backend.kernels(xp)
         if kern is not None and kern.usable(Gg, k):
             return kern.combine(Gg, X, C, alpha, beta, out=target)
-    out = target if target is not None else xp.empty((nb, B, k), dtype=xp.float64, device=_backend.device(Gg))
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=tile_scale):
+    return _tiled_combine(xp, Gg, X, C, alpha, beta, scale if tiled else 1.0, target)
+
+
+def _tiled_combine(xp, Gg: GroupGradients, X, C, alpha, beta, scale, out=None):
+    nb, _, B = Gg.shape
+    k = C.shape[-1]
+    out = out if out is not None else xp.empty((nb, B, k), dtype=xp.float64, device=device_of(Gg))
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale):
         part = beta * (xp.matrix_transpose(t) @ C[b0:b1, ...])
         out[b0:b1, c0:c1, :] = part if X is None else alpha * X[b0:b1, c0:c1, :] + part
     return out
 
 
-def column_sumsq(xp, Gg, scale=1.0, weights=None):
+def column_sumsq(xp, Gg: GroupGradients, scale=1.0, weights=None) -> Array:
     """Σ_i (σG[i, j]·w_j)² per column: (nb, B) float64 (``weights`` as in ``gram``). Cost O(nb·m·B)."""
-    if is_chunked(Gg):
+    if isinstance(Gg, GradientView):
         return Gg.column_sumsq(scale, weights)
-    Gg, _ = _local(Gg)
-    nb, m, B = Gg.shape
-    out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
     tiled = _scaled_tiles(xp, Gg, scale) or weights is not None or _per_row(scale)
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale if tiled else 1.0):
-        out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t if weights is None else t * weights[b0:b1, None, c0:c1])
+    out = _tiled_column_sumsq(xp, Gg, scale if tiled else 1.0, weights)
     return out if tiled else out * (scale * scale)
 
 
-def column_max_abs(xp, Gg):
+def _tiled_column_sumsq(xp, Gg: GroupGradients, scale, weights):
+    nb, _, B = Gg.shape
+    out = xp.empty((nb, B), dtype=xp.float64, device=device_of(Gg))
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, scale=scale):
+        out[b0:b1, c0:c1] = _backend.column_sumsq(xp, t if weights is None else t * weights[b0:b1, None, c0:c1])
+    return out
+
+
+def map_tiles(xp, Gg: GroupGradients, fn, scale=1.0, weights=None) -> Array:
+    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of σGg·W (``weights`` as
+    in ``gram``), assembled along the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m)
+    or (b1-b0, c) (a per-column reduction); the result is (nb, r, B) or (nb, B). fn must not
+    keep the tile (see ``float64_tiles``)."""
+    if isinstance(Gg, GradientView) and not isinstance(Gg, TiledView):
+        return Gg.map_tiles(fn, scale, weights)
+    nb, _, B = Gg.shape
+    out = None
+    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
+        part = fn(b0, b1, t if weights is None else t * weights[b0:b1, None, c0:c1])
+        if out is None:
+            out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=device_of(Gg))
+        out[b0:b1, ..., c0:c1] = part
+    return out
+
+
+def columns(xp, Gg: GroupGradients, blocks, offsets) -> Array:
+    """Columns g_j of blocks ``blocks`` at local ``offsets``: (n, m) float64 (decoded exactly)."""
+    if isinstance(Gg, GradientView):
+        return Gg.columns(blocks, offsets)
+    cols = xp.empty((offsets.shape[0], Gg.shape[1]), dtype=xp.float64, device=_backend.device(offsets))
+    _backend.decode_into(xp, cols, Gg[blocks, :, offsets])
+    return cols
+
+
+def column_max_abs(xp, Gg: GroupGradients) -> Array:
     """max_i |G[i, j]| per column: (nb, B) float64 (nan where a column has a nan). O(nb·m·B)."""
-    Gg, _ = _local(Gg)
     nb, m, B = Gg.shape
-    out = xp.empty((nb, B), dtype=xp.float64, device=_device(Gg))
+    out = xp.empty((nb, B), dtype=xp.float64, device=device_of(Gg))
     for b0, b1, c0, c1, t in float64_tiles(xp, Gg):
         out[b0:b1, c0:c1] = xp.max(xp.abs(t), axis=1)
     return out
 
 
-def map_tiles(xp, Gg, fn, scale=1.0, weights=None):
-    """Results of ``fn(b0, b1, tile)`` over float64 tiles (b1-b0, m, c) of σGg·W (``weights`` as
-    in ``gram``), assembled along the columns: fn returns (b1-b0, r, c) (e.g. L⁻¹·tile, r = m)
-    or (b1-b0, c) (a per-column reduction); the result is (nb, r, B) or (nb, B). fn must not
-    keep the tile (see ``float64_tiles``)."""
-    if is_chunked(Gg):
-        return Gg.map_tiles(fn, scale, weights)
-    Gg, _ = _local(Gg)
-    nb, m, B = Gg.shape
-    out = None
-    for b0, b1, c0, c1, t in float64_tiles(xp, Gg, matrix=True, scale=scale):
-        part = fn(b0, b1, t if weights is None else t * weights[b0:b1, None, c0:c1])
-        if out is None:
-            out = xp.empty((nb, *part.shape[1:-1], B), dtype=xp.float64, device=_device(Gg))
-        out[b0:b1, ..., c0:c1] = part
-    return out
-
-
-def max_abs(xp, Gg) -> float:
+def max_abs(xp, Gg: GroupGradients) -> float:
     """max |Gg| for a group (nb, m, B), a matrix (m, d) or a vector (d,) of any storage dtype, as
     a host float (nan or inf if there is a non-finite value; 0.0 if empty). In tiles of about
     ``TILE_ELEMENTS`` values, so the check costs no m·d temporary; one scalar read back."""
-    if isinstance(Gg, ShardedView):
-        return float(Gg.comm.allreduce_max(np.array([max_abs(xp, Gg.local)]))[0])
-    if is_factored(Gg) or is_chunked(Gg):
+    if isinstance(Gg, GradientView):
         return Gg.max_abs()
     if Gg.ndim < 3:
         Gg = xp.reshape(Gg, (1,) * (3 - Gg.ndim) + tuple(Gg.shape))
@@ -413,28 +394,75 @@ def max_abs(xp, Gg) -> float:
     for b0, b1, c0, c1 in tiles(nb, B, m, tile_budget(xp)):
         part = xp.astype(xp.max(xp.abs(_backend.decoded(xp, Gg[b0:b1, :, c0:c1]))), xp.float64)
         top = part if top is None else xp.maximum(top, part)  # nan propagates
-    return float(top)
+    return float(top) if top is not None else 0.0
 
 
-def row_max_abs(xp, Gg, weights=None) -> np.ndarray:
+def row_max_abs(xp, Gg: GroupGradients, weights=None) -> np.ndarray:
     """max_j |G[b, i, j]·w_j| per block and row of a group (nb, m, B), ``weights`` as in ``gram``
     (or None): a host float64 array (nb, m), nan/inf where a row has a non-finite value. The
     per-row frames of ``rank1inv._scaling.row_frames`` come from it (and the finiteness check).
     In tiles, no m·d temporary; one (nb, m) read back."""
-    if isinstance(Gg, ShardedView):
-        local = row_max_abs(xp, Gg.local, weights)
-        return np.asarray(Gg.comm.allreduce_max(local.reshape(-1)), dtype=np.float64).reshape(local.shape)
-    if is_factored(Gg) or is_chunked(Gg):
+    if isinstance(Gg, GradientView):
         return Gg.row_max_abs(weights)
     nb, m, B = Gg.shape
-    out = xp.zeros((nb, m), dtype=xp.float64, device=_device(Gg))
+    out = xp.zeros((nb, m), dtype=xp.float64, device=device_of(Gg))
     if nb * m * B == 0:
         return _backend.to_host(out)
     for b0, b1, c0, c1 in tiles(nb, B, m, tile_budget(xp)):
         t = xp.abs(xp.astype(_backend.decoded(xp, Gg[b0:b1, :, c0:c1]), xp.float64))
         if weights is not None:
             t = t * weights[b0:b1, None, c0:c1]
-        part = xp.max(t, axis=2)
-        # nan propagates: maximum(nan, x) is nan
-        out[b0:b1, :] = xp.maximum(out[b0:b1, :], part)
+        out[b0:b1, :] = xp.maximum(out[b0:b1, :], xp.max(t, axis=2))  # nan propagates
     return np.asarray(_backend.to_host(out), dtype=np.float64)
+
+
+# -------------------------------------------------------------------- views built from tiles
+class TiledView(GradientView):
+    """A view that builds float64 tiles of σG itself (``float64_tiles``): every pass runs on its
+    tiles here; subclasses replace the passes they can do better (the layer factors' formulas).
+    Subclasses set ``xp``, ``shape``, ``dtype`` and implement ``float64_tiles``, ``columns`` and
+    ``device``."""
+
+    xp: Any = None
+
+    def float64_tiles(self, budget: int, rows: bool = False, scale=1.0):  # pragma: no cover - abstract
+        """Yield (b0, b1, s0, s1, tile) as ``_passes.float64_tiles`` does, of at most ``budget``."""
+        raise NotImplementedError
+
+    def gram(self, accumulate: str, scale=1.0, weights=None):
+        return _tiled_gram(self.xp, self, scale, weights)
+
+    def column_gram(self, accumulate: str, scale=1.0):
+        return _tiled_column_gram(self.xp, self, scale)
+
+    def project(self, X, accumulate: str, scale=1.0):
+        return _tiled_project(self.xp, self, X, scale)
+
+    def project_sumsq(self, X, accumulate: str, scale=1.0, weights=None):
+        XW = X if weights is None else X * weights[:, :, None]
+        return self.project(XW, accumulate, scale), _backend.sumsq(self.xp, X)
+
+    def project_gram(self, X, accumulate: str, scale=1.0):
+        return self.project(X, accumulate, scale), inner_products(self.xp, X)
+
+    def combine(self, X, C, alpha: float, beta: float, accumulate: str, scale=1.0, out=None):
+        return _tiled_combine(self.xp, self, X, C, alpha, beta, scale, out)
+
+    def column_sumsq(self, scale=1.0, weights=None):
+        return _tiled_column_sumsq(self.xp, self, scale, weights)
+
+    def map_tiles(self, fn, scale=1.0, weights=None):
+        return map_tiles(self.xp, self, fn, scale, weights)
+
+    def row_max_abs(self, weights=None):
+        xp = self.xp
+        nb, m, _ = self.shape
+        out = xp.zeros((nb, m), dtype=xp.float64, device=self.device)
+        for b0, b1, c0, c1, t in float64_tiles(xp, self):
+            t = xp.abs(t) if weights is None else xp.abs(t) * weights[b0:b1, None, c0:c1]
+            out[b0:b1, :] = xp.maximum(out[b0:b1, :], xp.max(t, axis=2))
+        return np.asarray(_backend.to_host(out), dtype=np.float64)
+
+    def max_abs(self) -> float:
+        rows = self.row_max_abs()
+        return float(np.max(rows)) if rows.size else 0.0

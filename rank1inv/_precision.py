@@ -19,13 +19,16 @@ import numpy as np
 try:
     import ml_dtypes
 except ImportError:  # pragma: no cover - ml_dtypes is a dependency; kept importable without it
-    ml_dtypes = None
+    ml_dtypes = None  # type: ignore[assignment]
 
 
 class AccuracyWarning(RuntimeWarning):
     """A result lost its digits to cancellation beyond the conditioning where the accuracy
     targets hold; the value returned is the best bound available (see docs/numerics.md)."""
 
+
+# float64's machine epsilon (2⁻⁵²): every rounding bound stated in float64 is a multiple of it
+EPS64 = float(np.finfo(np.float64).eps)
 
 # 1 − ‖w_j‖² below this many m·ε has no reliable digit left (docs/numerics.md, "diagonal")
 DIAGONAL_DIGITS_LOST = 64.0
@@ -38,7 +41,7 @@ class Precision:
     name: the dtype's name ("float32", ...). itemsize: bytes per stored value.
     output: dtype name of query results (products, diagonals) unless the caller's x asks for more.
     eta: backward-error target of a product (docs/design.md §8). rel: diag/entry relative-error target
-    where cond(F) ≤ 1e9. cancellation: ``_woodbury`` recomputes a product when less than this
+    where cond(F) ≤ 1e9. cancellation: ``groups.woodbury`` recomputes a product when less than this
     fraction of ‖x‖² survives λ⁻¹(x − Gᵀc). refine_condition: it also does when the m×m system's
     condition (estimated from its factor's pivots) exceeds this, where the one-pass Woodbury
     product's error would exceed ``eta`` (docs/numerics.md). native: the dtype the passes use for
@@ -66,10 +69,6 @@ class Precision:
     def exact_products(self) -> bool:
         """Whether the float64 product of two stored values is exact (no overflow either)."""
         return 2 * self.mantissa_bits <= 53
-
-    @property
-    def is_16bit(self) -> bool:
-        return self.itemsize == 2
 
 
 # The cancellation thresholds were calibrated on randomized windows of (near-)duplicate and

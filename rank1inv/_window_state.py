@@ -23,7 +23,6 @@ GRAM_TOLERANCE = 8.0
 # the stored factor must reproduce K' to c·n·ε·(|R|ᵀ|R|) componentwise (Cholesky's own bound is
 # n·ε; updates add a few ε per step of an entry's life, which is ≤ REFRESH_STEPS)
 FACTOR_TOLERANCE = 64.0
-EPS = float(np.finfo(np.float64).eps)
 
 
 def state_dict(w, xp=None) -> dict:
@@ -77,7 +76,8 @@ def load_state_dict(w, state, rebuild: bool) -> None:
     validated Gram matrix (their D and B are not used)."""
     view = w._view(w._G[None, ...])
     cap = w._capacity
-    err, parsed, tops, digest = None, None, np.zeros(cap), (0.0, 0.0)
+    err, tops, digest = None, np.zeros(cap), (0.0, 0.0)
+    parsed: dict = {}
     try:  # 1. this rank's state, read and checked locally
         parsed = _parse_state(w, state)
         tops, digest = parsed["tops"], parsed["digest"]
@@ -285,7 +285,7 @@ def _check_gram(xp, gram, fresh, dim: int) -> None:
     """The stored Gram matrix must equal a recomputation from the gradients to rounding: within
     GRAM_TOLERANCE·ε·(√d + 1)·‖g_i‖‖g_j‖ (both accumulate the same exact products in float64)."""
     norms = xp.sqrt(xp.linalg.diagonal(fresh))
-    bound = (GRAM_TOLERANCE * EPS * (math.sqrt(dim) + 1.0)) * (norms[:, None] * norms[None, :])
+    bound = (GRAM_TOLERANCE * _precision.EPS64 * (math.sqrt(dim) + 1.0)) * (norms[:, None] * norms[None, :])
     excess = float(xp.max(xp.abs(gram - fresh) - bound))
     if excess > 0 or not bool(xp.all(gram == xp.matrix_transpose(gram))):
         raise ValueError(
@@ -304,7 +304,7 @@ def _check_factor(xp, R, K_age, n: int) -> None:
     if not pad_ok or bool(xp.any(xp.tril(Ra, k=-1) != 0)) or not bool(xp.all(xp.linalg.diagonal(Ra) > 0)):
         raise ValueError("state['factor'] must be upper triangular with a positive diagonal, padded with the identity")
     absR = xp.abs(Ra)
-    bound = (FACTOR_TOLERANCE * max(n, 1) * EPS) * (xp.matrix_transpose(absR) @ absR)
+    bound = (FACTOR_TOLERANCE * max(n, 1) * _precision.EPS64) * (xp.matrix_transpose(absR) @ absR)
     if bool(xp.any(xp.abs(xp.matrix_transpose(Ra) @ Ra - K_age) > bound)):
         raise ValueError(
             "state['factor'] is inconsistent with state['gram']; pass rebuild=True to recompute it (O(m³))"

@@ -7,15 +7,18 @@ import contextlib
 import math
 import numbers
 import threading
+from typing import Any, cast
 
 import numpy as np
 
 from . import _backend, _checks, _passes, _precision, _scaling, _window_state
 from ._blocks import Layout
 from ._operator import InverseOperator, Variants, may_overflow
+from ._protocols import GradientSpaceGroup, Group
 from .groups import window as _window
 from .groups.dense import DenseGroup
 from .groups.woodbury import WoodburyGroup
+from .static import StaticInverse
 
 
 def _inverse_scale(scale_mode, capacity: int, count: int) -> float:
@@ -32,6 +35,19 @@ class _Staged:
 
     __slots__ = ("G_rows", "gram", "gram_rows", "step_rows", "ages", "counter", "R", "column", "frames",
                  "slot_exp", "dense", "steps", "rescaled")  # fmt: skip
+    G_rows: Any
+    gram: Any
+    gram_rows: Any
+    step_rows: Any
+    ages: Any
+    counter: Any
+    R: Any
+    column: Any
+    frames: Any
+    slot_exp: Any
+    dense: Any
+    steps: Any
+    rescaled: Any
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -190,7 +206,7 @@ class DynamicInverse(Variants, InverseOperator):
     def _order(self):
         return _window.host_order(self._ages)
 
-    def _groups(self):
+    def _groups(self) -> list[Group]:
         if self._group is None:
             xp = self._xp
             if self._uses_dense:
@@ -201,9 +217,11 @@ class DynamicInverse(Variants, InverseOperator):
                 factor = _window.WindowFactor(xp, self._R, order, self._log_pad(n, self._frames, self._ages))
                 f = self._frames
                 frame = int(f[0]) if f[0] == f[-1] and np.all(f == f[0]) else f[None, :]
+                top = np.where(self._ages >= 0, _scaling.pow2_array(self._slot_exp), 0.0)  # max|g| to a factor 2
                 self._group = WoodburyGroup(
                     xp, self._view(self._G[None, ...]), self._damp, self.scale, self._accumulate,
-                    frame=frame, factor=factor, gram=self._gram[None, ...],
+                    frame=frame, factor=factor, gram=self._gram[None, ...], row_max=top[None, :],
+                    exact_products=self._policy.exact_products,
                 )  # fmt: skip
         return [self._group]
 
@@ -237,8 +255,6 @@ class DynamicInverse(Variants, InverseOperator):
         """A StaticInverse of the window as it is now (oldest first) with damping λ' and this
         window's scale: O(d·len) to copy the gradients plus O(len³), the window's Gram matrix
         reused (no pass over G for it). The window itself is unchanged and can keep moving."""
-        from .static import StaticInverse
-
         lam = _checks.damp(damp)
         n = len(self)
         if n == 0:
@@ -392,7 +408,8 @@ class DynamicInverse(Variants, InverseOperator):
             # G'x̂ = D·G·g·2^-e = (the new Gram row, D·G·g·σ_slot)·2^(E_slot − e)
             E_slot = int(self._frames[slot])
             P = _backend.ldexp(xp, self._gram[None, :, slot : slot + 1], E_slot - e_x)
-            y, exponent = grp.apply_to_gradients(E, normalized, P, e_x, row_frame=E_slot)
+            woodbury = cast(GradientSpaceGroup, grp)  # a window wider than it is long
+            y, exponent = woodbury.apply_to_gradients(E, normalized, P, e_x, row_frame=E_slot)
         y = _backend.ldexp(xp, y[0, :, 0], exponent, out=y[0, :, 0])
         view = self._view(self._G[None, ...])
         if _passes.communicator(view) is None or not may_overflow(top, self._total_dim(), self._damp, out_dtype):
@@ -407,7 +424,8 @@ class DynamicInverse(Variants, InverseOperator):
         max|g| (over all ranks, carrying their agreement, docs/design.md §12) covers the
         non-finite and the overflow checks."""
         xp = self._xp
-        err, top, checks = None, 0.0, {}
+        err, top = None, 0.0
+        checks: dict[str, Any] = {}
         try:
             if slot is not None:
                 checks["slot"] = self._occupied(slot)

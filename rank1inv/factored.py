@@ -1,10 +1,10 @@
-"""Gradients of linear layers given as factors, never as an m×d array (seed 003 §2.1, app. I).
+"""Gradients of linear layers given as factors, never as an m×d array (the exact-natural-gradient paper §2.1, app. I).
 
 For a mini-batch of m samples, the per-sample gradient of a linear layer's weight is the outer
 product e_i a_iᵀ of the backpropagated error e_i (n_out) and the input activation a_i (n_in).
 With A (m × n_in) and E (m × n_out) per layer, G's rows are never formed:
 
-    G·u  = Σ_k rowsum(A_k ⊙ (E_k·mat(u_k)))        (seed eq. 21)
+    G·u  = Σ_k rowsum(A_k ⊙ (E_k·mat(u_k)))        (that paper's eq. 21)
     GGᵀ  = Σ_k (A_kA_kᵀ) ⊙ (E_kE_kᵀ)                (eq. 22)
     Gᵀw  = per layer E_kᵀ·diag(w)·A_k               (eq. 23, in the weight's own layout)
 
@@ -27,14 +27,16 @@ import math
 
 import numpy as np
 
-from . import _backend, _precision
+from . import _backend, _checks, _precision
+from ._passes import TiledView
+from ._protocols import GradientSource
 
 __all__ = ["FactoredGradients"]
 
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile of G built from the factors (2 MiB)
 
 
-class FactoredGradients:
+class FactoredGradients(GradientSource):
     """m per-sample gradients of linear layers, as factor pairs.
 
     Parameters
@@ -115,8 +117,6 @@ def _pair(pair):
         A, E = pair
     except (TypeError, ValueError) as err:
         raise TypeError("every layer must be an (A, E) pair of arrays") from err
-    from . import _checks
-
     return _checks.as_array(A, "A"), _checks.as_array(E, "E")
 
 
@@ -188,11 +188,10 @@ def _columns(xp, segments, c0: int, c1: int, scale=1.0):
     return out
 
 
-class FactoredView:
+class FactoredView(TiledView):
     """``count`` consecutive blocks of ``size`` columns of a FactoredGradients, starting at
-    ``start``: the (count, m, size) group array that ``rank1inv._passes`` knows how to reduce."""
-
-    factored_view = True  # the marker ``_passes.is_factored`` looks for
+    ``start``: a ``_passes.TiledView`` of shape (count, m, size) whose Gram matrix, products and
+    output pass use the factors' formulas (the other passes run on tiles built from them)."""
 
     def __init__(self, source: FactoredGradients, start: int, count: int, size: int):
         self.source, self.start, self.count, self.size = source, start, count, size
@@ -200,6 +199,10 @@ class FactoredView:
         self.shape = (count, source.shape[0], size)
         self.dtype = source.dtype
         self.ndim = 3
+
+    @property
+    def device(self):
+        return _backend.device(self.source.anchor)
 
     def _block_segments(self, b: int):
         """(segment, whole) for the segments overlapping block b; whole = the segment lies
@@ -227,10 +230,14 @@ class FactoredView:
                 c1 = min(self.size, c0 + step)
                 yield b, b + 1, c0, c1, self.block_columns(b, c0, c1, scale)[None, ...]
 
-    # -- the factored formulas (seed eq. 21–23) per whole segment, tiles elsewhere ----------
-    def gram(self, scale, budget: int):
+    # -- the factored formulas (exact-natural-gradient paper, eq. 21–23) per whole segment, tiles elsewhere
+    def gram(self, accumulate: str, scale=1.0, weights=None):
         """(σG_b)(σG_b)ᵀ per block, (count, m, m) float64: Σ over whole segments of
-        (AAᵀ) ⊙ (EEᵀ), tiles for the rest."""
+        (AAᵀ) ⊙ (EEᵀ) (eq. 22 of the exact-natural-gradient paper), tiles for the rest (and with
+        column ``weights``)."""
+        if weights is not None:
+            return super().gram(accumulate, scale, weights)
+        budget = TILE_ELEMENTS
         xp = self.xp
         m = self.shape[1]
         out = xp.zeros((self.count, m, m), dtype=xp.float64, device=_backend.device(self.source.anchor))
@@ -250,8 +257,10 @@ class FactoredView:
         base = self.start + b * self.size
         return _columns(self.xp, [s], base + c0, base + c1, scale)
 
-    def project(self, X, scale, budget: int):
-        """(σG_b)·X per block for X (count, size, k) float64 → (count, m, k)."""
+    def project(self, X, accumulate: str, scale=1.0):
+        """(σG_b)·X per block for X (count, size, k) float64 → (count, m, k): rowsum(A ⊙ (E·U))
+        per whole segment (eq. 21 of the exact-natural-gradient paper), tiles for the rest."""
+        budget = TILE_ELEMENTS
         xp = self.xp
         m, k = self.shape[1], X.shape[-1]
         out = xp.zeros((self.count, m, k), dtype=xp.float64, device=_backend.device(X))
@@ -276,8 +285,10 @@ class FactoredView:
         for c0 in range(lo, hi, step):
             yield c0, self._segment_columns(b, s, c0, min(hi, c0 + step), scale)
 
-    def combine(self, X, C, alpha: float, beta: float, scale, budget: int, out=None):
-        """alpha·X + beta·(σG_b)ᵀC per block, (count, size, k) float64."""
+    def combine(self, X, C, alpha: float, beta: float, accumulate: str, scale=1.0, out=None):
+        """alpha·X + beta·(σG_b)ᵀC per block, (count, size, k) float64: Eᵀ·diag(c)·A per whole
+        segment, in the weight's own layout (eq. 23 of the exact-natural-gradient paper)."""
+        budget = TILE_ELEMENTS
         xp = self.xp
         k = C.shape[-1]
         if out is None:
@@ -334,8 +345,3 @@ class FactoredView:
                         part = xp.maximum(part, xp.max(t, axis=1))
                 out[b, :] = xp.maximum(out[b, :], part)
         return np.asarray(_backend.to_host(out), dtype=np.float64)
-
-    def max_abs(self) -> float:
-        """max |G| over the view (``row_max_abs``'s largest), as a host float."""
-        rows = self.row_max_abs()
-        return float(np.max(rows)) if rows.size else 0.0

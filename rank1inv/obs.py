@@ -7,11 +7,12 @@ number of weights pruned.
 
 from __future__ import annotations
 
+import itertools
 import numbers
 
 import numpy as np
 
-from . import _backend, _checks
+from . import _backend, _checks, _passes
 from ._operator import InverseOperator
 from .static import StaticInverse
 
@@ -139,8 +140,6 @@ def _select(op, scores, sparsity, scope: str, prunable=None):
 def relative_damp(G, factor: float) -> float:
     """λ = factor · mean diag(GᵀG/m) for gradients G (m, d): a damping on the scale of the
     gradients (the experiments use factor 1e-2). O(dm), one pass over G."""
-    from . import _passes
-
     G = _checks.as_array(G, "G")
     xp = _backend.namespace(G)
     m, d = G.shape
@@ -236,8 +235,6 @@ def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="default", 
     ``update="exact"`` the kept weights then get the same exact OBS update for that mask).
     Segment bounds are ints. Cost O(dm_grad·m) for the blocks plus one IHVP."""
     _operator(op)
-    import itertools
-
     for name, v in (("n", n), ("m", m)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{name} must be an int, not {type(v).__name__}")
@@ -264,7 +261,7 @@ def prune_nm(op, w, n: int = 2, m: int = 4, *, segments=None, update="default", 
         return xp.ones(d, dtype=xp.bool), xp.astype(w64, w.dtype if _backend.is_array(w) else xp.float64)
     idx = first[:, None] + np.arange(m)[None, :]  # (groups, m)
     wg = _backend.to_host(w64)[idx]  # (groups, m)
-    S = None
+    S = np.zeros((0, m, m))  # the groups' m×m blocks of F⁻¹, read only for "obs" or "exact"
     if method == "obs" or update == "exact":
         rows = np.repeat(idx, m, axis=1).reshape(-1)
         cols = np.tile(idx, (1, m)).reshape(-1)

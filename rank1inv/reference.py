@@ -8,6 +8,8 @@ paper's algorithms on the same backend as ours); scalars are plain floats.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ._backend import namespace
@@ -20,7 +22,9 @@ def _ns(*arrays):
 
 
 # ------------------------------------------------------------------------- static (§3.1, App. C)
-def static_precompute(G, damp: float, n: float | None = None, dtype=np.float32, overwrite: bool = False):
+def static_precompute(
+    G, damp: float, n: float | None = None, dtype=np.float32, overwrite: bool = False
+) -> tuple[Any, Any]:
     """Algorithm 3: V (m×d) and q (m,) with v_i = F_{i-1}⁻¹ g_i and q_i = n + g_iᵀ v_i.
 
     Cost O(dm²) as m sequential matrix-vector passes. (The appendix prints q₁ ← V₁g; eq. 4 and

@@ -16,18 +16,87 @@ refused raises its own error, the others a ``_comm.Refused``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _backend, _checks, _comm, _passes, _precision
-from ._comm import as_communicator, rank_offsets
+from ._comm import Communicator, as_communicator, rank_offsets
 from ._operator import FisherOperator, PowerOperator, may_overflow
-from ._passes import ShardedView
+from ._protocols import GradientView
 from .dynamic import DynamicInverse
 from .static import StaticInverse
 
 __all__ = ["ShardedInverse", "ShardedWindow", "reshard"]
 
 ONE_DAMP = "sharded gradients take one damping value (per-block or per-coordinate damps: not yet)"
+
+
+class ShardedView(GradientView):
+    """A group (nb, m, B_local) holding this rank's columns of gradients sharded along d: each
+    pass is the one-process pass of ``_passes`` on the local array, and the passes that reduce
+    over d (the Gram matrix, projections, row maxima) all-reduce their m-sized results here, in
+    one collective each (docs/design.md §12); the others work on the local columns."""
+
+    materialized = True
+    communicator: Communicator
+
+    def __init__(self, local, comm: Communicator, global_size: int):
+        self.local, self.communicator, self.global_size = local, comm, global_size
+        self.shape, self.dtype = local.shape, local.dtype
+        self.xp = _backend.namespace(local)
+
+    @property
+    def device(self):
+        return _backend.device(self.local)
+
+    @property
+    def global_width(self) -> int:
+        return self.global_size
+
+    def _sum(self, a):
+        return _passes.sum_over_ranks(self.xp, self, a)
+
+    def _sum_pair(self, a, b):
+        """(Σ a, Σ b) over the ranks in one all-reduce."""
+        xp = self.xp
+        both = self._sum(xp.concat([xp.reshape(a, (-1,)), xp.reshape(b, (-1,))]))
+        return xp.reshape(both[: a.size], a.shape), xp.reshape(both[a.size :], b.shape)
+
+    def gram(self, accumulate: str, scale=1.0, weights=None):
+        return self._sum(_passes.gram(self.xp, self.local, accumulate, scale, weights))
+
+    def column_gram(self, accumulate: str, scale=1.0):
+        raise ValueError("blocks no wider than m (parameter space) cannot be sharded along d")
+
+    def project(self, X, accumulate: str, scale=1.0):
+        return self._sum(_passes.project(self.xp, self.local, X, accumulate, scale))
+
+    def project_sumsq(self, X, accumulate: str, scale=1.0, weights=None):
+        return self._sum_pair(*_passes.project_sumsq(self.xp, self.local, X, accumulate, scale, weights))
+
+    def project_gram(self, X, accumulate: str, scale=1.0):
+        return self._sum_pair(*_passes.project_gram(self.xp, self.local, X, accumulate, scale))
+
+    def combine(self, X, C, alpha: float, beta: float, accumulate: str, scale=1.0, out=None):
+        return _passes.combine(self.xp, self.local, X, C, alpha, beta, accumulate, scale,
+                               overwrite=out is not None and out is X)  # fmt: skip
+
+    def column_sumsq(self, scale=1.0, weights=None):
+        return _passes.column_sumsq(self.xp, self.local, scale, weights)
+
+    def map_tiles(self, fn, scale=1.0, weights=None):
+        return _passes.map_tiles(self.xp, self.local, fn, scale, weights)
+
+    def columns(self, blocks, offsets):
+        return _passes.columns(self.xp, self.local, blocks, offsets)
+
+    def row_max_abs(self, weights=None):
+        local = _passes.row_max_abs(self.xp, self.local, weights)
+        return np.asarray(self.communicator.allreduce_max(local.reshape(-1)), dtype=np.float64).reshape(local.shape)
+
+    def max_abs(self) -> float:
+        return float(self.communicator.allreduce_max(np.array([_passes.max_abs(self.xp, self.local)]))[0])
 
 
 def _scale_code(scale) -> float:
@@ -80,13 +149,18 @@ class ShardedQueries(_Agreeing):
     indices, the normalization of right-hand sides, joint samples; each with its agreement.
     Needs ``_comm``, ``_offsets`` (the ranks' first coordinates and d) and ``_global_dim``."""
 
+    _comm: Communicator
+    _offsets: np.ndarray
+    _global_dim: int
+    _xp: Any
+
     @property
     def global_dim(self) -> int:
         """d over all ranks."""
         return self._global_dim
 
     @property
-    def communicator(self):
+    def communicator(self) -> Communicator:
         """The Communicator (``bytes_sent`` counts what this rank sent)."""
         return self._comm
 
@@ -154,8 +228,8 @@ class ShardedQueries(_Agreeing):
             W = np.zeros((host.shape[0], m + 1))
             if mine.size:
                 local = xp.asarray(host[mine] - lo, device=_backend.device(idx))
-                W[mine, :m] = _backend.to_host(grp._rows(local))
-                W[mine, m] = _backend.to_host(xp.sum(grp._columns(local, common=True) ** 2, axis=1))
+                W[mine, :m] = _backend.to_host(grp.whitened(local))
+                W[mine, m] = _backend.to_host(xp.sum(grp.columns(local, common=True) ** 2, axis=1))
             return self._comm.allreduce_sum(W)
 
         Wr = gathered(r)
@@ -163,9 +237,9 @@ class ShardedQueries(_Agreeing):
         same = _backend.to_host(r) == _backend.to_host(c)
         value = same.astype(np.float64) - np.sum(Wr[:, :m] * Wc[:, :m], axis=1)
         if same.any():
-            value[same] = _backend.to_host(grp._bounded(xp.asarray(value[same]), xp.asarray(Wr[same, m]),
+            value[same] = _backend.to_host(grp.bounded(xp.asarray(value[same]), xp.asarray(Wr[same, m]),
                                                         xp.zeros(int(same.sum()), dtype=xp.int64)))  # fmt: skip
-        out = _backend.ldexp(xp, xp.asarray(value / grp.damp_f), grp.inverse_exponent)
+        out = _backend.ldexp(xp, xp.asarray(value / grp.damp_fraction), grp.inverse_exponent)
         return _backend.cast_result(xp, out, out_dtype, "the entries")
 
     def diag(self, indices=None):
@@ -379,6 +453,8 @@ def reshard(states, sizes) -> list[dict]:
 
 
 class _LocalOnly(_Agreeing):
+    _inverse_op: Any
+
     def _identity(self):
         return self._inverse_op._identity()
 

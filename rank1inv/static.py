@@ -9,6 +9,7 @@ import numpy as np
 from . import _backend, _checks, _precision
 from ._blocks import Layout
 from ._operator import InverseOperator, Variants
+from ._protocols import GradientSource, Group
 from .factored import FactoredGradients
 from .groups import make_group, redamp_group
 from .streamed import StreamedGradients
@@ -142,11 +143,11 @@ class StaticInverse(Variants, InverseOperator):
         new._damp, new._layout, new._group_list = new_damp, layout, groups
         return new
 
-    def _groups(self):
+    def _groups(self) -> list[Group]:
         return self._group_list
 
     def _anchor(self):
-        return self._G.anchor if isinstance(self._G, (FactoredGradients, StreamedGradients)) else self._G
+        return self._G.anchor if isinstance(self._G, GradientSource) else self._G
 
     def _width(self) -> int:
         return self._G.shape[0]

@@ -19,13 +19,14 @@ import numpy as np
 
 from . import _backend, _checks, _precision
 from ._chunks import ColumnChunks
+from ._protocols import GradientSource
 
 __all__ = ["StreamedGradients"]
 
 CHUNK_BYTES = 1 << 27  # bytes of G per chunk (128 MiB): two staging and two device buffers of it
 
 
-class StreamedGradients(_backend.HoldsNamespace):
+class StreamedGradients(_backend.HoldsNamespace, GradientSource):
     """m gradients (m, d) in host memory, for an operator that computes on ``xp``.
 
     Parameters
@@ -102,7 +103,7 @@ class StreamedView(ColumnChunks):
         self.cuts = tuple(min(w, d - a) for a in range(0, d, w))
         self._copier = copier
         self._slots = None
-        self.device = _backend.device(source.anchor)
+        self._device = _backend.device(source.anchor)
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _backend, _precision
+
 __all__ = [
     "FAMILIES",
     "gradients",
@@ -112,8 +114,6 @@ def assert_inverse_close(op, G, damp, *, scale=None, block_sizes=None, rng=None,
     conditioning), the diagonal, entries and a column against the dense inverse where
     cond(F) ≤ 1e9. G is the (m, d) host array the operator was built from (any storage dtype);
     ``scale`` None means 1/m. AssertionError with the measured error otherwise. O(d³)."""
-    from . import _backend, _precision
-
     rng = np.random.default_rng(0) if rng is None else rng
     policy = _precision.of(np.asarray(G).dtype)
     Gh = np.asarray(_backend.to_host(G), dtype=np.float64)
@@ -143,8 +143,6 @@ def gradient_sets(*, max_m: int = 16, max_d: int = 40, dtypes=("float32", "float
     seed and size (1 ≤ m ≤ max_m, 1 ≤ d ≤ max_d), scale 1 or 100, in one of ``dtypes``
     (float16 draws that exceed its range are rescaled to fit)."""
     from hypothesis import strategies as st
-
-    from . import _precision
 
     @st.composite
     def draw(draw_):

@@ -349,7 +349,7 @@ def test_model_level_pruning_helpers():
     model[0].bias.requires_grad_(False)
     X, Y = torch.randn(200, 8), torch.randint(0, 4, (200,))
     batches = [(X[i : i + 10], Y[i : i + 10]) for i in range(0, 200, 10)]
-    loss = lambda mdl, b: torch.nn.functional.cross_entropy(mdl(b[0]), b[1])  # noqa: E731
+    loss = lambda mdl, b: torch.nn.functional.cross_entropy(mdl(b[0]), b[1])
     G = ta.gradients(model, loss, batches, 20)
     blocks = ta.blocks_from_model(model)
     assert blocks == [128, 68] and sum(ta.blocks_from_model(model, 50)) == G.shape[1]
@@ -372,6 +372,11 @@ def test_model_level_pruning_helpers():
     ta.write_vector(model, v)
     masks = ta.prune_model(model, loss, batches, 0.6, ngrads=20, steps=3, damp=1e-2)
     assert abs(float(masks["0.weight"].float().mean() + 0) - 0.4) < 0.1
+    before = ta.model_vector(model)
+    for bad in ("relative:-1", "relative:inf", "relative:", "rel:1", float("inf"), 0.0):
+        with pytest.raises(ValueError, match="damp"):  # one parser for every damp= of the adapter
+            ta.prune_model(model, loss, batches, 0.5, ngrads=20, damp=bad)
+        assert np.array_equal(ta.model_vector(model), before)  # refused before the model is touched
 
 
 def test_mfac_relative_damping():

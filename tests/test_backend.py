@@ -24,20 +24,3 @@ def test_batched_solve_triangular(xp, nb, m, k, lower, trans, unit):
     for i in range(nb):
         ref = scipy.linalg.solve_triangular(a[i], b[i], lower=lower, trans=int(trans), unit_diagonal=unit)
         np.testing.assert_allclose(x[i], ref, rtol=1e-12, atol=1e-12)
-
-
-def test_groups_and_factors_follow_the_declared_protocols():
-    import rank1inv as r1
-    from rank1inv import _protocols, testing
-
-    G = testing.gradients("iid", 6, 40, seed=0)
-    for blocks in (None, 5):  # Woodbury and dense groups
-        op = r1.StaticInverse(G, 1e-2, block_size=blocks)
-        for grp in op._groups():
-            assert isinstance(grp, _protocols.Group)
-    w = r1.DynamicInverse(40, 8, 1e-2)
-    w.push(G[0])
-    grp = w._groups()[0]
-    assert isinstance(grp, _protocols.Group) and isinstance(grp.factor, _protocols.Factor)
-    assert isinstance(r1.StaticInverse(G, 1e-2)._groups()[0].factor, _protocols.Factor)
-    assert isinstance(r1.StaticInverse(G, 1e-2)._groups()[0].spectral, _protocols.Factor)

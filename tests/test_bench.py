@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark driver: every row is produced, positive and finite (speed itself
-is measured by `python -m rank1inv bench`, never asserted by tests)."""
+is measured by `python -m benchmarks`, never asserted by tests)."""
 
 import math
 

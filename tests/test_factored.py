@@ -1,4 +1,4 @@
-"""Gradients as layer factors (seed 003 §2.1): every query of StaticInverse against the explicit
+"""Gradients as layer factors (the exact-natural-gradient paper §2.1): every query of StaticInverse against the explicit
 G built from the same factors (exact float64 products), the torch.nn.Linear layout, memory."""
 
 import tracemalloc

@@ -1,5 +1,5 @@
 """Layer factors from torch models, the exact subsampled natural gradient and FOOF, against
-torch.func per-sample gradients and dense float64 formulas (seed 003)."""
+torch.func per-sample gradients and dense float64 formulas (the exact-natural-gradient paper)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""No silent wrong answer, no half-done call (issue 11): bad inputs and extreme magnitudes.
+"""No silent wrong answer, no half-done call: bad inputs and extreme magnitudes.
 
 Every case asserts the exception type and words of its message, or an accuracy target; every
 rejected mutating call is checked to leave the window bit for bit as it was (its state_dict and
@@ -265,7 +265,7 @@ WINDOW_UPDATES = {
     ),  # fmt: skip
     "push_many shape": (filled, lambda w: w.push_many(np.ones((2, 5))), ValueError, "G_new"),
     "push_many 1-D": (filled, lambda w: w.push_many(np.ones(6)), ValueError, "G_new"),
-    # the issue's case: the second gradient makes F numerically singular (dense path, dim ≤ capacity)
+    # the reported case: the second gradient makes F numerically singular (dense path, dim ≤ capacity)
     "push_apply not PD": (
         lambda: _window_with(2, 4, 1e-3, [[1.0, 0.0]]),
         lambda w: w.push_apply(np.array([1e30, 1e30])),
@@ -351,7 +351,7 @@ def test_push_apply_all_is_one_step():
 
 # ----------------------------------------------------------------------------- saved states
 def tampered_window():
-    """A float64 window of clustered gradients, cond(F) ≈ 1e8 (the issue's tampering case),
+    """A float64 window of clustered gradients, cond(F) ≈ 1e8 (the reported tampering case),
     with two empty slots."""
     pool = testing.gradients("clusters", 40, 40, scale=100.0, seed=2, dtype="float64")
     w = r1.DynamicInverse(40, 16, 1e-4, dtype="float64")

@@ -1,4 +1,4 @@
-"""Scale invariance (issue 11, docs/design.md §4): for every test family, the results for x·2ᵏ
+"""Scale invariance (docs/design.md §4): for every test family, the results for x·2ᵏ
 equal 2ᵏ·(the results for x) to the accuracy targets, k ∈ [−1000, 1000] for float64 and
 [−120, 120] for float32 where the result is representable (else OverflowError); and G·2ʲ with
 λ·2²ʲ gives F⁻¹·2^(−2j). Static and dynamic."""

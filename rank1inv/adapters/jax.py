@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
+import jax  # noqa: TID253 (this module is the adapter)
+import jax.numpy as jnp  # noqa: TID253 (this module is the adapter)
 import numpy as np
-import optax
-from jax.flatten_util import ravel_pytree
+import optax  # noqa: TID253 (this module is the adapter)
+from jax.flatten_util import ravel_pytree  # noqa: TID253 (this module is the adapter)
 
 from .. import _precision
 from ..dynamic import DynamicInverse

@@ -1,5 +1,5 @@
 """PyTorch: layer factors of per-sample gradients, the exact subsampled natural gradient and FOOF
-(seed 003: §2.1 and appendix I for the factors and the natural gradient, §4 and appendix K for
+(the exact-natural-gradient paper: §2.1 and appendix I for the factors and the natural gradient, §4 and appendix K for
 FOOF).
 
 ``linear_factors`` runs one forward and one backward pass and returns the per-sample gradients
@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
+import torch  # noqa: TID253 (this module is the adapter)
 
 from ..factored import FactoredGradients
 from ..static import StaticInverse
@@ -58,7 +58,7 @@ def linear_factors(model: torch.nn.Module, inputs, targets=None, *, fisher: str 
     """Per-sample gradients of every trainable nn.Linear of ``model`` at ``inputs``, as factors.
 
     fisher="true": labels drawn from the model's predictive distribution (softmax of the
-    outputs; ``generator`` a torch.Generator): F̂ estimates the Fisher (seed eq. 1).
+    outputs; ``generator`` a torch.Generator): F̂ estimates the Fisher (that paper's eq. 1).
     fisher="empirical": the given ``targets``. The per-sample losses are summed, so row i is the
     gradient of sample i's own loss (a mean-reduced batch loss would scale every row by 1/B).
     loss: "cross_entropy" (classification) or "mse" (½‖f − y‖², labels drawn from N(f, I) for
@@ -121,7 +121,7 @@ def _check_positive(value, name: str) -> float:
 
 
 class NaturalGradient(torch.optim.Optimizer):
-    """The exact subsampled natural gradient (seed 003, appendix I): θ ← θ − lr·(λI + F̂)⁻¹g,
+    """The exact subsampled natural gradient (the exact-natural-gradient paper, appendix I): θ ← θ − lr·(λI + F̂)⁻¹g,
     F̂ = (1/B)·Σ_i g_ig_iᵀ over the per-sample gradients of a batch, from layer factors (no B×d
     array), through ``StaticInverse`` (Woodbury in gradient space where d > B).
 
@@ -150,7 +150,7 @@ class NaturalGradient(torch.optim.Optimizer):
         if len(self.param_groups) != 1:  # pragma: no cover - built from one list
             raise ValueError("NaturalGradient takes one parameter group")
 
-    def step(self, inputs, targets=None):  # noqa: D102 - documented in the class
+    def step(self, inputs, targets=None):
         group = self.param_groups[0]
         params = group["params"]
         if any(p.grad is None for p in params):
@@ -175,7 +175,7 @@ class NaturalGradient(torch.optim.Optimizer):
 
 
 class FOOF(torch.optim.Optimizer):
-    """FOOF (seed 003 §4, eq. 6, appendix K): per nn.Linear, ΔW = ∇W·(λI + C)⁻¹ with C an
+    """FOOF (the exact-natural-gradient paper §4, eq. 6, appendix K): per nn.Linear, ΔW = ∇W·(λI + C)⁻¹ with C an
     exponential moving average (decay ``ema``) of the layer's input second moments aaᵀ (bias as
     a constant input 1), re-inverted every ``inverse_every`` steps; momentum and decoupled weight
     decay as in ``MFAC``.
@@ -282,7 +282,7 @@ class FOOF(torch.optim.Optimizer):
             return torch.cholesky_solve(g.T, st["chol"]).T
         return to_tensor(st["op"].matmat(to_array(g.T.contiguous()))).to(g.device).T
 
-    def step(self, closure=None):  # noqa: D102 - documented in the class
+    def step(self, closure=None):
         loss = None
         if closure is not None:
             for captured in self._inputs.values():

@@ -7,7 +7,7 @@ GIL: large passes are split into one part per available core (at most ``MAX_WORK
 calling thread runs the first part and a small private pool of worker threads the others
 (idle workers block, they never spin). When the extension is
 missing, ``rank1inv._passes`` converts cache-sized tiles of G to float64 instead and
-``rank1inv._window`` updates the factor row by row in NumPy: the same results, slower.
+``rank1inv.groups.window`` updates the factor row by row in NumPy: the same results, slower.
 ``available()`` says which path runs.
 """
 
@@ -17,6 +17,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -27,15 +28,16 @@ MAX_COLUMNS = 8  # right-hand sides per pass (MULTI in passes.c); more: rank1inv
 PARALLEL_MIN = 1 << 20  # elements of G below which one thread does the pass
 
 try:
-    from . import _kernels as _ext
+    from . import _kernels as _ext  # type: ignore[attr-defined]  # the compiled extension
 except ImportError:  # not built (no compiler at install time)
     _ext = None
 
-_lib = None
-if _ext is not None:
-    _lib = ctypes.CDLL(_ext.__file__)
+
+def _load(path: str) -> ctypes.CDLL:
+    """The extension with every function's argument types declared."""
+    lib = ctypes.CDLL(path)
     _i64, _p, _f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
-    _signatures = {
+    signatures = {
         "project": [_p, _i64, _i64, _i64, _p, _p],
         "combine": [_p, _i64, _i64, _i64, _p, _p, _f64, _f64, _p],
         "project_blocks": [_p, _i64, _i64, _i64, _i64, _i64, _p, _p],
@@ -43,16 +45,20 @@ if _ext is not None:
         "project_multi": [_p, _i64, _i64, _i64, _p, _i64, _i64, _p, _i64],
         "combine_multi": [_p, _i64, _i64, _i64, _p, _i64, _p, _i64, _i64, _f64, _f64, _p, _i64],
     }
-    for _suffix in ("f32", "bf16", "f16"):
-        for _f, _args in _signatures.items():
-            _fn = getattr(_lib, f"rank1inv_{_f}_{_suffix}")
-            _fn.argtypes, _fn.restype = _args, None
-    _lib.rank1inv_chol_drop.argtypes = [_p, _p, _i64, _i64, _i64, _p]
-    _lib.rank1inv_chol_drop_solve.argtypes = [_p, _p, _i64, _i64, _i64, _p, _p]
-    _lib.rank1inv_solve_ut.argtypes = [_p, _i64, _i64, _p]
-    _lib.rank1inv_solve_u.argtypes = [_p, _i64, _i64, _p]
-    for _f in ("chol_drop", "chol_drop_solve", "solve_ut", "solve_u"):
-        getattr(_lib, f"rank1inv_{_f}").restype = None
+    for element in ("f32", "bf16", "f16"):
+        for name, args in signatures.items():
+            fn = getattr(lib, f"rank1inv_{name}_{element}")
+            fn.argtypes, fn.restype = args, None
+    lib.rank1inv_chol_drop.argtypes = [_p, _p, _i64, _i64, _i64, _p]
+    lib.rank1inv_chol_drop_solve.argtypes = [_p, _p, _i64, _i64, _i64, _p, _p]
+    lib.rank1inv_solve_ut.argtypes = [_p, _i64, _i64, _p]
+    lib.rank1inv_solve_u.argtypes = [_p, _i64, _i64, _p]
+    for name in ("chol_drop", "chol_drop_solve", "solve_ut", "solve_u"):
+        getattr(lib, f"rank1inv_{name}").restype = None
+    return lib
+
+
+_lib: Any = None if _ext is None else _load(_ext.__file__)  # a ctypes.CDLL; every caller checks available()
 
 
 def available() -> bool:
@@ -172,8 +178,8 @@ def combine(Gg, X, C, alpha: float, beta: float, out=None):
     es = Gg.itemsize
     k = C.shape[-1]
     if k > 1 and nb > 1:
-        cols = [(None if X is None else X[..., q : q + 1], C[..., q : q + 1]) for q in range(k)]
-        return np.concatenate([combine(Gg, x, c, alpha, beta) for x, c in cols], axis=-1)
+        per_vector = [(None if X is None else X[..., q : q + 1], C[..., q : q + 1]) for q in range(k)]
+        return np.concatenate([combine(Gg, x, c, alpha, beta) for x, c in per_vector], axis=-1)
     c = np.ascontiguousarray(np.moveaxis(C, -1, 1), dtype=np.float64)  # (nb, k, m)
     x = None if X is None else np.ascontiguousarray(np.moveaxis(X, -1, 1), dtype=np.float64)  # (nb, k, B)
     # ``out`` (nb, B, k), possibly X itself: used as the kernel's (nb, k, B) output where the two
@@ -208,7 +214,7 @@ def combine(Gg, X, C, alpha: float, beta: float, out=None):
 
 # ------------------------------------------------------------------------------ factor update
 def chol_drop_usable(R, n: int) -> bool:
-    """A C-contiguous float64 square factor (``rank1inv._window``)."""
+    """A C-contiguous float64 square factor (``rank1inv.groups.window``)."""
     return _lib is not None and R.dtype == np.float64 and R.flags.c_contiguous and R.ndim == 2
 
 
@@ -247,3 +253,6 @@ def solve_upper(R, B, n: int, trans: bool) -> None:
         col[:n] = B[:n, q]
         fn(R.ctypes.data, R.shape[1], n, col.ctypes.data)
         B[:n, q] = col[:n]
+
+
+mfac_b = None  # M-FAC's blocked B is a CUDA kernel; on CPU it is a BLAS call (groups/coefficients.py)

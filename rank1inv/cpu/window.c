@@ -1,4 +1,4 @@
-/* The m×m level-2 work of a sliding window (rank1inv/_window.py, docs/design.md §6), in plain
+/* The m×m level-2 work of a sliding window (rank1inv/groups/window.py, docs/design.md §6), in plain
  * single-threaded loops: no BLAS call, so nothing wakes multi-threaded BLAS workers that would
  * then spin against the passes over G on a busy machine.
  *
@@ -17,7 +17,7 @@
  * written). Entries of dst below the diagonal of its first n−1 rows are set to zero.
  * x is a caller-provided scratch vector of n doubles.
  *
- * The NumPy mirror of this exact order of operations is rank1inv._window.drop_rows_numpy; the
+ * The NumPy mirror of this exact order of operations is rank1inv.groups.window.drop_rows_numpy; the
  * CUDA version is rank1inv/cuda/cholesky_update.cu.
  *
  * rank1inv_chol_drop_solve: the same drop, and b ← R̃⁻ᵀb for the new (n−1)-factor R̃ in the same

@@ -1,6 +1,6 @@
 // Removing row and column k from an upper Cholesky factor R (n×n, row-major, leading dimension
 // ld) in O(n²): the same operations in the same order as rank1inv/cpu/window.c (see
-// there for the math; NumPy mirror: rank1inv._window.drop_rows_numpy).
+// there for the math; NumPy mirror: rank1inv.groups.window.drop_rows_numpy).
 //
 // One thread block: the Givens rotations are sequential over rows, each row's update is
 // parallel over its columns (thread t owns columns j ≡ t mod blockDim.x). dst may equal src:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-import cupy
+import cupy  # noqa: TID253 (CuPy's own module)
 import numpy as np
 
+from .. import _precision
 from .mirrors import (
     COMBINE_PER_THREAD,
     COMBINE_THREADS,
@@ -52,12 +53,11 @@ def _template_type(dtype):
 
 def _element(Gg) -> str | None:
     """The passes' element type for a group's storage (uint16 arrays hold bfloat16 bits)."""
-    from .. import _precision
-
     try:
-        return _ELEMENT[_precision.of_array(Gg, cupy=True).cuda_pass]
-    except (TypeError, KeyError):
+        name = _precision.of_array(Gg, cupy=True).cuda_pass
+    except TypeError:
         return None
+    return None if name is None else _ELEMENT.get(name)
 
 
 def usable(Gg, k: int) -> bool:
@@ -134,7 +134,7 @@ def mfac_b(D, n: float, damp: float, schedule: str | None = None):
 
 
 def chol_drop_usable(R, n: int) -> bool:
-    """A C-contiguous float64 square factor (``rank1inv._window``)."""
+    """A C-contiguous float64 square factor (``rank1inv.groups.window``)."""
     return R.dtype == cupy.float64 and R.ndim == 2 and R.flags.c_contiguous
 
 
@@ -147,3 +147,7 @@ def chol_drop(src, dst, n: int, k: int) -> None:
     _function("cholesky_update.cu", "chol_drop")(
         (1,), (DROP_THREADS,), (src, dst, np.int64(src.shape[1]), np.int32(n), np.int32(k), x)
     )
+
+
+chol_drop_solve = None  # the fused drop-and-solve is a CPU loop; on GPU cuBLAS solves after the drop
+solve_upper = None  # level-2 triangular solves are cuBLAS calls on GPU

@@ -1,7 +1,7 @@
 // B = λ⁻¹ L̃⁻¹ from M-FAC's D, in 32×32 tiles (M-FAC appendix B, Figure 3), any m.
 //
 // D is the m×m upper-triangular coefficient matrix (row-major); L̃[r, c] = D[c, r] / (n + D[c, c])
-// below the diagonal and 1 on it (rank1inv/_coef.py). B is row-major m×m and lower triangular.
+// below the diagonal and 1 on it (rank1inv/groups/coefficients.py). B is row-major m×m and lower triangular.
 //
 // Schedule (NumPy mirror: rank1inv._coef.b_blocked):
 //   1. mfac_b_diagonal: every diagonal tile is inverted by its row recurrence, one thread block

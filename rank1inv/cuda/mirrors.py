@@ -4,7 +4,7 @@ The blocked B kernels (``mfac_b.cu``) are mirrored twice: ``rank1inv.groups.coef
 schedule, vectorised, with a separate accumulator) and ``mfac_b`` below, a thread-block by
 thread-block transcription of the kernels themselves (edge tiles masked; in the sweeps B
 doubles as the accumulator). The window's Cholesky update kernel (``cholesky_update.cu``) is
-mirrored by ``rank1inv._window.drop_rows_numpy``.
+mirrored by ``rank1inv.groups.window.drop_rows_numpy``.
 """
 
 from __future__ import annotations

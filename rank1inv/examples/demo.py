@@ -9,10 +9,12 @@ algorithm, and times both. Part 2 (``--skip-pruning`` to omit) is the pruning ex
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
 from .. import StaticInverse, _backend, reference, testing
+from . import digits
 from .timing import Timer
 
 
@@ -71,16 +73,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     print("\n".join(accuracy_and_speed()))
     if not args.skip_pruning:
-        try:
-            from . import digits as experiments
-        except ImportError:
-            return 0
         print()
         plot = None
         if not args.no_plot:
-            from pathlib import Path
-
             Path(args.out).mkdir(parents=True, exist_ok=True)
             plot = str(Path(args.out) / "rank1inv_pruning.png")
-        print(experiments.pruning_report(plot=plot))
+        print(digits.pruning_report(plot=plot))
     return 0

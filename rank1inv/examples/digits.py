@@ -1,6 +1,6 @@
 """The digits MLP and its OBS pruning experiment (the demo's part 2).
 
-Data: the UCI handwritten digits (``rank1inv/data``, CC BY 4.0), 1797 images of 8×8 pixels,
+Data: the UCI handwritten digits (``rank1inv/examples/data``, CC BY 4.0), 1797 images of 8×8 pixels,
 split 70/30 into train and test with a fixed seed. The model is a 64-32-10 tanh MLP written in
 NumPy (2410 parameters).
 """
@@ -127,7 +127,7 @@ def pruning_table(*, m: int = 256, relative_damp: float = 1e-2, block_size: int 
     full = StaticInverse(G, damp)
     blocked = StaticInverse(G, damp, block_size=block_size)
     keep = weight_mask()
-    fresh = lambda wc, mk: batch_gradients(wc, Xtr, ytr, m, seed=seed + 1)  # noqa: E731
+    fresh = lambda wc, mk: batch_gradients(wc, Xtr, ytr, m, seed=seed + 1)
     methods = {
         "magnitude": lambda s: obs.prune(full, w, s, method="magnitude", update=None, prunable=keep),
         "OBD": lambda s: obs.prune(full, w, s, method="obd", update=None, prunable=keep),

@@ -16,24 +16,26 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _backend, _passes, _precision, _scaling
+from .._blocks import Run
+from .._protocols import GradientSource, GradientView, Group, GroupGradients
 from .dense import DenseGroup
 from .prior import PriorGroup
 from .woodbury import WoodburyGroup
 
 
-def group_view(xp, G, run):
-    """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy (for
-    factored gradients a ``FactoredView``, for sharded ones a ``_passes.ShardedView``, for
-    chunked or streamed ones a ``_chunks.ColumnChunks`` view)."""
-    if hasattr(G, "view") and not _backend.is_array(G):
+def group_view(xp, G, run: Run) -> GroupGradients:
+    """The run's blocks of G (m, d) as a group array (count, m, size): a view, no copy (a
+    ``GradientSource`` gives its own ``GradientView``; a view of one block, sharded or chunked,
+    is the group itself)."""
+    if isinstance(G, GradientSource):
         return G.view(run.start, run.count, run.size)
-    if isinstance(G, _passes.ShardedView) or _passes.is_chunked(G):  # one block (d > m)
+    if isinstance(G, GradientView):  # one block (d > m)
         return G
     m = G.shape[0]
     return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
 
 
-def make_group(xp, G, run, damp, scale: float, accumulate: str, known=None):
+def make_group(xp, G, run: Run, damp, scale: float, accumulate: str, known=None) -> Group:
     """The group serving one run of equal blocks of G (m, d): gradient space if the blocks are
     wider than m (Woodbury), parameter space otherwise (docs/design.md §3: no cancellation). Its
     frames (docs/design.md §4: one per block and gradient in gradient space, one per run in
@@ -50,31 +52,29 @@ def make_group(xp, G, run, damp, scale: float, accumulate: str, known=None):
     if not isinstance(damp, float):  # per-coordinate δ for the run (docs/design.md §10)
         delta = xp.reshape(xp.asarray(damp, device=_backend.device(G)), (run.count, run.size))
         if run.size > Gg.shape[1]:
-            return PriorGroup(xp, Gg, delta, scale, accumulate, exact)
+            return PriorGroup(xp, Gg, delta, scale, accumulate, exact, row_max=rows)
         frame = _scaling.frame_exponent(top, float(xp.max(delta)), scale, exact)
-        return DenseGroup(xp, Gg, delta, scale, accumulate, frame=frame)
+        return DenseGroup(xp, Gg, delta, scale, accumulate, frame=frame, row_max=rows, exact_products=exact)
     if _passes.global_width(Gg) > Gg.shape[1]:  # wider than m (over all shards)
         frames = _scaling.row_frames(rows, damp, scale, exact)
         gram = None
         if known is not None:
             k = _scaling.rescale_exponents(known[1][None, :], frames)
             gram = _backend.ldexp(xp, known[0][None, ...], xp.asarray(k, device=_backend.device(known[0])))
-        group = WoodburyGroup(xp, Gg, damp, scale, accumulate, frame=frames, gram=gram)
-    else:
-        group = DenseGroup(xp, Gg, damp, scale, accumulate, frame=_scaling.frame_exponent(top, damp, scale, exact))
-    group.row_max, group.exact_products = rows, exact
-    return group
+        return WoodburyGroup(
+            xp, Gg, damp, scale, accumulate, frame=frames, gram=gram, row_max=rows, exact_products=exact
+        )
+    frame = _scaling.frame_exponent(top, damp, scale, exact)
+    return DenseGroup(xp, Gg, damp, scale, accumulate, frame=frame, row_max=rows, exact_products=exact)
 
 
-def redamp_group(group, damp: float, blocks):
+def redamp_group(group: Group, damp: float, blocks: tuple[int, int]) -> Group:
     """Blocks b0:b1 of ``group`` with damping λ' (the frames recomputed for it), the Gram matrix
     reused (frames are powers of two: rescaling it is exact)."""
     b0, b1 = blocks
     rows = group.row_max[b0:b1]
     if isinstance(group, WoodburyGroup):
-        frame = _scaling.row_frames(rows, damp, group.scale, group.exact_products)
-    else:
-        frame = _scaling.frame_exponent(float(rows.max()), damp, group.scale, group.exact_products)
-    new = group.redamped(damp, frame, blocks)
-    new.row_max, new.exact_products = rows, group.exact_products
-    return new
+        frames = _scaling.row_frames(rows, damp, group.scale, group.exact_products)
+        return group.redamped(damp, frames, blocks, row_max=rows)
+    frame = _scaling.frame_exponent(float(rows.max()), damp, group.scale, group.exact_products)
+    return group.redamped(damp, frame, blocks, row_max=rows)

@@ -7,7 +7,7 @@ With n = 1/s and the Gram matrix GGᵀ of the window (age order):
     B = λ⁻¹L̃⁻¹                      (lower triangular, diagonal λ⁻¹, eq. 10)
 
 U and L̃ come from the Cholesky factor C of M: U = diag(C)·Cᵀ and L̃ = C·diag(C)⁻¹. The
-sliding window keeps that factor itself, updated in O(m²) per step (``rank1inv._window``), and
+sliding window keeps that factor itself, updated in O(m²) per step (``rank1inv.groups.window``), and
 derives D and B from it when they are asked for (``DynamicInverse.coefficients``).
 
 B is computed either by a recursive triangular inverse (``b_direct``, the CPU path) or by the
@@ -124,9 +124,10 @@ def b_from_D(xp, D, n: float, damp: float, method: str | None = None):
     if method == "blocked":
         return b_blocked(xp, D, n, damp)
     if method == "kernel":
-        from ..cuda import kernels
-
-        return kernels.mfac_b(D, n, damp)
+        kern = _backend.kernels(xp)
+        if kern is None or kern.mfac_b is None:
+            raise ValueError("method='kernel' needs CuPy arrays (the blocked B is a CUDA kernel)")
+        return kern.mfac_b(D, n, damp)
     if method != "direct":
         raise ValueError(f"method must be 'direct', 'blocked' or 'kernel', got {method!r}")
     return b_direct(xp, D, n, damp)

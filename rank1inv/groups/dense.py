@@ -22,8 +22,10 @@ class DenseGroup(_backend.HoldsNamespace):
     """``nb`` equal blocks of width B (≤ m), as one batch. Gg has shape (nb, m, B); ``frame``
     is E. Construction O(nb·m·B²) for F̃ plus O(nb·B³) for its factor."""
 
-    def __init__(self, xp, Gg, damp, scale: float, accumulate: str, *, frame: int = 0, gram=None):
+    def __init__(self, xp, Gg, damp, scale: float, accumulate: str, *, frame: int = 0, gram=None, row_max=None,
+                 exact_products: bool = True):  # fmt: skip
         self.xp, self.damp, self.scale, self.frame = xp, damp, scale, frame
+        self.row_max, self.exact_products = row_max, exact_products  # for ``redamp_group``
         nb, m, B = Gg.shape
         self.count, self.size, self.width, self.block = nb, B, m, B
         if isinstance(damp, float):
@@ -51,13 +53,15 @@ class DenseGroup(_backend.HoldsNamespace):
         """μ' as a scalar or (nb, B, 1), for broadcasting against (nb, B, ·)."""
         return self.mu if isinstance(self.mu, float) else self.mu[:, :, None]
 
-    def redamped(self, damp: float, frame: int, blocks=(0, None)):
-        """Blocks b0:b1 with damping λ' in frame ``frame``: O(nb·B³), G is not read."""
+    def redamped(self, damp: float, frame: int, blocks=(0, None), row_max=None):
+        """Blocks b0:b1 with damping λ' in frame ``frame`` (``row_max``: theirs): O(nb·B³), G is
+        not read."""
         b0, b1 = blocks
         gram = self.gram[b0:b1, ...]
         gram = gram if frame == self.frame else gram * _scaling.pow2(2 * (self.frame - frame))
         shape = _Shape(gram.shape[0], self.width, self.size)
-        return DenseGroup(self.xp, shape, damp, self.scale, "float64", frame=frame, gram=gram)
+        return DenseGroup(self.xp, shape, damp, self.scale, "float64", frame=frame, gram=gram, row_max=row_max,
+                          exact_products=self.exact_products)  # fmt: skip
 
     def apply(self, X):
         """F̃⁻¹X/s_f for X (nb, B, k) float64: O(B²k) per block."""
@@ -69,12 +73,12 @@ class DenseGroup(_backend.HoldsNamespace):
 
     noise_width = 0  # standard normals per block beyond one per coordinate (``sample``)
 
-    def sample(self, Z, Z2=None):
+    def sample(self, Z1, Z2=None):
         """Draws with covariance F_b⁻¹: C⁻ᵀZ per block for F̃ = CCᵀ, scaled by (s·2^(2E))^(-1/2),
-        as (values, exponent); Z (nb, B, k) float64 (Z2 is empty: ``noise_width`` = 0). O(B²k)
+        as (values, exponent); Z1 (nb, B, k) float64 (Z2 is empty: ``noise_width`` = 0). O(B²k)
         per block."""
         f, e = _scaling.power(self.scale_f, self.scale_e, -0.5)
-        Y = _backend.solve_triangular(self.xp, self.C, Z, lower=True, trans=True)
+        Y = _backend.solve_triangular(self.xp, self.C, Z1, lower=True, trans=True)
         return Y * f, e - self.frame
 
     def gram_spectrum(self):
@@ -128,10 +132,6 @@ class DenseGroup(_backend.HoldsNamespace):
         xp = self.xp
         shift = self.block * (math.log(self.scale) + 2 * self.frame * math.log(2.0))
         return _backend.to_host(2.0 * xp.sum(xp.log(xp.linalg.diagonal(self.C)), axis=-1)) + shift
-
-    def logdet(self) -> float:
-        """Σ_b log det F_b."""
-        return float(self.logdets().sum())
 
 
 class _Shape:

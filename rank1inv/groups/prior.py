@@ -26,8 +26,9 @@ class PriorGroup(_backend.HoldsNamespace):
     """``nb`` equal blocks wider than m with per-coordinate damping δ (nb, B) float64, as one
     batch (the ``_protocols.Group`` of a Woodbury run under a vector prior)."""
 
-    def __init__(self, xp, Gg, delta, scale: float, accumulate: str, exact_products: bool):
-        self.xp = xp
+    def __init__(self, xp, Gg, delta, scale: float, accumulate: str, exact_products: bool, row_max=None):
+        self.xp, self.scale = xp, scale
+        self.row_max, self.exact_products = row_max, exact_products
         self.count, m, self.size = Gg.shape
         delta_ref = float(xp.min(delta))
         self.c_hat = xp.sqrt(delta_ref / delta)  # (nb, B), in (2^-500, 1]
@@ -78,9 +79,6 @@ class PriorGroup(_backend.HoldsNamespace):
         """log det F_b = log det F̂_b − 2·Σ_j log ĉ_j per block (host float64)."""
         return self.inner.logdets() - 2.0 * self.log_c_hat
 
-    def logdet(self) -> float:
-        return float(self.logdets().sum())
-
     def sample(self, Z1, Z2):
         """Ĉ times a draw with covariance F̂⁻¹: covariance Ĉ·F̂⁻¹·Ĉ = F⁻¹."""
         values, e = self.inner.sample(Z1, Z2)
@@ -92,5 +90,7 @@ class PriorGroup(_backend.HoldsNamespace):
     def gram_spectrum(self):
         raise ValueError("the Gram spectra describe F only for one damping value per block, not per coordinate")
 
-    def redamped(self, damp, frame, blocks=(0, None)):  # pragma: no cover - with_damp rebuilds vector priors
+    def redamped(
+        self, damp, frame, blocks=(0, None), row_max=None
+    ):  # pragma: no cover - with_damp rebuilds vector priors
         raise ValueError("a per-coordinate prior is re-damped by building a new operator")

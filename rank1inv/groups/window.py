@@ -23,6 +23,8 @@ import math
 import numpy as np
 
 from .. import _backend
+from .._precision import EPS64
+from . import coefficients as _coef
 
 LEVEL2_COLUMNS = 8  # up to this many right-hand sides go to the compiled level-2 loops
 
@@ -31,7 +33,7 @@ def _level2(xp, k: int):
     """The compiled CPU module when it serves k right-hand sides (BLAS-free level-2 loops),
     else None (BLAS / cuBLAS through ``_backend``)."""
     kern = _backend.kernels(xp)
-    if kern is not None and hasattr(kern, "solve_upper") and k <= LEVEL2_COLUMNS:
+    if kern is not None and kern.solve_upper is not None and k <= LEVEL2_COLUMNS:
         return kern
     return None
 
@@ -67,8 +69,8 @@ def drop(xp, src, dst, n: int, k: int, rhs=None):
     ``new_column`` solves as usual."""
     kern = _backend.kernels(xp)
     solved = None
-    if kern is not None and hasattr(kern, "chol_drop") and kern.chol_drop_usable(src, n):
-        if rhs is not None and hasattr(kern, "chol_drop_solve"):  # the CPU extension
+    if kern is not None and kern.chol_drop_usable(src, n):
+        if rhs is not None and kern.chol_drop_solve is not None:  # the CPU extension
             solved = kern.chol_drop_solve(src, dst, n, k, rhs)
         else:
             kern.chol_drop(src, dst, n, k)
@@ -99,7 +101,6 @@ def drop_rows_numpy(xp, src, dst, n: int, k: int) -> None:
 
 
 PIVOT_FLOOR = 4.0  # a new pivot ρ² is at least PIVOT_FLOOR·n·ε·α (the rounding of α − ‖r‖²)
-EPS = 2.0**-52
 TINY = 2.0**-1022  # a zero gradient whose damping underflowed still gets a positive pivot
 
 
@@ -113,7 +114,7 @@ def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None, s
     rounding noise and may be ≤ 0. It is then raised to PIVOT_FLOOR·n·ε·α: the factor is that of
     K' + δ·e_n e_nᵀ with δ at the rounding level of K', and along the nearly null combination q
     of gradients G'ᵀq is itself at rounding level, so F⁻¹ is unaffected to its backward error
-    (the argument of ``_woodbury.SpectralFactor``). ``reference`` is the diagonal entry of the
+    (the argument of ``groups.woodbury.SpectralFactor``). ``reference`` is the diagonal entry of the
     system the floor is relative to, when α is itself a Schur complement (default α).
     ValueError only for non-finite values. ``solved``: R⁻ᵀa when already known (``drop``), or None."""
     if solved is not None:
@@ -126,7 +127,7 @@ def new_column(xp, R, n: int, a, alpha: float, reference: float | None = None, s
     if not math.isfinite(rho2):
         raise ValueError("the damped Gram matrix is not finite with this gradient (its inner products overflow?)")
     size = max(alpha, reference if reference is not None else 0.0)
-    return r, math.sqrt(max(rho2, PIVOT_FLOOR * max(n, 1) * EPS * size, TINY))
+    return r, math.sqrt(max(rho2, PIVOT_FLOOR * max(n, 1) * EPS64 * size, TINY))
 
 
 def write_column(R, n: int, r, rho: float) -> None:
@@ -182,7 +183,7 @@ class WindowFactor(_backend.HoldsNamespace):
     """The ``_protocols.Factor`` of a window (one block): K' = gram + M' over all capacity
     slots (empty slots have zero Gram rows, so K' is μ'_i there), factored through R over the n
     occupied slots in age order ``order`` (a device int array). ``log_pad`` is Σ log μ'_i over
-    the empty slots (for ``logdet``)."""
+    the empty slots (for ``logdets``)."""
 
     def __init__(self, xp, R, order, log_pad: float):
         self.xp, self.R, self.order, self.log_pad = xp, R, order, log_pad
@@ -220,15 +221,12 @@ class WindowFactor(_backend.HoldsNamespace):
         """R⁻ᵀP in age coordinates for P (1, cap, k) (K' = RᵀR)."""
         return triangular(self.xp, self.R, self._to_age(P[0, ...]), self.n, transposed=True)[None, ...]
 
-    def logdet(self) -> float:
-        """log det K' over all capacity slots: 2Σ log R_ii + Σ log μ'_i over the empty ones."""
+    def logdets(self):
+        """log det K' over all capacity slots (2Σ log R_ii + Σ log μ'_i over the empty ones) as a
+        host float64 array of one block: O(n)."""
         xp = self.xp
         d = xp.linalg.diagonal(self.R)[: self.n]
-        return 2.0 * float(xp.sum(xp.log(d))) + self.log_pad
-
-    def logdets(self):
-        """``logdet()`` as a host array of one block."""
-        return np.array([self.logdet()])
+        return np.array([2.0 * float(xp.sum(xp.log(d))) + self.log_pad])
 
     def condition(self) -> float:
         """``_backend.pivot_condition`` of R's leading n×n block: O(n²), cached."""
@@ -243,9 +241,7 @@ def mfac_coefficients(xp, R, n: int, damp: float, inverse_scale: float, frames):
     M = GGᵀ/λ + n_s·I = D⁻¹K'D⁻¹/λ with D = diag(2^-E_i) (``frames``: an int, or the n slots'
     frames in age order), so M's lower Cholesky factor is C = D⁻¹Rᵀ/√λ, U = diag(C)·Cᵀ, i.e.
     U_ij = R_ii·R_ij·2^(E_i+E_j)/λ, and D = U − n_s·I, B = λ⁻¹·(C·diag(C)⁻¹)⁻¹
-    (``rank1inv._coef``; the blocked kernel on CuPy). O(n²) for D, O(n³) for B."""
-    from . import coefficients as _coef
-
+    (``rank1inv.groups.coefficients``; the blocked kernel on CuPy). O(n²) for D, O(n³) for B."""
     Ra = R[:n, :n]
     c = xp.linalg.diagonal(Ra)
     E = np.broadcast_to(np.asarray(frames, dtype=np.int64), (n,))

@@ -13,9 +13,9 @@ float64 range of their products (docs/design.md §4). The queries of F itself (`
 much smaller gradients may underflow: they are then below rounding of the result, normwise.
 
 ``factor`` (a ``_protocols.Factor``) supplies the m×m algebra: ``solve(P) = K'⁻¹P``,
-``whiten(P) = L⁻¹P`` for some square root K' = L Lᵀ, and ``logdet()`` = Σ log det K'_b.
+``whiten(P) = L⁻¹P`` for some square root K' = L Lᵀ, and ``logdets()`` = log det K'_b per block.
 StaticInverse uses a Cholesky factor; DynamicInverse the age-ordered factor of its window
-(``rank1inv._window``). Products of vectors in the span of the gradients use a
+(``rank1inv.groups.window``). Products of vectors in the span of the gradients use a
 ``SpectralFactor`` instead (see ``WoodburyGroup._corrected``).
 
 Values are returned in the frame of docs/design.md §4: products and entries of F⁻¹ multiplied
@@ -80,9 +80,6 @@ class CholeskyFactor(_backend.HoldsNamespace):
             self._condition = _backend.pivot_condition(self.xp, self.L, lower=True)
         return self._condition
 
-    def logdet(self) -> float:
-        return float(self.logdets().sum())
-
 
 class SpectralFactor(_backend.HoldsNamespace):
     """K = Q·Θ·Qᵀ from the eigendecomposition of K = K₀ + M (K₀ = G'G'ᵀ, M = μ'I or diag(μ'_i)),
@@ -96,7 +93,7 @@ class SpectralFactor(_backend.HoldsNamespace):
     built on demand. With one μ (``mu`` a float) Θ = Λ + μ for K₀ = QΛQᵀ; with one μ'_i per
     gradient (``mu`` an (nb, m) array) K itself is decomposed and the K₀ part of each direction is
     qᵀK₀q = θ − qᵀMq. ``log_mu``: log μ (or log μ'_i, host (nb, m)) computed without underflow
-    (for ``logdet``).
+    (for ``logdets``).
     """
 
     def __init__(self, xp, K0, mu, log_mu=None):
@@ -110,7 +107,7 @@ class SpectralFactor(_backend.HoldsNamespace):
             theta, Q = _backend.eigh(xp, K0 + mu[:, :, None] * eye)
             lam = theta - xp.sum(mu[:, :, None] * Q * Q, axis=1)  # qᵀK₀q per direction
         top = xp.max(lam, axis=-1, keepdims=True)
-        keep = lam > m * 2.2e-16 * xp.where(top > 0, top, 1.0)
+        keep = lam > m * _precision.EPS64 * xp.where(top > 0, top, 1.0)
         self.Q, self.keep, self.lam, self.mu, self.theta = Q, keep, lam, mu, theta
         if log_mu is None:
             log_mu = math.log(mu) if isinstance(mu, float) else np.log(_backend.to_host(mu))
@@ -142,9 +139,6 @@ class SpectralFactor(_backend.HoldsNamespace):
         log_qmq = top[:, 0, :] + np.log(np.sum(np.exp(t - top), axis=1))
         return _backend.to_host(kept) + np.sum(np.where(dropped, log_qmq, 0.0), axis=-1)
 
-    def logdet(self) -> float:
-        return float(self.logdets().sum())
-
     def condition(self) -> float:
         """cond(K) over the kept directions, max θ / min θ per block (the largest)."""
         xp = self.xp
@@ -169,8 +163,9 @@ class WoodburyGroup(_backend.HoldsNamespace):
     K' = gram + M' (O(nb·m³))."""
 
     def __init__(self, xp, Gg, damp: float, scale: float, accumulate: str, *, frame=0, factor=None,
-                 gram=None, weights=None):  # fmt: skip
+                 gram=None, weights=None, row_max=None, exact_products: bool = True):  # fmt: skip
         self.xp, self.Gg, self.damp, self.scale, self.accumulate = xp, Gg, damp, scale, accumulate
+        self.row_max, self.exact_products = row_max, exact_products  # for ``redamp_group``
         self.weights = weights  # column weights w (nb, B): the group's gradients are G·diag(w) (``_prior``)
         self.count, m, self.size = Gg.shape
         self.frames = frame_rows(frame, self.count, m)  # E_i per block and row (host)
@@ -194,6 +189,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         self.damp_f, self.damp_e = _scaling.split(damp)
         self.scale_f, self.scale_e = _scaling.split(scale)
         self.inverse_exponent = -self.damp_e
+        self.fisher_exponent: int | np.ndarray
         if np.all(self.block_frames == self.frame):
             self.fisher_exponent = self.scale_e + 2 * self.frame
         else:  # one exponent per block, (nb, 1, 1): broadcasts over (nb, B, k) values
@@ -325,7 +321,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
             return
         far = xp.asarray(far_host, device=self._device)[:, :, None]
         mag = xp.abs(C)  # (nb, m, k): x's coefficients on the frame-scaled gradients
-        noise = 64 * mag.shape[1] * 2.2e-16 * xp.max(mag, axis=1)
+        noise = 64 * mag.shape[1] * _precision.EPS64 * xp.max(mag, axis=1)
         far_top = xp.max(xp.where(far, mag, 0.0), axis=1)
         near_top = xp.max(xp.where(far, 0.0, mag), axis=1)
         if bool(xp.any((far_top > noise) & (near_top <= noise))):
@@ -457,9 +453,10 @@ class WoodburyGroup(_backend.HoldsNamespace):
         f, e = _scaling.power(self.damp_f, self.damp_e, p)
         return self._combine(X, C, f, f, overwrite=True, scale=sigma), e
 
-    def redamped(self, damp: float, frame, blocks=(0, None)):
+    def redamped(self, damp: float, frame, blocks=(0, None), row_max=None):
         """Blocks b0:b1 with damping λ' in frame ``frame`` (an int or per-row exponents for those
-        blocks), reusing the Gram matrix (rescaled exactly): O(nb·m³), G is not read."""
+        blocks; ``row_max``: theirs), reusing the Gram matrix (rescaled exactly): O(nb·m³), G is
+        not read."""
         b0, b1 = blocks
         gram = self._K0[b0:b1, ...]
         old = self.frames[b0:b1, :]
@@ -469,7 +466,8 @@ class WoodburyGroup(_backend.HoldsNamespace):
             gram = _backend.ldexp(self.xp, gram, self.xp.asarray(k, device=_backend.device(gram)))
         whole = b0 == 0 and b1 in (None, self.count)  # sharded/chunked views have one block and no slicing
         Gg = self.Gg if whole else self.Gg[b0:b1, ...]
-        return WoodburyGroup(self.xp, Gg, damp, self.scale, self.accumulate, frame=new, gram=gram)
+        return WoodburyGroup(self.xp, Gg, damp, self.scale, self.accumulate, frame=new, gram=gram, row_max=row_max,
+                             exact_products=self.exact_products)  # fmt: skip
 
     def restricted(self, Gg):
         """This group on some of its columns, Gg (nb, m, c) (one chunk of a Dask G), sharing the
@@ -477,6 +475,11 @@ class WoodburyGroup(_backend.HoldsNamespace):
         new = copy.copy(self)
         new.Gg, new.size, new._W, new._diag = Gg, Gg.shape[2], None, None
         return new
+
+    @property
+    def damp_fraction(self) -> float:
+        """λ_f with λ = λ_f·2^λ_e: values of F⁻¹ come back from the group times λ_f⁻¹·2^-λ_e."""
+        return self.damp_f
 
     # -- entries ----------------------------------------------------------------------
     @property
@@ -498,7 +501,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
 
     def diag(self):
         """diag F⁻¹ over the group in the frame, (1 − ‖w_j‖²)/λ_f: (nb·B,) float64. O(dm²)
-        once, then cached. See ``_bounded`` for coordinates beyond the claimed conditioning."""
+        once, then cached. See ``bounded`` for coordinates beyond the claimed conditioning."""
         if self._diag is None:
             xp = self.xp
             to_common = self._common_weights()
@@ -516,10 +519,10 @@ class WoodburyGroup(_backend.HoldsNamespace):
             else:
                 parts = _passes.map_tiles(xp, self.Gg, both, self.sigma, self.weights)
                 sq, col = parts[:, 0, :], parts[:, 1, :]
-            self._diag = xp.reshape(self._bounded(1.0 - sq, col), (-1,)) / self.damp_f
+            self._diag = xp.reshape(self.bounded(1.0 - sq, col), (-1,)) / self.damp_f
         return self._diag
 
-    def _bounded(self, value, col_sq, blocks=None):
+    def bounded(self, value, col_sq, blocks=None):
         """λ·F⁻¹_jj = 1 − ‖w_j‖², clamped below by its bound λ/F_jj = μ'/(μ' + ‖g'_j‖²) (common
         frame; F⁻¹_jj ≥ 1/F_jj for SPD F). Where the subtraction left fewer than about
         ``DIAGONAL_DIGITS_LOST``·m·ε (cond(F) at that coordinate beyond ~1/(64mε): no digit is
@@ -531,7 +534,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
         if not isinstance(mu, float):  # one per block: (nb, 1) against (nb, B), or per entry
             mu = mu if blocks is None else self.xp.take(mu[:, 0], blocks)
         floor = mu / (mu + col_sq)
-        lost = int(xp.sum(xp.astype(value <= _precision.DIAGONAL_DIGITS_LOST * m * 2.2e-16, xp.int64)))
+        lost = int(xp.sum(xp.astype(value <= _precision.DIAGONAL_DIGITS_LOST * m * _precision.EPS64, xp.int64)))
         if lost:
             warnings.warn(
                 f"{lost} diagonal entries of F⁻¹ lost their digits to cancellation (the conditioning at those "
@@ -541,7 +544,7 @@ class WoodburyGroup(_backend.HoldsNamespace):
             )
         return xp.maximum(value, floor)
 
-    def _columns(self, r, common: bool = False):
+    def columns(self, r, common: bool = False):
         """Columns r of G' (by local offsets; with ``common``, in the common frame): (len r, m)
         float64. O(m) each."""
         xp = self.xp
@@ -556,16 +559,15 @@ class WoodburyGroup(_backend.HoldsNamespace):
             return cols * sigma
         return cols * xp.take(sigma, r // B, axis=0)
 
-    def _rows(self, r):
+    def whitened(self, r):
         """w_r for local offsets r: (len r, m). From the cached W when it fits in
         ``W_CACHE_BYTES``, else whitened on demand from the gathered columns (O(m²) each)."""
         nb, m, B = self.Gg.shape
-        streamed = _passes.is_factored(self.Gg) or _passes.is_chunked(self.Gg)  # W would be m×d
-        if self._W is not None or (8 * nb * m * B <= W_CACHE_BYTES and not streamed):
+        if self._W is not None or (8 * nb * m * B <= W_CACHE_BYTES and _passes.materialized(self.Gg)):
             return self.W[r // B, :, r % B]
         xp = self.xp
         blocks = r // B
-        cols = self._columns(r)
+        cols = self.columns(r)
         out = xp.empty(cols.shape, dtype=xp.float64, device=_backend.device(cols))
         for b in _backend.to_host(xp.unique_values(blocks)).tolist():
             sel = xp.nonzero(blocks == b)[0]
@@ -577,21 +579,21 @@ class WoodburyGroup(_backend.HoldsNamespace):
         """F⁻¹[r_t, c_t] in the frame for local offsets r, c in the same block: (n,) float64,
         O(m) each (diagonal entries bounded as in ``diag``)."""
         xp = self.xp
-        wr = self._rows(r)
+        wr = self.whitened(r)
         same = r == c
-        out = xp.astype(same, xp.float64) - xp.sum(wr * self._rows(c), axis=1)
+        out = xp.astype(same, xp.float64) - xp.sum(wr * self.whitened(c), axis=1)
         on_diagonal = xp.nonzero(same)[0]
         if on_diagonal.shape[0]:
             rd = xp.take(r, on_diagonal)
-            col = xp.sum(self._columns(rd, common=True) ** 2, axis=1)
-            out[on_diagonal] = self._bounded(xp.take(out, on_diagonal), col, rd // self.Gg.shape[2])
+            col = xp.sum(self.columns(rd, common=True) ** 2, axis=1)
+            out[on_diagonal] = self.bounded(xp.take(out, on_diagonal), col, rd // self.Gg.shape[2])
         return out / self.damp_f
 
     def cross(self, r, c):
         """Dense F⁻¹[r][:, c] in the frame for local offsets (zero across blocks)."""
         xp = self.xp
         B = self.Gg.shape[2]
-        out = xp.astype(r[:, None] == c[None, :], xp.float64) - self._rows(r) @ xp.matrix_transpose(self._rows(c))
+        out = xp.astype(r[:, None] == c[None, :], xp.float64) - self.whitened(r) @ xp.matrix_transpose(self.whitened(c))
         same = (r // B)[:, None] == (c // B)[None, :]
         return xp.where(same, out / self.damp_f, 0.0)
 
@@ -610,7 +612,3 @@ class WoodburyGroup(_backend.HoldsNamespace):
         per_block = B * math.log(self.damp) + m * (math.log(self.scale) - math.log(self.damp))
         shift = 2.0 * math.log(2.0) * self.frames.sum(axis=1)
         return (per_block + shift) + self.factor.logdets()
-
-    def logdet(self) -> float:
-        """Σ_b log det F_b."""
-        return float(self.logdets().sum())

@@ -71,9 +71,9 @@ class _Device:
     id = 0
 
 
-class cuda:  # noqa: N801 - mirrors ``cupy.cuda``
+class cuda:
     @staticmethod
-    def Device():  # noqa: N802
+    def Device():
         return _Device()
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: benchmarks.paper_kernels
-import fakecupy  # noqa: E402
+import fakecupy
 
 sys.modules["cupy"] = fakecupy
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
+from ... import _backend, obs
+from ...static import StaticInverse
 from .layout import _layer_of, blocks_from_model, masks_for_model, nm_segments, weight_mask
 from .vectors import gradients, model_vector, trainable, write_vector
 
@@ -22,8 +25,6 @@ def prune_model(model, loss_fn, batches, sparsity, *, ngrads: int = 64, damp="re
     ``damp``: a float, or "relative:c" for c·mean diag(GᵀG/m) of the first gradients.
     Returns ``masks_for_model`` of the result. Cost per step: m backward passes, one
     StaticInverse build, one prune."""
-    from ... import StaticInverse, obs
-
     names = [_layer_of(n) for n, _ in trainable(model)]
     layers = list(dict.fromkeys(names))
     blocks = blocks_from_model(model, per)
@@ -33,14 +34,10 @@ def prune_model(model, loss_fn, batches, sparsity, *, ngrads: int = 64, damp="re
         write_vector(model, w)
         return gradients(model, loss_fn, batches, ngrads)
 
+    relative = _relative_factor(damp)  # refused before any gradient is taken
     w0 = model_vector(model)
     G0 = fresh(w0, None)
-    if isinstance(damp, str):
-        if not damp.startswith("relative:"):
-            raise ValueError(f"damp must be a number or 'relative:<factor>', got {damp!r}")
-        lam = obs.relative_damp(G0, float(damp.split(":", 1)[1]))
-    else:
-        lam = float(damp)
+    lam = float(damp) if relative is None else obs.relative_damp(G0, relative)
     xp = _backend_namespace(w0)
     if nm is not None:
         n, mm = nm
@@ -82,15 +79,13 @@ def _relative_factor(damp):
             factor = float(value)
         except ValueError:
             factor = float("nan")
-        if head != "relative" or not factor > 0:
+        if head != "relative" or not 0 < factor < math.inf:
             raise ValueError(f"damp must be a number > 0 or 'relative:<factor > 0>', got {damp!r}")
         return factor
-    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not damp > 0:
+    if isinstance(damp, bool) or not isinstance(damp, numbers.Real) or not 0 < damp < math.inf:
         raise ValueError(f"damp must be a number > 0 or 'relative:<factor>', got {damp!r}")
     return None
 
 
 def _backend_namespace(a):
-    from ... import _backend
-
     return _backend.namespace(a)

@@ -474,8 +474,15 @@ def run(device: str = "cpu", quick: bool = False, out: str | None = None, plot: 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="The benchmarks of docs/benchmarks.md: every figure a ratio of two timings in one run (time / "
+        "the memory-traffic floor, time / the paper's algorithm). Without options: the main table (several "
+        "minutes on 2 cores; --quick: smaller problems, about 10 s). Each option below prints one other table "
+        "instead. 'python -m benchmarks experiments --help' lists the experiments.",
+    )
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu (NumPy) or gpu (CuPy on the current device); default cpu")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smaller problems (a smoke test)")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--numerics", action="store_true", help="print the accuracy table of docs/numerics.md instead")
@@ -485,8 +492,14 @@ def main(argv=None):
     p.add_argument("--natural", action="store_true", help="print the factored natural-gradient step benchmark (torch)")
     p.add_argument("--out-of-core", metavar="DIR", help="print the memory-mapped IHVP benchmark (writes ~4 GB in DIR)")
     p.add_argument("--dask", action="store_true", help="print the Dask LocalCluster IHVP benchmark (dask extra)")
+    p.add_argument("--blocks", action="store_true",
+                   help="print the blocks-from-a-stream benchmark (about 3 min and 9 GB at full size)")  # fmt: skip
     args = p.parse_args(argv)
-    if args.dask:
+    if args.blocks:
+        from . import bench_blocks
+
+        print(bench_blocks.run(args.quick))
+    elif args.dask:
         from . import bench_dask
 
         print(bench_dask.run())

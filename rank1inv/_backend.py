@@ -500,6 +500,11 @@ def ldexp(xp, a, e, out=None):
     return lib.ldexp(a, e, out=out)
 
 
+def matmul(xp, a, b, out=None):
+    """a @ b (batched), into ``out`` if given (NumPy's and CuPy's matmul; no temporary)."""
+    return _library(xp).matmul(a, b, out=out)
+
+
 def _ldexp_chunk(a, e):
     xp = namespace(a)
     return ldexp(xp, a, xp.asarray(e, device=device(a)))

@@ -364,7 +364,8 @@ def prune_in_steps(
 ):
     """Prune to ``target`` sparsity in ``steps`` steps (``cubic_schedule``), rebuilding the
     inverse before each step from ``gradients(w, mask)`` → (m, d) fresh gradients at the current
-    weights (the "recomputation" both papers show helps). Weights pruned earlier stay zero.
+    weights, or a ``BlockAccumulator`` of them (any G that StaticInverse takes; the
+    "recomputation" both papers show helps). Weights pruned earlier stay zero.
     Returns (mask, new_w). Cost per step: one StaticInverse build plus one ``prune``."""
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, not {type(steps).__name__}")

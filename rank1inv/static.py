@@ -10,6 +10,7 @@ from . import _backend, _checks, _precision
 from ._blocks import Layout
 from ._operator import InverseOperator, Variants
 from ._protocols import GradientSource, Group
+from .accumulated import AccumulatedBlocks, BlockAccumulator, consume
 from .factored import FactoredGradients
 from .groups import make_group, redamp_group
 from .streamed import StreamedGradients
@@ -43,6 +44,9 @@ class StaticInverse(Variants, InverseOperator):
         OverflowError as non-finite). Query results are float64 for float64 G and float32
         otherwise (a float64 x promotes its product). Torch and JAX tensors go through
         ``rank1inv.adapters`` (zero-copy); other arrays are refused with a TypeError.
+        Or a ``rank1inv.BlockAccumulator``: the blocks' Gram matrices accumulated from a
+        stream of gradients that were not kept (``from_stream``; its block layout is the
+        operator's, and it may keep accumulating: the operator keeps what it had).
     damp : float > 0, or a sequence of them, one per block or one per coordinate
         λ (the prior precision, in Laplace terms): one value, one per diagonal block of
         ``block_size`` (per-layer priors; ``damp`` then returns the tuple), or a vector δ of
@@ -69,6 +73,8 @@ class StaticInverse(Variants, InverseOperator):
         if comm is not None:  # pragma: no cover - Variants makes a sharded.ShardedInverse for a comm
             raise TypeError("a communicator makes the sharded operator (rank1inv.sharded.ShardedInverse)")
         G, xp, policy = self._accept(G, damp, block_size)
+        if isinstance(G, AccumulatedBlocks):
+            block_size = G.block_sizes
         m, d = G.shape
         if m < 1 or d < 1:
             raise ValueError(f"G must have at least one row and one column, got shape {tuple(G.shape)}")
@@ -82,13 +88,38 @@ class StaticInverse(Variants, InverseOperator):
         source = self._make_source(G)
         with _backend.device_scope(xp, self._anchor()):  # CuPy allocations on G's device, not the current one
             self._group_list = [
-                make_group(xp, source, run, self._run_damp(i), self._scale, self._accumulate, _gram)
+                source.make_group(run, self._run_damp(i), self._scale, self._accumulate)
+                if isinstance(source, AccumulatedBlocks)
+                else make_group(xp, source, run, self._run_damp(i), self._scale, self._accumulate, _gram)
                 for i, run in enumerate(self._layout.runs)
             ]
+
+    @classmethod
+    def from_stream(cls, batches, damp, *, dim: int, block_size=None, scale=None, dtype=None,
+                    accumulate="float64") -> StaticInverse:  # fmt: skip
+        """F⁻¹ from a stream of gradients that is never stored: ``batches`` yields gradients
+        (d,) or mini-batches of them (k, d), NumPy or CuPy (torch through
+        ``rank1inv.adapters.torch.gradient_stream``). Each run of blocks of B ≤ m keeps the
+        float64 sums Σ g_bg_bᵀ (d·B·8 bytes in all, whatever m), wide runs the gradients' slices
+        while they are smaller (``rank1inv.BlockAccumulator``). Every query of StaticInverse is
+        served, equal to ``StaticInverse(G, damp, block_size=...)`` on the same gradients stored
+        in ``dtype`` (None: the first batch's). Cost: O(d·B) flops per gradient as float64
+        GEMMs, then O(B³) per block."""
+        sizes = Layout(_checks.positive_int(dim, "dim"), block_size).block_sizes
+        _checks.damps(damp, len(sizes), dim)  # refused before the stream is read
+        _checks.scale(scale)
+        _checks.accumulate(accumulate)
+        return cls(consume(batches, dim, block_size, dtype), damp, scale=scale, accumulate=accumulate)
 
     def _accept(self, G, damp, block_size):
         """(G as the groups read it, the namespace of the m×m algebra, the storage dtype name), after
         the checks this kind of gradients needs (overridden by the variants: Dask)."""
+        if isinstance(G, BlockAccumulator):
+            G = G._parts()
+        if isinstance(G, AccumulatedBlocks):  # Gram matrices of a stream, never an m×d array
+            if block_size is not None and Layout(G.shape[1], block_size).block_sizes != G.block_sizes:
+                raise ValueError("block_size must be None or the accumulator's own block layout")
+            return G, G.xp, G.storage
         if isinstance(G, FactoredGradients):  # layer factors, never an m×d array
             return G, G.xp, _precision.name_of(G.dtype)
         if isinstance(G, StreamedGradients):  # host memory, streamed to xp's device per pass
@@ -147,7 +178,7 @@ class StaticInverse(Variants, InverseOperator):
         return self._group_list
 
     def _anchor(self):
-        return self._G.anchor if isinstance(self._G, GradientSource) else self._G
+        return self._G.anchor if isinstance(self._G, (GradientSource, AccumulatedBlocks)) else self._G
 
     def _width(self) -> int:
         return self._G.shape[0]

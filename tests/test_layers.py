@@ -14,7 +14,7 @@ LAYERS = [  # lowest first
     ["_checks", "_blocks", "_passes"],
     ["_chunks", "factored", "streamed"],
     ["groups", "groups.woodbury", "groups.dense", "groups.prior", "groups.window", "groups.coefficients"],
-    ["_operator", "static", "_window_state", "dynamic"],
+    ["_operator", "accumulated", "static", "_window_state", "dynamic"],
     ["sharded", "chunked"],
     ["obs", "laplace", "reference", "testing"],
     ["adapters", "adapters.jax", "adapters.natural", "adapters.torch"]

@@ -20,10 +20,12 @@ from .. import _backend, _passes, _scaling
 
 class DenseGroup(_backend.HoldsNamespace):
     """``nb`` equal blocks of width B (≤ m), as one batch. Gg has shape (nb, m, B); ``frame``
-    is E. Construction O(nb·m·B²) for F̃ plus O(nb·B³) for its factor."""
+    is E. Construction O(nb·m·B²) for F̃ plus O(nb·B³) for its factor. A given ``gram`` may be
+    held in another frame: its entries times 2^``gram_shift`` are G'ᵀG' (an accumulated Gram
+    matrix is shared, never rescaled in place)."""
 
     def __init__(self, xp, Gg, damp, scale: float, accumulate: str, *, frame: int = 0, gram=None, row_max=None,
-                 exact_products: bool = True):  # fmt: skip
+                 exact_products: bool = True, gram_shift: int = 0):  # fmt: skip
         self.xp, self.damp, self.scale, self.frame = xp, damp, scale, frame
         self.row_max, self.exact_products = row_max, exact_products  # for ``redamp_group``
         nb, m, B = Gg.shape
@@ -38,8 +40,8 @@ class DenseGroup(_backend.HoldsNamespace):
         self.inverse_exponent = -2 * frame - self.scale_e
         self.fisher_exponent = 2 * frame + self.scale_e
         if gram is None:
-            gram = _passes.column_gram(xp, Gg, accumulate, _scaling.pow2(-frame))
-        self.gram = gram  # G'ᵀG' per block, (nb, B, B) float64
+            gram, gram_shift = _passes.column_gram(xp, Gg, accumulate, _scaling.pow2(-frame)), 0
+        self.gram, self.gram_shift = gram, int(gram_shift)  # G'ᵀG' = gram·2^gram_shift, (nb, B, B) float64
         self.C = _backend.cholesky(xp, self._F())
         self._inverse = None
         self._gram_spectrum = None
@@ -47,7 +49,12 @@ class DenseGroup(_backend.HoldsNamespace):
     def _F(self):
         """F̃ = μ'I + G'ᵀG' (nb, B, B) float64, a new array."""
         eye = self.xp.eye(self.block, dtype=self.xp.float64, device=_backend.device(self.gram))
-        return self._mu_column() * eye + self.gram
+        return self._mu_column() * eye + self._gram()
+
+    def _gram(self, b0: int = 0, b1: int | None = None):
+        """G'ᵀG' of blocks b0:b1 (the stored array itself when it is in the frame)."""
+        gram = self.gram[b0:b1, ...]
+        return gram if self.gram_shift == 0 else _backend.ldexp(self.xp, gram, self.gram_shift)
 
     def _mu_column(self):
         """μ' as a scalar or (nb, B, 1), for broadcasting against (nb, B, ·)."""
@@ -57,11 +64,11 @@ class DenseGroup(_backend.HoldsNamespace):
         """Blocks b0:b1 with damping λ' in frame ``frame`` (``row_max``: theirs): O(nb·B³), G is
         not read."""
         b0, b1 = blocks
-        gram = self.gram[b0:b1, ...]
-        gram = gram if frame == self.frame else gram * _scaling.pow2(2 * (self.frame - frame))
+        gram = self.gram[b0:b1, ...]  # shared: the new frame is a new shift
         shape = _Shape(gram.shape[0], self.width, self.size)
         return DenseGroup(self.xp, shape, damp, self.scale, "float64", frame=frame, gram=gram, row_max=row_max,
-                          exact_products=self.exact_products)  # fmt: skip
+                          exact_products=self.exact_products,
+                          gram_shift=self.gram_shift + 2 * (self.frame - frame))  # fmt: skip
 
     def apply(self, X):
         """F̃⁻¹X/s_f for X (nb, B, k) float64: O(B²k) per block."""
@@ -69,7 +76,7 @@ class DenseGroup(_backend.HoldsNamespace):
 
     def apply_fisher(self, X):
         """s_f·F̃X."""
-        return self.scale_f * (self._mu_column() * X + self.gram @ X)
+        return self.scale_f * (self._mu_column() * X + self._gram() @ X)
 
     noise_width = 0  # standard normals per block beyond one per coordinate (``sample``)
 
@@ -86,7 +93,9 @@ class DenseGroup(_backend.HoldsNamespace):
         O(B³) per block, cached."""
         if self._gram_spectrum is None:
             lam = _backend.to_host(self.xp.linalg.eigvalsh(self.gram))[:, ::-1]
-            self._gram_spectrum = np.maximum(lam, 0.0) * math.ldexp(self.scale_f, self.scale_e + 2 * self.frame)
+            self._gram_spectrum = np.maximum(lam, 0.0) * math.ldexp(
+                self.scale_f, self.scale_e + 2 * self.frame + self.gram_shift
+            )
         return self._gram_spectrum
 
     def apply_power(self, X, p: float):
@@ -125,7 +134,8 @@ class DenseGroup(_backend.HoldsNamespace):
         return xp.where(same, out, 0.0)
 
     def fisher_diag(self):
-        return self.xp.reshape(self.scale_f * (self.mu + self.xp.linalg.diagonal(self.gram)), (-1,))
+        diagonal = _backend.ldexp(self.xp, self.xp.linalg.diagonal(self.gram), self.gram_shift)
+        return self.xp.reshape(self.scale_f * (self.mu + diagonal), (-1,))
 
     def logdets(self):
         """log det F_b = log det F̃_b + B·(log s + 2E·log 2) per block: host float64 (nb,)."""

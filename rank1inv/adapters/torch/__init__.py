@@ -12,9 +12,18 @@ from .jacobians import output_jacobians
 from .layout import blocks_from_model, masks_for_model, nm_segments, weight_mask
 from .optim import MFAC, Descent, descend
 from .pruning import prune_model
-from .vectors import GradientBuffer, flatten, gradients, model_vector, trainable, unflatten, write_vector
+from .vectors import (
+    GradientBuffer,
+    flatten,
+    gradient_stream,
+    gradients,
+    model_vector,
+    trainable,
+    unflatten,
+    write_vector,
+)
 
 __all__ = ["to_array", "to_tensor", "is_dtensor", "local_shard", "mesh_group", "output_jacobians",
            "blocks_from_model", "masks_for_model", "nm_segments", "weight_mask", "MFAC", "Descent", "descend",
-           "prune_model", "GradientBuffer", "flatten", "gradients", "model_vector", "trainable", "unflatten",
-           "write_vector"]  # fmt: skip
+           "prune_model", "GradientBuffer", "flatten", "gradient_stream", "gradients", "model_vector", "trainable",
+           "unflatten", "write_vector"]  # fmt: skip

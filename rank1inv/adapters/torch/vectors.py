@@ -97,6 +97,41 @@ def write_vector(model: torch.nn.Module, vector) -> None:
             p.copy_(view)
 
 
+def gradient_stream(model: torch.nn.Module, loss_fn, batches, m: int | None = None, *, batch: int = 16):
+    """Yield the gradients of ``loss_fn(model, b)`` (a scalar loss) for the batches ``b`` of
+    ``batches`` (at most m of them), ``batch`` at a time as new (k, d) NumPy/CuPy arrays, for
+    ``StaticInverse.from_stream`` or a ``BlockAccumulator``: no m×d array is ever formed (one
+    (batch, d) buffer at a time). The model's ``.grad`` fields are restored whenever the
+    generator stops. Cost: one backward pass per gradient."""
+    if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        raise ValueError(f"m must be a positive int or None, got {m!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [None if p.grad is None else p.grad.clone() for p in params]
+    buf = GradientBuffer(params)
+    out, count = [], 0
+    try:
+        for b in batches:
+            if m is not None and count == m:
+                break
+            for p in params:
+                p.grad = None
+            loss_fn(model, b).backward()
+            out.append(buf.gather().clone())
+            count += 1
+            if len(out) == batch:
+                piece, out = torch.stack(out), []
+                yield to_array(piece)
+        if out:
+            yield to_array(torch.stack(out))
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    if m is not None and count < m:
+        raise ValueError(f"batches yielded {count} batches, fewer than m={m}")
+
+
 def gradients(model: torch.nn.Module, loss_fn, batches, m: int):
     """m gradients (one per batch, each the gradient of the batch's mean loss) as an (m, d)
     NumPy/CuPy array for ``StaticInverse``. ``loss_fn(model, batch)`` returns a scalar loss;

@@ -5,6 +5,7 @@ No curvature math here: gradients go to a ``DynamicInverse`` on the host (NumPy)
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import jax  # noqa: TID253 (this module is the adapter)
@@ -14,7 +15,7 @@ import optax  # noqa: TID253 (this module is the adapter)
 from jax.flatten_util import ravel_pytree  # noqa: TID253 (this module is the adapter)
 
 from .. import _precision
-from ..dynamic import DynamicInverse
+from ..dynamic import DynamicInverse, staged_push_apply
 
 __all__ = ["to_array", "to_jax", "ravel", "mfac", "window_of", "MFACState"]
 
@@ -47,8 +48,11 @@ class MFACState(NamedTuple):
     window: jax.Array  # int32 id of this state's host window (each init makes its own)
 
 
+_WINDOW_IDS = itertools.count()  # ids unique across transformations: a foreign state is never a match
+
+
 class _Windows:
-    """The host side of ``mfac``: one DynamicInverse per ``init``, by id."""
+    """The host side of ``mfac``: one DynamicInverse per ``init``, by an id unique in the process."""
 
     def __init__(self, ngrads, damp, scale, dtype=None):
         self.ngrads, self.damp, self.scale, self.dtype = ngrads, damp, scale, dtype
@@ -56,13 +60,23 @@ class _Windows:
 
     def new(self, dim: int, dtype) -> int:
         name = self.dtype or _precision.of(dtype).name
-        key = len(self.windows)
+        key = next(_WINDOW_IDS)
+        if key > np.iinfo(np.int32).max:  # pragma: no cover - 2^31 inits in one process
+            raise OverflowError("too many mfac windows in this process")
         self.windows[key] = DynamicInverse(dim, self.ngrads, self.damp, scale=self.scale, dtype=name)
         return key
 
     def push_apply(self, key, g):
         g = np.asarray(g)
-        return np.asarray(self.windows[int(key)].push_apply(g), dtype=g.dtype)
+        if int(key) not in self.windows:  # under jit the id is only known here
+            raise ValueError("this state was made by another transformation's init")
+        (direction,), undo = staged_push_apply([self.windows[int(key)]], [g])
+        with np.errstate(over="ignore"):
+            out = np.asarray(direction, dtype=g.dtype)
+        if not np.all(np.isfinite(out)):  # e.g. F⁻¹g beyond float16's 65 504: never a silent inf
+            undo()  # the step did not happen: the window is as it was
+            raise OverflowError(f"the M-FAC direction does not fit the gradients' dtype {g.dtype}")
+        return out
 
 
 def _is_batched(x) -> bool:
@@ -85,7 +99,10 @@ def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, moment
     the state as arrays: its O(m²) updates are sequential host work (or CuPy kernels), not XLA
     operations; the cost is one host round trip of the d-long gradient and direction per step.
     ``update`` refuses, at the call, a state that is not from this transformation's ``init``
-    (TypeError/ValueError) and ``vmap`` (TypeError). ``window_of(tx, state)`` returns the window
+    (TypeError/ValueError), non-finite gradients (ValueError) and ``vmap`` (TypeError); under
+    ``jit`` the first two and a direction that overflows a 16-bit dtype (OverflowError) are
+    raised inside the callback, which JAX reports as its own runtime error carrying that
+    message (nothing is pushed). ``window_of(tx, state)`` returns the window
     (e.g. for ``state_dict()`` checkpoints). ``dtype`` is the windows' storage dtype (None: the
     parameters'; "bfloat16"/"float16" halve the memory of float32 ones).
     """
@@ -111,6 +128,8 @@ def mfac(learning_rate: float, *, ngrads: int = 1024, damp: float = 1e-5, moment
             raise ValueError(f"updates have {flat.shape[0]} values, the state was made for {state.momentum.shape[0]}")
         if not isinstance(state.window, jax.core.Tracer) and int(state.window) not in host.windows:
             raise ValueError("this state was made by another transformation's init")
+        if not isinstance(flat, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(flat))):
+            raise ValueError("updates contain non-finite values (nan or inf); the window is unchanged")
         shape = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
         direction = jax.experimental.io_callback(host.push_apply, shape, state.window, flat, ordered=True)
         buf = momentum * state.momentum + direction if momentum else direction

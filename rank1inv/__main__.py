@@ -6,13 +6,15 @@ import sys
 from .examples import demo
 
 COMMANDS = {
-    "demo": "accuracy and speed against the paper, then OBS pruning of a digits MLP (the main job)",
+    "demo": "accuracy and speed against the paper, then OBS pruning of a digits MLP (the main job, ~40 s)",
 }
 CHECKOUT = {  # entry points that live beside the package, in a clone of the repository
     "python -m benchmarks [--help]": "the benchmarks of docs/benchmarks.md",
     "python -m benchmarks experiments [name]": "the experiments of docs/experiments.md (PyTorch)",
     "python -m tools.gpu_check --out DIR": "the GPU tests and benchmarks in one short run, with a report",
-    "bash .ci/run": "install the pinned test dependencies and run lint and the tests (what CI runs)",
+    "python -m tools.api_docs": "regenerate docs/api.md from the public names' docstrings (seconds)",
+    "bash .ci/run": "pip-install the pinned test dependencies (torch, jax, dask, mpi4py, ruff, mypy, ...) into "
+    "the active Python, then lint, type-check and run the tests (what CI runs; ~5 min on 2 quiet cores)",
 }
 
 
@@ -21,6 +23,7 @@ def usage() -> str:
     lines += [f"  {name:10s} {text}" for name, text in COMMANDS.items()]
     lines += ["", "from a checkout of the repository:"]
     lines += [f"  {name:42s} {text}" for name, text in CHECKOUT.items()]
+    lines += ["", "each command takes --help"]
     return "\n".join(lines)
 
 

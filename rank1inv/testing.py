@@ -113,13 +113,17 @@ def assert_inverse_close(op, G, damp, *, scale=None, block_sizes=None, rng=None,
     accuracy targets of G's storage dtype: products by backward error (every dtype, any
     conditioning), the diagonal, entries and a column against the dense inverse where
     cond(F) ≤ 1e9. G is the (m, d) host array the operator was built from (any storage dtype);
-    ``scale`` None means 1/m. AssertionError with the measured error otherwise. O(d³)."""
+    ``scale`` None means 1/m. AssertionError with the measured error otherwise. O(d³).
+
+    Any operator of your own works if it provides ``op @ X`` for X (d, k), ``op.diag()`` (d,),
+    ``op.entries(rows, cols)`` and ``op.column(j)`` (d,), all returning arrays of one namespace;
+    ``op.namespace`` (optional, NumPy by default) is the array namespace the inputs are made in."""
     rng = np.random.default_rng(0) if rng is None else rng
     policy = _precision.of(np.asarray(G).dtype)
     Gh = np.asarray(_backend.to_host(G), dtype=np.float64)
     F = dense_fisher(Gh, damp, scale, block_sizes)
     d = F.shape[0]
-    xp = op.namespace
+    xp = getattr(op, "namespace", np)
     X = rng.standard_normal((d, k))
     in_span = Gh[: min(3, Gh.shape[0])].T  # vectors in the gradients' span (the cancelling case)
     X = np.concatenate([X, in_span], axis=1)
@@ -136,6 +140,10 @@ def assert_inverse_close(op, G, damp, *, scale=None, block_sizes=None, rng=None,
         got = np.asarray(_backend.to_host(op.entries(xp.asarray(rows), xp.asarray(cols))), dtype=np.float64)
         err = entry_error(got, Finv, rows, cols)
         assert err <= policy.rel, f"entry error {err:.2e} > {policy.rel:g} (cond(F) {cond:.1e})"
+        j = int(rng.integers(0, d))
+        col = np.asarray(_backend.to_host(op.column(j)), dtype=np.float64)
+        err = float(np.linalg.norm(col - Finv[:, j]) / np.linalg.norm(Finv[:, j]))
+        assert err <= policy.rel, f"column {j} relative error {err:.2e} > {policy.rel:g} (cond(F) {cond:.1e})"
 
 
 def gradient_sets(*, max_m: int = 16, max_d: int = 40, dtypes=("float32", "float64"), families=FAMILIES):

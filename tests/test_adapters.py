@@ -337,6 +337,28 @@ def test_jax_each_init_has_its_own_window_and_errors_are_clear():
         tx.update({"w": jnp.arange(5.0)}, b)
     with pytest.raises(TypeError, match="vmap"):
         jax.vmap(lambda gg: tx.update({"w": gg}, b)[0])(jnp.ones((2, 6)))
+    # ids are unique across transformations: another one's state is refused, never pushed into
+    fresh = ja.mfac(0.1, ngrads=3, damp=1e-2)
+    c = fresh.init({"w": jnp.zeros(6)})
+    with pytest.raises(ValueError, match="another transformation"):
+        tx.update(g, c)
+    with pytest.raises(ValueError, match="non-finite"):
+        tx.update({"w": jnp.array([1.0, jnp.nan, 0, 0, 0, 0])}, b)
+    assert len(ja.window_of(tx, b)) == 0 and len(ja.window_of(fresh, c)) == 0
+
+
+def test_jax_16bit_direction_that_overflows_is_refused_and_not_pushed():
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from rank1inv.adapters import jax as ja
+
+    tx = ja.mfac(0.1, ngrads=3, damp=1e-12, dtype="float32")  # float16 parameters, a float32 window
+    s = tx.init({"w": jnp.zeros(6, jnp.float16)})
+    g = {"w": jnp.full(6, 1e-6, jnp.float16)}  # F⁻¹g ≈ 3.3e5 > 65 504
+    with pytest.raises(Exception, match="does not fit"):  # OverflowError (eager), JAX's error under jit
+        tx.update(g, s)
+    assert len(ja.window_of(tx, s)) == 0  # the push was undone
 
 
 def test_model_level_pruning_helpers():
@@ -360,10 +382,15 @@ def test_model_level_pruning_helpers():
     assert np.allclose(ta.model_vector(model), 2 * v)
     ta.write_vector(model, v)
     frozen = model[0].bias.detach().clone()
-    masks = ta.prune_model(model, loss, batches, 0.5, ngrads=20, layer_sparsity={"0": 0.25})
+    masks = ta.prune_model(model, loss, batches, 0.5, ngrads=20, layer_sparsity={model[0]: 0.25})  # a module
     assert set(masks) == {"0.weight", "2.weight", "2.bias"}
     assert masks["0.weight"].float().mean() == 0.75 and masks["2.weight"].float().mean() == 0.5
     assert torch.all(model[0].weight[~masks["0.weight"]] == 0) and torch.equal(model[0].bias, frozen)
+    ta.write_vector(model, v)
+    masks = ta.prune_model(model, loss, batches, None, ngrads=20, nm=(2, 4))
+    ta.write_vector(model, v)
+    with pytest.warns(UserWarning, match=r"dense .*: 0\.weight \(8 inputs\)"):  # 8 is not a multiple of 16
+        ta.prune_model(model, loss, batches, None, ngrads=20, nm=(8, 16))
     ta.write_vector(model, v)
     masks = ta.prune_model(model, loss, batches, None, ngrads=20, nm=(2, 4))
     for name in ("0.weight", "2.weight"):
@@ -379,16 +406,66 @@ def test_model_level_pruning_helpers():
         assert np.array_equal(ta.model_vector(model), before)  # refused before the model is touched
 
 
+def test_pruning_from_a_stream_of_gradients_matches_stored_gradients():
+    """gradient_stream yields exactly the rows of gradients(); prune_model(stream=True) never
+    forms G and prunes as the stored-G pipeline does (same masks, same weights)."""
+    import copy
+
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4)).double()
+    X, Y = torch.randn(240, 8, dtype=torch.float64), torch.randint(0, 4, (240,))
+    batches = [(X[i : i + 4], Y[i : i + 4]) for i in range(0, 240, 4)]
+    loss = lambda mdl, b: torch.nn.functional.cross_entropy(mdl(b[0]), b[1])
+    G = ta.gradients(model, loss, batches, 50)
+    pieces = list(ta.gradient_stream(model, loss, batches, 50, batch=16))
+    assert [p.shape[0] for p in pieces] == [16, 16, 16, 2]
+    np.testing.assert_array_equal(np.concatenate(pieces), G)
+    with pytest.raises(ValueError, match="fewer than m"):
+        list(ta.gradient_stream(model, loss, batches[:3], 5))
+    twin = copy.deepcopy(model)
+    a = ta.prune_model(model, loss, batches, 0.5, ngrads=50, per=10, steps=2)
+    b = ta.prune_model(twin, loss, batches, 0.5, ngrads=50, per=10, steps=2, stream=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_allclose(ta.model_vector(model), ta.model_vector(twin), rtol=1e-9, atol=1e-12)
+
+
 def test_mfac_relative_damping():
     from rank1inv.adapters import torch as ta
 
     model = _mlp()
     opt = ta.MFAC(model.parameters(), lr=0.05, ngrads=3, damp="relative:100")
-    assert opt._windows == [None]
+    assert opt._windows == [None] and opt.damps == (None,)
     x, y = _batch(0)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
     opt.step()
     assert opt._windows[0][0].damp == pytest.approx(100 * float(torch.mean(g**2)), rel=1e-12)
+    assert opt.damps == (opt._windows[0][0].damp,)  # the chosen λ, public and read-only
+    with pytest.raises(AttributeError):
+        opt.damps = (1.0,)
     with pytest.raises(ValueError, match="relative"):
         ta.MFAC(model.parameters(), lr=0.05, damp="relative:-1")
+
+
+def test_mfac_takes_a_tensor_lr_like_torch_optim():
+    from rank1inv.adapters import torch as ta
+
+    torch.manual_seed(0)
+    a, b = _mlp(), _mlp()
+    b.load_state_dict(a.state_dict())
+    lr = torch.tensor(0.05)
+    opt_a = ta.MFAC(a.parameters(), lr=0.05, ngrads=3, damp=1e-2)
+    opt_b = ta.MFAC(b.parameters(), lr=lr, ngrads=3, damp=1e-2)
+    for step in range(3):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            x, y = _batch(step)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    for bad in (torch.tensor([0.1, 0.2]), torch.tensor(-1.0), torch.tensor(1, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="lr"):
+            ta.MFAC(b.parameters(), lr=bad)

@@ -3,6 +3,7 @@ docstrings (``tests/test_api_docs.py`` checks it is current)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 from pathlib import Path
@@ -88,8 +89,20 @@ def render() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main() -> int:
-    API.write_text(render())
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.api_docs",
+        description="Rewrite docs/api.md from the docstrings of rank1inv's public names (__all__ of the package "
+        "and its adapters); tests/test_api_docs.py fails when it is stale. Takes a few seconds.",
+    )
+    p.add_argument("--check", action="store_true", help="only say whether docs/api.md is current (exit 1 if not)")
+    args = p.parse_args(argv)
+    text = render()
+    if args.check:
+        current = API.read_text() == text
+        print("docs/api.md is current" if current else "docs/api.md is stale: run python -m tools.api_docs")
+        return 0 if current else 1
+    API.write_text(text)
     return 0
 
 

@@ -115,7 +115,12 @@ def run(out: Path, dry_run: bool = False) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tools.gpu_check",
+        description="The checks a lent GPU should run, in order of value, within about 6 minutes of device time: "
+        "the GPU tests, then the GPU benchmarks, each step a subprocess with its own timeout; DIR/report.md is "
+        "rewritten after every step. How to run it with the device tool: docs/benchmarks.md.",
+    )
     p.add_argument("--out", default="gpu-check", help="folder for report.md and the benchmark tables")
     p.add_argument("--dry-run", action="store_true", help="list the steps with their estimated device time")
     args = p.parse_args(argv)

@@ -33,8 +33,13 @@ class Timer:
         return statistics.median(self._once(fn) for _ in range(repeat or self.repeat))
 
     def ratio(self, fn, reference, repeat: int | None = None) -> tuple[float, float, float]:
-        """Median over rounds of time(fn)/time(reference), with the two times of the median
-        round. Each round times a block of ``reference`` calls, then a block of ``fn`` calls,
+        """The median round of ``rounds``: (time(fn)/time(reference), time(fn), time(reference))."""
+        rounds = self.rounds(fn, reference, repeat)
+        return rounds[len(rounds) // 2]
+
+    def rounds(self, fn, reference, repeat: int | None = None) -> list[tuple[float, float, float]]:
+        """Every round's (time(fn)/time(reference), time(fn), time(reference)), sorted by the
+        ratio. Each round times a block of ``reference`` calls, then a block of ``fn`` calls,
         with a pause of ``SPIN_PAUSE`` before each block: multi-threaded OpenBLAS keeps its idle
         workers spinning for a while after a call (measured here: more than 0.15 s, less than
         0.5 s), and whatever runs next would share the cores with them (on 2 vCPUs our compiled
@@ -55,7 +60,7 @@ class Timer:
             a = statistics.median(self._once(fn) for _ in range(3))
             rounds.append((a / b, a, b))
         rounds.sort()
-        return rounds[len(rounds) // 2]
+        return rounds
 
     def _warm(self, fn) -> None:
         """Untimed calls until ``WARM_UP`` seconds have passed (at least one, at most

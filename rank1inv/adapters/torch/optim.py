@@ -75,11 +75,12 @@ class MFAC(torch.optim.Optimizer):
     Parameters
     ----------
     params : iterable of tensors or parameter groups
-    lr : float
+    lr : float > 0, or a one-element floating tensor (as torch.optim: schedulers may write it)
     ngrads : int
         Window length (M-FAC's m).
-    damp : float
-        λ in F = λI + s·Σ gᵢgᵢᵀ.
+    damp : float or "relative:c"
+        λ in F = λI + s·Σ gᵢgᵢᵀ; "relative:c" chooses λ = c·mean(g²) of each window's first
+        gradient at its first step (read it back from ``damps``).
     momentum : float
         Heavy-ball momentum on the preconditioned direction (0: none, as in the paper).
     weight_decay : float
@@ -139,10 +140,20 @@ class MFAC(torch.optim.Optimizer):
             self._comm = group
         self._windows, self._buffers = self._make_windows()
 
+    @property
+    def damps(self) -> tuple:
+        """λ of each window unit (one per parameter group with blocks="groups", else one), as
+        floats; None for a "relative:c" damping that its first step has not chosen yet."""
+        return tuple(None if w is None else w[0].damp for w in self._windows)
+
     @staticmethod
     def _check_group(group, where: str) -> None:
         lr, ngrads, momentum, wd = group["lr"], group["ngrads"], group["momentum"], group["weight_decay"]
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        if isinstance(lr, torch.Tensor):  # torch.optim accepts a tensor lr (a scheduler may fill_ it)
+            if lr.numel() != 1 or not lr.dtype.is_floating_point or lr.requires_grad:
+                raise ValueError(f"a tensor lr must be one floating value without grad, got {lr!r} ({where})")
+            lr = float(lr)
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < float("inf"):
             raise ValueError(f"lr must be a number > 0, got {lr!r} ({where})")
         if isinstance(ngrads, bool) or not isinstance(ngrads, numbers.Integral):
             raise TypeError(f"ngrads must be an int, not {type(ngrads).__name__} ({where})")

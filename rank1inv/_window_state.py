@@ -62,18 +62,9 @@ def state_dict(w, xp=None) -> dict:
 
 
 def load_state_dict(w, state, rebuild: bool) -> None:
-    """Load a ``state_dict()`` (format 3, or formats 1 and 2 of earlier versions). dim, capacity and dtype
-    must match this window; damp, scale and accumulate are taken from the state. Arrays may
-    be NumPy, CuPy or torch (CPU) arrays; scalars may be 0-d arrays (``np.load``).
-
-    Everything is checked against the stored gradients, which are the ground truth: the
-    Gram matrix against a recomputation (O(d·capacity²); entries must agree within
-    8·ε·(√d + 1)·‖g_i‖‖g_j‖, 18× the largest rounding difference measured), the factor by
-    its componentwise residual (O(capacity³)). A state that fails raises ValueError and
-    leaves the window unchanged; ``rebuild=True`` recomputes both from the gradients instead
-    (O(d·capacity² + capacity³); the resumed window then agrees with the saved one to
-    rounding, not bit for bit). Format-1 states always have their factor rebuilt from their
-    validated Gram matrix (their D and B are not used)."""
+    """``DynamicInverse.load_state_dict`` (its docstring states the contract and the costs):
+    validate everything against the stored gradients, then commit, or raise ValueError with
+    the window unchanged."""
     view = w._view(w._G[None, ...])
     cap = w._capacity
     err, tops, digest = None, np.zeros(cap), (0.0, 0.0)

@@ -1,6 +1,10 @@
 """JAX adapter: zero-copy conversion, pytree ravel/unravel, and M-FAC as an optax transformation.
 
-No curvature math here: gradients go to a ``DynamicInverse`` on the host (NumPy) through DLPack.
+Two M-FACs: ``native_mfac`` keeps the window as arrays in the optax state (pure, jit/vmap/scan,
+no host callback: ``rank1inv.adapters.jax_native``), ``mfac`` sends gradients to a
+``DynamicInverse`` on the host through ``io_callback`` — for what only that window has: its
+power-of-two frames and refusals, 16-bit storage with float64 accumulation, its CuPy kernels,
+and ``state_dict`` interchange with the NumPy/torch windows.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from jax.flatten_util import ravel_pytree  # noqa: TID253 (this module is the ad
 
 from .. import _precision
 from ..dynamic import DynamicInverse, staged_push_apply
+from .jax_native import NativeMFACState, native_mfac
 
-__all__ = ["to_array", "to_jax", "ravel", "mfac", "window_of", "MFACState"]
+__all__ = ["to_array", "to_jax", "ravel", "mfac", "window_of", "MFACState", "native_mfac", "NativeMFACState"]
 
 
 def to_array(x: jax.Array):

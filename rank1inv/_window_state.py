@@ -26,16 +26,8 @@ FACTOR_TOLERANCE = 64.0
 
 
 def state_dict(w, xp=None) -> dict:
-    """The whole window as plain Python values and arrays, enough to resume bit for bit.
-
-    Arrays are host NumPy arrays, or arrays of the namespace ``xp`` if given (e.g. ``torch``,
-    for ``torch.save`` and ``torch.load(weights_only=True)``). The state round-trips through
-    ``np.savez``/``np.load`` (no pickle), ``torch.save``, ``pickle`` and ``copy.deepcopy``.
-    bfloat16 gradients are stored as their uint16 bit patterns. Fields: format, dim,
-    capacity, damp, scale ("capacity", "count" or a float), dtype, accumulate, gradients
-    (capacity×dim, slot order), ages, counter, frames (int64 per slot, docs/design.md §4),
-    steps, gram (float64 Gram matrix in the frames, slot order) and factor (its damped
-    system's upper Cholesky factor, age order, padded with the identity)."""
+    """``DynamicInverse.state_dict`` (its docstring lists the fields): host copies, or arrays
+    of ``xp``."""
     h = _backend.to_host
     grads = np.array(h(w._G), copy=True)
     if w._storage == "bfloat16":

@@ -711,7 +711,6 @@ class DynamicInverse(Variants, InverseOperator):
 
     # -- state ----------------------------------------------------------------------------
     @_backend.on_device
-    @_backend.on_device
     def state_dict(self, *, xp=None) -> dict:
         """The whole window as plain Python values and arrays, enough to resume bit for bit.
 

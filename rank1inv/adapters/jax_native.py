@@ -48,6 +48,7 @@ def window_direction(ring, gram, count, g, damp, scale):
     m = ring.shape[0]
     acc = gram.dtype
     slot = count % m
+    g = g.astype(ring.dtype)  # as stored (a 16-bit ring): every product uses the stored values
     row = jnp.dot(ring, g, preferred_element_type=acc)  # the new gradient against every slot
     self_dot = jnp.dot(g, g, preferred_element_type=acc)
     row = row.at[slot].set(self_dot)
@@ -66,7 +67,7 @@ def window_direction(ring, gram, count, g, damp, scale):
     others = jnp.where(jnp.arange(m) == slot, jnp.zeros((), acc), c)
     product = jnp.dot(others, ring, preferred_element_type=acc) + c[slot] * g.astype(acc)
     direction = product / jnp.asarray(scale, acc)
-    stored = (g + 0 * direction.astype(g.dtype)).astype(ring.dtype)  # the same values, ordered after
+    stored = g + 0 * direction.astype(g.dtype)  # the same values, ordered after the passes
     ring = ring.at[slot].set(stored)
     return direction, ring, gram
 

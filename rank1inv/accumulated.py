@@ -24,7 +24,6 @@ the Woodbury form would have handled (damping below about B·ε·‖G_bᵀG_b‖
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ import numpy as np
 from . import _backend, _checks, _passes, _precision, _scaling
 from ._blocks import Layout, Run
 from ._protocols import Group
-from .groups import make_group
+from .groups import group_view, make_group
 from .groups.dense import DenseGroup, _Shape
 
 TILE_BYTES = 2 << 20  # float64 scratch per step of an accumulation (blocks at a time; measured best of 0.5/2/8 MiB)
@@ -42,7 +41,7 @@ SLICE_BUDGET = 2  # slices are kept while count·itemsize ≤ SLICE_BUDGET·B (a
 class _RunSums:
     """One run of equal blocks: its Gram matrices in frame A, or the gradients' slices."""
 
-    __slots__ = ("run", "gram", "frame", "slices", "block_max", "sumsq")
+    __slots__ = ("run", "gram", "frame", "slices", "block_max")
 
     def __init__(self, run: Run):
         self.run = run
@@ -50,13 +49,12 @@ class _RunSums:
         self.frame = 0
         self.slices: list = []  # stored-dtype pieces (k, count·B), in arrival order
         self.block_max = np.zeros(run.count)  # max |g| per block seen so far (host)
-        self.sumsq = 0.0  # Σ‖g‖² over the run's coordinates, in frame 2^(-2·frame)
 
     def copy(self) -> _RunSums:
         new = _RunSums(self.run)
         new.gram = None if self.gram is None else self.gram.copy()
         new.frame, new.slices = self.frame, list(self.slices)  # slices are never written
-        new.block_max, new.sumsq = self.block_max.copy(), self.sumsq
+        new.block_max = self.block_max.copy()
         return new
 
 
@@ -119,8 +117,8 @@ class BlockAccumulator(_backend.HoldsNamespace):
             raise ValueError("no gradients accumulated yet")
         total = 0.0
         for r in self._runs:
-            if r.gram is not None:
-                total += float(np.ldexp(r.sumsq, 2 * r.frame))
+            if r.gram is not None:  # Σ‖g‖² is the trace of the sums
+                total += float(np.ldexp(float(self._xp.sum(self._xp.linalg.diagonal(r.gram))), 2 * r.frame))
             elif r.block_max.max() > 0:  # slices: Σ(σg)² in the frame of their largest entry
                 e = _scaling.exponent(float(r.block_max.max()))
                 for piece in r.slices:
@@ -154,7 +152,7 @@ class BlockAccumulator(_backend.HoldsNamespace):
         if k == 0:
             return
         stored = G if kind == storage else _backend.encode(xp, G, storage)
-        tops = [_passes.row_max_abs(xp, self._view(xp, stored, r.run)) for r in self._runs]  # (count, k)
+        tops = [_passes.row_max_abs(xp, group_view(xp, stored, r.run)) for r in self._runs]  # (count, k)
         if not all(np.all(np.isfinite(t)) for t in tops):
             raise ValueError("G contains non-finite values (nan or inf), or values that overflow its storage dtype")
         # validated: from here on the call cannot fail on its input
@@ -164,17 +162,13 @@ class BlockAccumulator(_backend.HoldsNamespace):
             self._shared = False
         itemsize = _precision.of(storage).itemsize
         for sums, top in zip(self._runs, tops):
-            sums.block_max = np.maximum(sums.block_max, top.max(axis=1))
-            self._add_run(xp, sums, stored, itemsize)
+            self._add_run(xp, sums, stored, top.max(axis=1), itemsize)
         self._count += k
 
-    @staticmethod
-    def _view(xp, G, run: Run):
-        m = G.shape[0]
-        return xp.permute_dims(xp.reshape(G[:, run.start : run.stop], (m, run.count, run.size)), (1, 0, 2))
-
-    def _add_run(self, xp, sums: _RunSums, stored, itemsize: int) -> None:
+    def _add_run(self, xp, sums: _RunSums, stored, batch_max, itemsize: int) -> None:
         run = sums.run
+        only_zeros = not sums.block_max.any()  # so far: the sums are zero in any frame
+        sums.block_max = np.maximum(sums.block_max, batch_max)
         top = float(sums.block_max.max())
         count = self._count + stored.shape[0]
         if sums.gram is None and count <= run.size and count * itemsize <= SLICE_BUDGET * run.size:
@@ -187,11 +181,10 @@ class BlockAccumulator(_backend.HoldsNamespace):
             pieces, sums.slices = sums.slices, []
             for piece in pieces:
                 self._accumulate(xp, sums, piece)
-        elif not sums.sumsq:  # nothing but zeros so far: any frame holds them
+        elif only_zeros:
             sums.frame = new_frame
         elif new_frame > sums.frame:  # a larger gradient: the sums move to its frame, by 2^(2ΔA)
             _backend.ldexp(xp, sums.gram, 2 * (sums.frame - new_frame), out=sums.gram)
-            sums.sumsq = float(np.ldexp(sums.sumsq, 2 * (sums.frame - new_frame)))
             sums.frame = new_frame
         self._accumulate(xp, sums, stored[:, run.start : run.stop])
 
@@ -219,7 +212,6 @@ class BlockAccumulator(_backend.HoldsNamespace):
                 _backend.ldexp(xp, t, sigma, out=t)
             _backend.matmul(xp, xp.matrix_transpose(t), t, out=p)
             sums.gram[b0:b1] += p
-            sums.sumsq += float(xp.sum(xp.linalg.diagonal(p)))
 
     # -- what an operator reads --------------------------------------------------------------
     def _parts(self) -> AccumulatedBlocks:
@@ -287,8 +279,6 @@ def consume(batches, dim: int, block_size, dtype) -> AccumulatedBlocks:
     accumulator and return its parts."""
     if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
         raise TypeError("batches must be an iterable of gradients (d,) or of batches of them (k, d)")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
-        raise TypeError(f"dim must be an int, not {type(dim).__name__}")
     acc = BlockAccumulator(dim, block_size, dtype=dtype)
     for item in batches:
         item = _checks.as_array(item, "batch", acc._xp)

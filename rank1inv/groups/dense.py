@@ -51,10 +51,9 @@ class DenseGroup(_backend.HoldsNamespace):
         eye = self.xp.eye(self.block, dtype=self.xp.float64, device=_backend.device(self.gram))
         return self._mu_column() * eye + self._gram()
 
-    def _gram(self, b0: int = 0, b1: int | None = None):
-        """G'ᵀG' of blocks b0:b1 (the stored array itself when it is in the frame)."""
-        gram = self.gram[b0:b1, ...]
-        return gram if self.gram_shift == 0 else _backend.ldexp(self.xp, gram, self.gram_shift)
+    def _gram(self):
+        """G'ᵀG' (the stored array itself when it is in the frame, else a rescaled copy)."""
+        return self.gram if self.gram_shift == 0 else _backend.ldexp(self.xp, self.gram, self.gram_shift)
 
     def _mu_column(self):
         """μ' as a scalar or (nb, B, 1), for broadcasting against (nb, B, ·)."""
@@ -76,7 +75,9 @@ class DenseGroup(_backend.HoldsNamespace):
 
     def apply_fisher(self, X):
         """s_f·F̃X."""
-        return self.scale_f * (self._mu_column() * X + self._gram() @ X)
+        GX = self.gram @ X  # the shift applied to the (B, k) result, not to the B×B matrix
+        GX = GX if self.gram_shift == 0 else _backend.ldexp(self.xp, GX, self.gram_shift, out=GX)
+        return self.scale_f * (self._mu_column() * X + GX)
 
     noise_width = 0  # standard normals per block beyond one per coordinate (``sample``)
 

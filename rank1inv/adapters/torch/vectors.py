@@ -97,6 +97,34 @@ def write_vector(model: torch.nn.Module, vector) -> None:
             p.copy_(view)
 
 
+def _batch_gradients(model: torch.nn.Module, loss_fn, batches, m: int | None):
+    """(buffer, generator): the generator yields the flat gradient of ``loss_fn(model, b)`` for
+    each batch b (at most m), as a view of ``buffer`` valid until the next one; the model's
+    ``.grad`` fields are restored whenever it stops, and fewer than m batches raise ValueError."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buf = GradientBuffer(params)
+
+    def each():
+        saved = [None if p.grad is None else p.grad.clone() for p in params]
+        count = 0
+        try:
+            for b in batches:
+                if m is not None and count == m:
+                    break
+                for p in params:
+                    p.grad = None
+                loss_fn(model, b).backward()
+                yield buf.gather()
+                count += 1
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        if m is not None and count < m:
+            raise ValueError(f"batches yielded {count} batches, fewer than m={m}")
+
+    return buf, each()
+
+
 def gradient_stream(model: torch.nn.Module, loss_fn, batches, m: int | None = None, *, batch: int = 16):
     """Yield the gradients of ``loss_fn(model, b)`` (a scalar loss) for the batches ``b`` of
     ``batches`` (at most m of them), ``batch`` at a time as new (k, d) NumPy/CuPy arrays, for
@@ -107,52 +135,23 @@ def gradient_stream(model: torch.nn.Module, loss_fn, batches, m: int | None = No
         raise ValueError(f"m must be a positive int or None, got {m!r}")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"batch must be a positive int, got {batch!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = [None if p.grad is None else p.grad.clone() for p in params]
-    buf = GradientBuffer(params)
-    out, count = [], 0
-    try:
-        for b in batches:
-            if m is not None and count == m:
-                break
-            for p in params:
-                p.grad = None
-            loss_fn(model, b).backward()
-            out.append(buf.gather().clone())
-            count += 1
-            if len(out) == batch:
-                piece, out = torch.stack(out), []
-                yield to_array(piece)
-        if out:
-            yield to_array(torch.stack(out))
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    if m is not None and count < m:
-        raise ValueError(f"batches yielded {count} batches, fewer than m={m}")
+    _, each = _batch_gradients(model, loss_fn, batches, m)
+    out = []
+    for g in each:
+        out.append(g.clone())
+        if len(out) == batch:
+            piece, out = torch.stack(out), []
+            yield to_array(piece)
+    if out:
+        yield to_array(torch.stack(out))
 
 
 def gradients(model: torch.nn.Module, loss_fn, batches, m: int):
     """m gradients (one per batch, each the gradient of the batch's mean loss) as an (m, d)
     NumPy/CuPy array for ``StaticInverse``. ``loss_fn(model, batch)`` returns a scalar loss;
     ``batches`` yields at least m batches. The model's own ``.grad`` fields are restored."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = [None if p.grad is None else p.grad.clone() for p in params]
-    buf = GradientBuffer(params)
+    buf, each = _batch_gradients(model, loss_fn, batches, m)
     G = torch.empty((m, buf.buffer.numel()), dtype=buf.buffer.dtype, device=buf.buffer.device)
-    count = 0
-    try:
-        for batch in batches:
-            if count == m:
-                break
-            for p in params:
-                p.grad = None
-            loss_fn(model, batch).backward()
-            G[count].copy_(buf.gather())
-            count += 1
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    if count < m:
-        raise ValueError(f"batches yielded {count} batches, fewer than m={m}")
+    for i, g in enumerate(each):
+        G[i].copy_(g)
     return to_array(G)

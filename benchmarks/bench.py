@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from rank1inv import DynamicInverse, StaticInverse, _backend, reference
+from rank1inv.examples import progress
 from rank1inv.examples.timing import SPIN_PAUSE, WARM_UP, WARM_UP_CALLS, Timer  # noqa: F401 - re-exported
 from rank1inv.groups import coefficients as _coef
 
@@ -55,6 +56,7 @@ def _lowrank(xp, m, d, seed=0):
 
 def _row(rows, name, value, unit="", note=""):
     rows.append((name, value, unit, note))
+    progress.step(f"{name}: {value:.3g} {unit}")
 
 
 def cpu_static(rows, timer, xp, m=256, d=100_000):

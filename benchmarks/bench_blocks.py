@@ -19,6 +19,7 @@ import numpy as np
 
 import rank1inv as r1
 from rank1inv import accumulated, obs
+from rank1inv.examples import progress
 
 
 def _gemm_to_memory_seconds(nb: int, k: int, B: int, repeat: int) -> float:
@@ -85,7 +86,8 @@ def row(d: int, m: int, B: int = 50, k: int = 16, prune: bool = True) -> dict:
 
 
 def run(quick: bool = False) -> str:
-    rows = [row(10**5, 256)] if quick else [row(10**6, 1024), row(10**7, 256, prune=False)]
+    shapes = [(10**5, 256, True)] if quick else [(10**6, 1024, True), (10**7, 256, False)]
+    rows = [row(d, m, prune=prune) for d, m, prune in progress.track(shapes, "blocks from a stream, d and m")]
     lines = [
         "| d | m | accumulate [s] | rate vs GEMM in cache | rate vs GEMM to memory | peak [MiB] "
         "| peak / (blocks + batch) | stored G [MiB] "

@@ -15,6 +15,8 @@ import warnings
 
 import numpy as np
 
+from rank1inv.examples import progress
+
 CHUNK = 1 << 18
 
 
@@ -37,6 +39,7 @@ def run(m: int = 64, d: int = 4_000_000) -> str:
     rng = np.random.default_rng(0)
     G = rng.standard_normal((m, d), dtype=np.float32) + rng.standard_normal((1, d), dtype=np.float32)
     x = rng.standard_normal(d)
+    progress.step("NumPy reference")
     ref = StaticInverse(G, 1e-3)
     t_numpy = _median(lambda: ref @ x)
     build_numpy = _median(lambda: StaticInverse(G, 1e-3), repeat=3)
@@ -48,6 +51,7 @@ def run(m: int = 64, d: int = 4_000_000) -> str:
             warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
             Gd = da.from_array(G, chunks=(m, CHUNK)).persist()
             xd = da.from_array(x, chunks=CHUNK).persist()
+        progress.step("Dask cluster up: construction and IHVP")
         build = _median(lambda: StaticInverse(Gd, 1e-3), repeat=3)
         op = StaticInverse(Gd, 1e-3)
         view = op._group_list[0].Gg

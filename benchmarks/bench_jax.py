@@ -20,6 +20,7 @@ import optax
 import rank1inv as r1
 from rank1inv.adapters import jax as r1j
 from rank1inv.adapters.jax_native import native_mfac
+from rank1inv.examples import progress
 from rank1inv.examples.digits import SIZES, load_digits
 
 
@@ -70,7 +71,7 @@ def run(quick: bool = False) -> str:
     steps = 50 if quick else 200
     rows = []
     rounds = {"adam": [], "native_mfac": [], "host mfac": []}
-    for _ in range(3):  # interleaved rounds
+    for _ in progress.track(range(3), "digits MLP steps: adam, native_mfac, host mfac"):  # interleaved rounds
         rounds["adam"].append(_step_time(optax.adam(1e-3), batches, steps))
         rounds["native_mfac"].append(_step_time(native_mfac(1e-2, ngrads=32, damp=1e-3), batches, steps))
         rounds["host mfac"].append(_step_time(r1j.mfac(1e-2, ngrads=32, damp=1e-3), batches, steps))
@@ -79,6 +80,7 @@ def run(quick: bool = False) -> str:
         rows.append((f"digits MLP step, {k} / adam", med[k] / med["adam"], f"{1e3 * med[k]:.3f} ms"))
     rows.append(("digits MLP step, adam", med["adam"] * 1e3, "ms"))
     d, m = (20_000, 64) if quick else (100_000, 256)
+    progress.step(f"bare update, d = {d}, m = {m}")
     G = np.random.default_rng(1).standard_normal((3 * m, d)).astype(np.float32)
     tx = native_mfac(1e-2, ngrads=m, damp=1e-3)
     state = tx.init(jnp.zeros(d, jnp.float32))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rank1inv.examples import progress
+
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the child scripts import benchmarks
 
 PEER_MEMORY_LIMIT = 16 << 30  # bytes of address space for the laplace-torch child process
@@ -76,10 +78,30 @@ def per_sample_gradients(net, X, y, chunk_size=None):
     return torch.cat([g.pop(n).reshape(len(y), -1) for n in params], 1).numpy()
 
 
+def import_peer():
+    """laplace-torch's ``Laplace`` and ``CurvlinopsEF``, or SystemExit saying how to install it.
+    laplace-torch requires torchvision, which torchmetrics imports whenever it is installed; next
+    to the CPU torch wheel pip's torchvision is a CUDA build that does not load (``operator
+    torchvision::nms does not exist``), and laplace-torch runs without it."""
+    try:
+        from laplace import Laplace
+        from laplace.curvature import CurvlinopsEF
+    except ImportError as e:
+        raise SystemExit(f"the side-by-side needs laplace-torch: pip install -e '.[bench]' ({e})") from e
+    except RuntimeError as e:
+        if "torchvision" not in str(e):
+            raise
+        raise SystemExit(
+            "laplace-torch failed to import because the installed torchvision does not match this torch "
+            f"({e}); laplace-torch runs without torchvision: pip uninstall -y torchvision"
+        ) from e
+    return Laplace, CurvlinopsEF
+
+
 def agreement(rows, lam: float = 0.5):
     import torch
-    from laplace import Laplace
-    from laplace.curvature import CurvlinopsEF
+
+    Laplace, CurvlinopsEF = import_peer()
 
     from rank1inv import laplace as ours
     from rank1inv.adapters import torch as ta
@@ -197,9 +219,12 @@ def _peer_at_scale(rows, hidden: int, d: int, m: int = 256):
 
 
 def run() -> str:
+    import_peer()  # before any work: a missing or broken peer is said at once
     rows: list = []
+    progress.step("agreement with laplace-torch on the digits MLP")
     agreement(rows)
     for hidden in (1333, 13333):  # d ≈ 10⁵, 10⁶
+        progress.step(f"at scale: hidden width {hidden}, ours then laplace-torch's")
         d = _ours_at_scale(rows, hidden)
         _peer_at_scale(rows, hidden, d)
     lines = ["| measurement | value | unit | note |", "|---|---|---|---|"]

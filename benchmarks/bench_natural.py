@@ -21,6 +21,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from rank1inv.examples import progress
+
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: the child scripts import benchmarks
 
 CHILD = """
@@ -69,7 +71,7 @@ def run(batch: int = 128, damp: float = 1e-3, sizes=SIZES) -> str:
 
     results, steps = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("factored", "per-sample"):
+        for method in progress.track(("factored", "per-sample"), "natural-gradient step (a child process each)"):
             code = textwrap.dedent(CHILD).format(sizes=list(sizes), batch=batch, damp=damp, method=method)
             path = os.path.join(tmp, f"{method}.npy")
             out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=1800,

@@ -17,6 +17,8 @@ import tracemalloc
 
 import numpy as np
 
+from rank1inv.examples import progress
+
 BLOCK = 64 << 20
 
 
@@ -65,7 +67,9 @@ def run(directory: str, m: int = 256, d: int = 4_000_000) -> str:
 
     path = os.path.join(directory, "rank1inv_G.npy")
     try:
+        progress.step(f"writing {4 * m * d / 2**30:.1f} GiB of G to {path}")
         _write(path, m, d)
+        progress.step("construction and IHVPs from the memory map")
         size = os.path.getsize(path)
         G = np.load(path, mmap_mode="r")
         x = np.random.default_rng(1).standard_normal(d).astype(np.float32)

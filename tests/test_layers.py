@@ -19,7 +19,7 @@ LAYERS = [  # lowest first
     ["obs", "laplace", "reference", "testing"],
     ["adapters", "adapters.jax", "adapters.jax_native", "adapters.natural", "adapters.torch"]
     + [f"adapters.torch.{m}" for m in ("convert", "dtensor", "vectors", "layout", "jacobians", "pruning", "optim")],
-    ["", "examples", "examples.timing", "examples.digits", "examples.demo", "__main__"],
+    ["", "examples", "examples.timing", "examples.progress", "examples.digits", "examples.demo", "__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

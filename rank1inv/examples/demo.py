@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import StaticInverse, _backend, reference, testing
-from . import digits
+from . import digits, progress
 from .timing import Timer
 
 
@@ -92,6 +92,7 @@ def main(argv=None):
         if not args.no_plot:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             plot = str(Path(args.out) / "rank1inv_pruning.png")
-        print(digits.pruning_report(plot=plot))
+        with progress.reporting():  # a bar on stderr while the methods run
+            print(digits.pruning_report(plot=plot))
     print(f"(total: {time.perf_counter() - start:.0f} s)")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import StaticInverse, obs
+from . import progress
 
 DATA = Path(__file__).parent / "data" / "digits.csv.gz"
 SIZES = (64, 32, 10)
@@ -138,7 +139,10 @@ def pruning_table(*, m: int = 256, relative_damp: float = 1e-2, block_size: int 
         f"OBS exact, {steps} steps recomputed": lambda s: obs.prune_in_steps(
             w, s, steps, fresh, damp, update="exact", prunable=keep),
     }  # fmt: skip
-    results = {name: [accuracy(fn(s)[1], Xte, yte) for s in SPARSITIES] for name, fn in methods.items()}
+    results = {
+        name: [accuracy(fn(s)[1], Xte, yte) for s in SPARSITIES]
+        for name, fn in progress.track(methods.items(), "pruning at each sparsity", len(methods))
+    }
     return accuracy(w, Xte, yte), damp, results
 
 

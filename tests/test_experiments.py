@@ -29,12 +29,30 @@ def test_mlp_gradient_matches_finite_differences():
 
 
 def test_pruning_experiment_runs_small():
-    dense, damp, results = digits.pruning_table(m=32, steps=2)
+    dense, damp, results, tuned = digits.pruning_table(m=32, steps=2)
     assert 0.9 <= dense <= 1.0 and damp > 0
-    for accs in results.values():
+    assert list(tuned) == list(digits.FINE_TUNED(2)) and set(tuned) <= set(results)
+    for accs in [*results.values(), *tuned.values()]:
         assert len(accs) == len(digits.SPARSITIES) and all(0.0 <= a <= 1.0 for a in accs)
     # sanity, not a claim: mild pruning keeps most of the accuracy for every method
     assert all(accs[0] >= 0.8 for accs in results.values())
+
+
+def test_fine_tune_keeps_the_pruned_weights_at_zero_and_trains_the_rest():
+    Xtr, ytr, _, _ = digits.load_digits(0)
+    w = digits.train(Xtr, ytr, epochs=2, seed=0)
+    prunable = digits.weight_mask()
+    pruned = w.copy()
+    pruned[prunable & (np.abs(w) < np.quantile(np.abs(w[prunable]), 0.8))] = 0.0
+    before = pruned.copy()
+    tuned = digits.fine_tune(pruned, prunable, Xtr, ytr)
+    assert np.array_equal(pruned, before)  # the input is not modified
+    zero = prunable & (pruned == 0)
+    assert np.all(tuned[zero] == 0.0)
+    # the live weights train (all but those of pixels that are zero in every image)
+    assert np.mean(tuned[~zero] != pruned[~zero]) > 0.9
+    loss = lambda v: digits.loss_and_grad(v, Xtr, ytr)[0]
+    assert loss(tuned) < loss(pruned)
 
 
 def test_demo_part_one_reports_accuracy():
@@ -50,7 +68,9 @@ def test_nm_experiment_runs_small():
 
 def test_demo_writes_its_plot_where_asked(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    monkeypatch.setattr(experiments, "pruning_table", lambda **kw: (0.9, 1e-3, {"magnitude": [0.5] * 5}))
+    rows = {"magnitude": [0.5] * 5, "OBS full": [0.6] * 5}
+    tuned = {"magnitude": [0.7] * 5, "OBS full": [0.8] * 5}
+    monkeypatch.setattr(digits, "pruning_table", lambda **kw: (0.9, 1e-3, rows, tuned))
     demo.main(["--out", str(tmp_path / "plots")])
     assert (tmp_path / "plots" / "rank1inv_pruning.png").exists()
     assert str(tmp_path / "plots") in capsys.readouterr().out

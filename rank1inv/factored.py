@@ -8,6 +8,17 @@ With A (m × n_in) and E (m × n_out) per layer, G's rows are never formed:
     GGᵀ  = Σ_k (A_kA_kᵀ) ⊙ (E_kE_kᵀ)                (eq. 22)
     Gᵀw  = per layer E_kᵀ·diag(w)·A_k               (eq. 23, in the weight's own layout)
 
+A layer applied at P positions (a convolution's patches, a linear layer over the tokens of a
+sequence: that paper's appendix on convolutions) has per-sample gradients that are sums of P
+outer products, g_i = Σ_p e_ip a_ipᵀ, given as 3-D factors A (m, P, n_in), E (m, P, n_out):
+
+    G·u  = Σ_p rowsum(A_p ⊙ (E_p·mat(u)))           O(m·P·n_in·n_out)
+    Gᵀw  = Σ_i,p w_i e_ip a_ipᵀ                      O(m·P·n_in·n_out)
+    GGᵀ  = Σ_p,q (A_pA_qᵀ) ⊙ (E_pE_qᵀ)              O(m²·P²·(n_in + n_out)), factored, or
+         = rows of G formed in tiles, then G·Gᵀ       O(m·P·n_in·n_out + m²·n_in·n_out), explicit;
+
+the Gram matrix takes the cheaper of the two routes per layer (``gram_route``).
+
 Flattening order (``torch.nn.Linear``): each layer's weight (n_out, n_in) row-major, then, with
 a bias, its n_out bias entries (the bias's per-sample gradient is e_i: a factor pair (1, E)).
 
@@ -17,8 +28,7 @@ run of blocks sees a ``FactoredView`` of shape (count, m, size), which the passe
 (O(m·size) for products, O(m²·(n_in + n_out)) for the Gram matrix), other column ranges build
 float64 tiles of G on the fly. Memory: the factors (and float64 copies of them), O(m²) per
 block, and tiles of at most ``TILE_ELEMENTS`` float64 values; entries whiten their columns on demand
-(O(m²) per index) instead of caching L⁻¹G. Convolutions (per-sample gradients that are sums of
-T outer products) are not supported: ``FactoredGradients`` refuses 3-D factors.
+(O(m²) per index) instead of caching L⁻¹G.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from ._protocols import GradientSource
 __all__ = ["FactoredGradients"]
 
 TILE_ELEMENTS = 1 << 18  # float64 elements per tile of G built from the factors (2 MiB)
+PAIR_ELEMENTS = 1 << 22  # float64 elements of one chunk of the position-pair products AAᵀ, EEᵀ (32 MiB)
 
 
 class FactoredGradients(GradientSource):
@@ -43,13 +54,16 @@ class FactoredGradients(GradientSource):
     ----------
     layers : sequence of (A, E)
         A (m, n_in) input activations and E (m, n_out) backpropagated errors per layer, all with
-        the same m; NumPy or CuPy (one namespace), float32 or float64 (the result dtype of all
-        factors is the storage dtype). Referenced, not copied.
+        the same m; or, for a layer applied at P positions (convolution patches, tokens),
+        A (m, P, n_in) and E (m, P, n_out), row i's gradient being Σ_p E[i, p] A[i, p]ᵀ.
+        NumPy or CuPy (one namespace), float32 or float64 (the result dtype of all factors is
+        the storage dtype). Referenced, not copied.
     bias : bool or sequence of bool
         Whether each layer has a bias (its n_out coordinates follow the weight's).
 
-    Shape (m, d) with d = Σ_k n_out·n_in (+ n_out with a bias). Cost of every query: see the
-    module docstring; memory m·Σ_k (n_in + n_out) for the factors, never m·d.
+    Shape (m, d) with d = Σ_k n_out·n_in (+ n_out with a bias: for P positions the bias's
+    gradient is Σ_p E[i, p]). Cost of every query: see the module docstring; memory
+    m·Σ_k P_k·(n_in + n_out) for the factors (and a float64 copy), never m·d.
     """
 
     def __init__(self, layers, *, bias=False):
@@ -69,12 +83,14 @@ class FactoredGradients(GradientSource):
         m = arrays[0].shape[0]
         names = set()
         for k, (A, E) in enumerate(_pair(p) for p in layers):
+            if A.ndim not in (2, 3) or A.ndim != E.ndim:
+                raise ValueError(
+                    f"layer {k}: A and E must both be 2-D (m, n) or both 3-D (m, P, n) for P positions, got "
+                    f"shapes {tuple(A.shape)} and {tuple(E.shape)}"
+                )
+            if A.ndim == 3 and A.shape[1] != E.shape[1]:
+                raise ValueError(f"layer {k}: A has {A.shape[1]} positions, E has {E.shape[1]}")
             for name, X in (("A", A), ("E", E)):
-                if X.ndim != 2:
-                    raise ValueError(
-                        f"layer {k}: {name} must be 2-D (m, n); per-sample gradients that are sums of outer "
-                        "products (convolutions, sequences) are not supported"
-                    )
                 if X.shape[0] != m:
                     raise ValueError(f"layer {k}: {name} has {X.shape[0]} rows, layer 0 has {m}")
                 kind = _precision.name_of(X.dtype)
@@ -88,9 +104,9 @@ class FactoredGradients(GradientSource):
         for (A, E), has_bias in zip((_pair(p) for p in layers), biases):
             size = 0
             for a, e in [(A, E)] + ([(None, E)] if has_bias else []):
-                n_in = 1 if a is None else a.shape[1]
+                n_in = 1 if a is None else a.shape[-1]
                 self.segments.append(Segment(self.xp, a, e, start + size, self.dtype))
-                size += e.shape[1] * n_in
+                size += e.shape[-1] * n_in
             self.layer_sizes.append(size)
             start += size
         self.shape = (m, start)
@@ -122,15 +138,16 @@ def _pair(pair):
 
 class Segment:
     """One factored outer-product segment: coordinates start + r·n_in + c hold e_r·a_c (a = 1 for
-    a bias). Values are read as float64."""
+    a bias), or Σ_p e_pr·a_pc over P positions for 3-D factors. Values are read as float64."""
 
     def __init__(self, xp, A, E, start: int, dtype):
         self.xp, self.start = xp, start
-        m = E.shape[0]
-        self.A64 = xp.ones((m, 1), dtype=xp.float64, device=_backend.device(E)) if A is None else _f64(xp, A, dtype)
+        ones = (*E.shape[:-1], 1)  # a bias: the constant input 1 at every position
+        self.A64 = xp.ones(ones, dtype=xp.float64, device=_backend.device(E)) if A is None else _f64(xp, A, dtype)
         self.E64 = _f64(xp, E, dtype)
         self.E = E
-        self.n_in, self.n_out = self.A64.shape[1], self.E64.shape[1]
+        self.positions = E.shape[1] if E.ndim == 3 else None  # P for a sum of P outer products per row
+        self.n_in, self.n_out = self.A64.shape[-1], self.E64.shape[-1]
         self.size = self.n_in * self.n_out
         self.stop = start + self.size
 
@@ -164,7 +181,34 @@ def _scaled(s, scale):
         sa, se = _split(scale)
         return s.A64 * sa, s.E64 * se
     sa, se = _split_rows(s.xp, scale)
+    if s.positions is not None:
+        sa, se = sa[:, :, None], se[:, :, None]
     return s.A64 * sa, s.E64 * se
+
+
+def gram_route(m: int, positions: int | None, n_in: int, n_out: int) -> str:
+    """ "factored" or "explicit": the cheaper way to a segment's Gram matrix (module docstring).
+    Without positions the factored route (O(m²·(n_in + n_out))) always wins."""
+    if positions is None:
+        return "factored"
+    factored = m * m * positions * positions * (n_in + n_out)
+    explicit = m * positions * n_in * n_out + m * m * n_in * n_out
+    return "factored" if factored <= explicit else "explicit"
+
+
+def _position_gram(xp, A, E):
+    """Σ_p,q (A_pA_qᵀ) ⊙ (E_pE_qᵀ) for A (m, P, n_in), E (m, P, n_out): (m, m) float64, in chunks
+    of rows so that the (rows·P) × (m·P) products stay below ``PAIR_ELEMENTS``."""
+    m, P = A.shape[0], A.shape[1]
+    A2, E2 = xp.reshape(A, (m * P, A.shape[2])), xp.reshape(E, (m * P, E.shape[2]))
+    out = xp.empty((m, m), dtype=xp.float64, device=_backend.device(A))
+    rows = max(1, PAIR_ELEMENTS // max(1, m * P * P))
+    for i0 in range(0, m, rows):
+        i1 = min(m, i0 + rows)
+        KA = A2[i0 * P : i1 * P, :] @ xp.matrix_transpose(A2)
+        KE = E2[i0 * P : i1 * P, :] @ xp.matrix_transpose(E2)
+        out[i0:i1, :] = xp.sum(xp.reshape(KA * KE, (i1 - i0, P, m, P)), axis=(1, 3))
+    return out
 
 
 def _block_scale(scale, b: int):
@@ -182,9 +226,16 @@ def _columns(xp, segments, c0: int, c1: int, scale=1.0):
         if lo >= hi:
             continue
         A, E = _scaled(s, scale)
-        j = xp.arange(lo - s.start, hi - s.start)
-        r, c = j // s.n_in, j % s.n_in
-        out[:, lo - c0 : hi - c0] = xp.take(E, r, axis=1) * xp.take(A, c, axis=1)
+        if s.positions is None:
+            j = xp.arange(lo - s.start, hi - s.start)
+            r, c = j // s.n_in, j % s.n_in
+            out[:, lo - c0 : hi - c0] = xp.take(E, r, axis=1) * xp.take(A, c, axis=1)
+        else:  # the rows r0:r1 of each sample's Σ_p e_p a_pᵀ that cover lo:hi, then the columns
+            r0, r1 = (lo - s.start) // s.n_in, (hi - s.start - 1) // s.n_in + 1
+            W = xp.matmul(xp.permute_dims(E[:, :, r0:r1], (0, 2, 1)), A)  # (m, r1 − r0, n_in)
+            flat = xp.reshape(W, (m, (r1 - r0) * s.n_in))
+            first = lo - s.start - r0 * s.n_in
+            out[:, lo - c0 : hi - c0] = flat[:, first : first + hi - lo]
     return out
 
 
@@ -233,7 +284,8 @@ class FactoredView(TiledView):
     # -- the factored formulas (exact-natural-gradient paper, eq. 21–23) per whole segment, tiles elsewhere
     def gram(self, accumulate: str, scale=1.0, weights=None):
         """(σG_b)(σG_b)ᵀ per block, (count, m, m) float64: Σ over whole segments of
-        (AAᵀ) ⊙ (EEᵀ) (eq. 22 of the exact-natural-gradient paper), tiles for the rest (and with
+        (AAᵀ) ⊙ (EEᵀ) (eq. 22 of the exact-natural-gradient paper; with P positions the cheaper of
+        the position-pair sum and explicit tiles, ``gram_route``), tiles for the rest (and with
         column ``weights``)."""
         if weights is not None:
             return super().gram(accumulate, scale, weights)
@@ -244,10 +296,13 @@ class FactoredView(TiledView):
         for b in range(self.count):
             sb = _block_scale(scale, b)
             for s, whole in self._block_segments(b):
-                if whole:
+                if whole and s.positions is None:
                     A, E = _scaled(s, sb)
                     out[b, ...] += (A @ xp.matrix_transpose(A)) * (E @ xp.matrix_transpose(E))
-                else:
+                elif whole and gram_route(m, s.positions, s.n_in, s.n_out) == "factored":
+                    A, E = _scaled(s, sb)
+                    out[b, ...] += _position_gram(xp, A, E)
+                else:  # straddling a block edge, or P positions whose explicit rows are cheaper
                     lo = max(self.start + b * self.size, s.start) - (self.start + b * self.size)
                     for _, t in self._partial_with_offsets(b, s, lo, budget, sb):
                         out[b, ...] += t @ xp.matrix_transpose(t)
@@ -271,8 +326,9 @@ class FactoredView(TiledView):
                 if whole:
                     A, E = _scaled(s, sb)
                     U = xp.reshape(X[b, s.start - base : s.stop - base, :], (s.n_out, s.n_in, k))
+                    axes = 1 if s.positions is None else (1, 2)  # and over the positions
                     for q in range(k):  # g_i·u = e_iᵀ·U·a_i = rowsum(A ⊙ (E·U))
-                        out[b, :, q] += xp.sum(A * (E @ U[:, :, q]), axis=1)
+                        out[b, :, q] += xp.sum(A * (E @ U[:, :, q]), axis=axes)
                 else:
                     lo = max(base, s.start) - base
                     for c0, t in self._partial_with_offsets(b, s, lo, budget, sb):
@@ -300,8 +356,12 @@ class FactoredView(TiledView):
             for s, whole in self._block_segments(b):
                 if whole:
                     A, E = _scaled(s, sb)
+                    if s.positions is not None:  # Σ_i,p c_i e_ip a_ipᵀ: positions as more rows
+                        rows = A.shape[0] * s.positions
+                        A, E = xp.reshape(A, (rows, s.n_in)), xp.reshape(E, (rows, s.n_out))
                     for q in range(k):  # per layer Eᵀ·diag(c)·A, the weight's own layout
-                        W = xp.matrix_transpose(E) @ (A * C[b, :, q][:, None])
+                        c = C[b, :, q] if s.positions is None else xp.repeat(C[b, :, q], s.positions)
+                        W = xp.matrix_transpose(E) @ (A * c[:, None])
                         low[s.start - base : s.stop - base, q] = xp.reshape(W, (-1,))
                 else:
                     lo = max(base, s.start) - base
@@ -325,14 +385,14 @@ class FactoredView(TiledView):
         """max_j |G[b, i, j]·w_j| per block and row, from the factors: host float64 (count, m).
         A segment inside block b contributes max|e_i|·max|a_i| for row i (the largest entry of
         the outer product e_i a_iᵀ, exactly); weights and segments that straddle a block edge
-        are read from float64 tiles."""
+        (and segments with P positions, whose entries are sums) are read from float64 tiles."""
         xp = self.xp
         m = self.shape[1]
         out = xp.zeros((self.count, m), dtype=xp.float64, device=_backend.device(self.source.anchor))
         for b in range(self.count):
             base = self.start + b * self.size
             for s, whole in self._block_segments(b):
-                if whole and weights is None:
+                if whole and weights is None and s.positions is None:
                     ea = xp.max(xp.abs(s.E64), axis=1) if s.E64.shape[1] else xp.zeros(m, dtype=xp.float64)
                     aa = xp.max(xp.abs(s.A64), axis=1) if s.A64.shape[1] else xp.zeros(m, dtype=xp.float64)
                     with np.errstate(over="ignore", invalid="ignore"):

@@ -14,9 +14,27 @@ import rank1inv as r1
 from rank1inv import testing
 
 
-def factors(rng, m, shapes, dtype, scale=1.0):
-    return [(rng.standard_normal((m, n_in)).astype(dtype) * scale, rng.standard_normal((m, n_out)).astype(dtype))
-            for n_in, n_out in shapes]  # fmt: skip
+def factors(rng, m, shapes, dtype, scale=1.0, positions=None):
+    """One (A, E) pair per (n_in, n_out); 3-D (m, P, n) where ``positions`` gives P (None: 2-D)."""
+    positions = positions or [None] * len(shapes)
+    lead = lambda P: (m,) if P is None else (m, P)
+    return [(rng.standard_normal((*lead(P), n_in)).astype(dtype) * scale,
+             rng.standard_normal((*lead(P), n_out)).astype(dtype))
+            for (n_in, n_out), P in zip(shapes, positions)]  # fmt: skip
+
+
+def explicit_rows(pairs, bias):
+    """G from the factors by the definition: row i of a layer is Σ_p e_ip a_ipᵀ flattened, then
+    Σ_p e_ip for a bias (float64)."""
+    cols = []
+    for (A, E), b in zip(pairs, bias):
+        A, E = np.asarray(A, np.float64), np.asarray(E, np.float64)
+        if A.ndim == 2:
+            A, E = A[:, None, :], E[:, None, :]
+        cols.append(np.einsum("ipr,ipc->irc", E, A).reshape(len(A), -1))
+        if b:
+            cols.append(E.sum(1))
+    return np.concatenate(cols, 1)
 
 
 def check(FG, damp, block_size, dtype, rng):
@@ -107,8 +125,10 @@ def test_factored_extra_memory_is_far_below_m_times_d():
 def test_factored_gradients_errors():
     rng = np.random.default_rng(0)
     A, E = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
-    with pytest.raises(ValueError, match="sums of outer"):
+    with pytest.raises(ValueError, match="both 3-D"):
         r1.FactoredGradients([(A[None], E)])
+    with pytest.raises(ValueError, match="positions"):
+        r1.FactoredGradients([(A[:, None, :], np.stack([E, E], 1))])
     with pytest.raises(ValueError, match="rows"):
         r1.FactoredGradients([(A, E[:3])])
     with pytest.raises(TypeError, match="float32 or float64"):
@@ -124,16 +144,45 @@ def test_factored_gradients_errors():
         r1.StaticInverse(FG, 1.0)
 
 
+@pytest.mark.parametrize("route", ["factored", "explicit"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_positions_equal_the_definition(route, dtype, m, rng, monkeypatch):
+    """Layers applied at P positions (convolution patches, tokens): rows Σ_p e_ip a_ipᵀ, both
+    Gram routes, mixed with a 2-D layer, every query against the dense reference."""
+    from rank1inv import factored
+
+    monkeypatch.setattr(factored, "gram_route", lambda *a: route)
+    shapes, positions, bias = [(6, 3), (5, 2), (1, 4)], [7, None, 2], [True, False, True]
+    pairs = factors(rng, m, shapes, dtype, positions=positions)
+    FG = r1.FactoredGradients(pairs, bias=bias)
+    G = host(FG.to_dense())
+    np.testing.assert_allclose(G, explicit_rows(pairs, bias), rtol=1e-13, atol=1e-13 * np.abs(G).max())
+    for block_size in (None, FG.layer_sizes, 4):
+        check(FG, 1e-2, block_size, dtype, rng)
+
+
+def test_gram_route_takes_the_cheaper_one():
+    from rank1inv.factored import gram_route
+
+    assert gram_route(256, None, 10_000, 10_000) == "factored"
+    assert gram_route(8, 2, 64, 64) == "factored"  # few positions, wide factors
+    assert gram_route(8, 4, 3, 8) == "explicit"  # thin factors: the rows themselves are small
+    assert gram_route(128, 64 * 64, 27, 16) == "explicit"  # a first conv: many positions, thin factors
+    assert gram_route(16, 9, 1152, 128) == "factored"  # a late conv: few positions, wide factors
+
+
 @given(data=st.data())
 def test_property_factored_layers(data):
     m = data.draw(st.integers(1, 12))
     nl = data.draw(st.integers(1, 3))
     shapes = [(data.draw(st.integers(1, 6)), data.draw(st.integers(1, 5))) for _ in range(nl)]
+    positions = [data.draw(st.one_of(st.none(), st.integers(1, 5))) for _ in range(nl)]
     bias = data.draw(st.lists(st.booleans(), min_size=nl, max_size=nl))
     dtype = data.draw(st.sampled_from([np.float32, np.float64]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
-    FG = r1.FactoredGradients(factors(rng, m, shapes, dtype, scale=data.draw(st.sampled_from([1e-3, 1.0, 1e3]))),
-                              bias=bias)  # fmt: skip
+    scale = data.draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    FG = r1.FactoredGradients(factors(rng, m, shapes, dtype, scale=scale, positions=positions), bias=bias)
     block = data.draw(st.sampled_from([None, "layers", 1, 3]))
     check(FG, data.draw(st.sampled_from([1e-2, 1.0])), FG.layer_sizes if block == "layers" else block, dtype, rng)
 
@@ -144,7 +193,8 @@ def test_factored_at_extreme_magnitudes(sa, se, damp):
     applied: each factor takes half of the frame (docs/design.md §11), as the explicit G does."""
     rng = np.random.default_rng(3)
     A, E = rng.standard_normal((4, 30)) * sa, rng.standard_normal((4, 5)) * se
-    FG = r1.FactoredGradients([(A, E), (A[:, :3], E[:, :2])], bias=True)
+    A3, E3 = rng.standard_normal((4, 3, 2)) * sa, rng.standard_normal((4, 3, 3)) * se  # 3 positions
+    FG = r1.FactoredGradients([(A, E), (A[:, :3], E[:, :2]), (A3, E3)], bias=True)
     G = FG.to_dense()
     x = rng.standard_normal(G.shape[1])
     for block_size in (None, FG.layer_sizes, 4):

@@ -45,3 +45,20 @@ def to_device(xp, G):
     if xp is not np and G.dtype == _precision.numpy_dtype("bfloat16"):
         return xp.asarray(G.view(np.uint16))
     return xp.asarray(G)
+
+
+def conv_patches(x, conv):
+    """Rows a_ip of a torch Conv2d by explicit loops (no F.unfold): (B, P, C_in·kh·kw), channel-major
+    like the weight."""
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    import torch
+
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    H = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    W = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    rows = []
+    for i in range(H):
+        for j in range(W):
+            window = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
+            rows.append(window.reshape(x.shape[0], -1))
+    return torch.stack(rows, 1)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+from helpers import conv_patches  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
 from rank1inv.adapters import natural  # noqa: E402
@@ -15,6 +16,31 @@ def mlp(dtype, bias=True):
     L = torch.nn.Linear
     return torch.nn.Sequential(L(6, 5, bias=bias), torch.nn.Tanh(), L(5, 4, bias=bias), torch.nn.Tanh(),
                                L(4, 3, bias=bias)).to(dtype)  # fmt: skip
+
+
+class Tokens(torch.nn.Module):
+    """A Linear applied to each of 5 tokens of 4 features, then a Linear on the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.token, self.head = torch.nn.Linear(4, 3), torch.nn.Linear(15, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.token(x.reshape(x.shape[0], 5, 4)))
+        return self.head(h.reshape(x.shape[0], -1))
+
+
+def conv_models():
+    """(name, model, input shape): strides, padding (numbers, 'valid', 'same'), dilation, no bias,
+    Conv1d, tokens."""
+    torch.manual_seed(0)
+    C1, C2 = torch.nn.Conv1d, torch.nn.Conv2d
+    cnn = torch.nn.Sequential(C2(2, 3, 3, stride=2, padding=1), torch.nn.Tanh(),
+                              C2(3, 4, (2, 3), dilation=(2, 1), padding="valid", bias=False), torch.nn.Flatten(),
+                              torch.nn.Linear(24, 3))  # fmt: skip
+    seq = torch.nn.Sequential(C1(2, 3, 3, stride=2, padding=2, dilation=2), torch.nn.Tanh(),
+                              C1(3, 2, 3, padding="same"), torch.nn.Flatten(), torch.nn.Linear(12, 3))  # fmt: skip
+    return [("cnn", cnn, (7, 2, 9, 8)), ("conv1d", seq, (6, 2, 11)), ("tokens", Tokens(), (6, 20))]
 
 
 def per_sample(net, x, y, loss="cross_entropy"):
@@ -45,6 +71,65 @@ def test_linear_factors_are_the_per_sample_gradients(dtype, bias):
     np.testing.assert_allclose(FT.to_dense(), per_sample(net, x, labels), rtol=0, atol=tol * np.abs(G).max())
     for p in net.parameters():
         assert p.grad is None  # .grad untouched
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("case", range(3))
+def test_layer_factors_of_convolutions_and_tokens(dtype, tol, case):
+    """Rows Σ_p e_ip a_ipᵀ (patches as positions, the paper's appendix on convolutions) equal
+    torch.func per-sample gradients."""
+    name, net, shape = conv_models()[case]
+    net = net.to(dtype)
+    x, y = torch.randn(*shape, dtype=dtype), torch.randint(0, 3, (shape[0],))
+    G = per_sample(net, x, y)
+    FG = natural.layer_factors(net, x, y, fisher="empirical")
+    assert FG.shape == G.shape
+    np.testing.assert_allclose(FG.to_dense(), G, rtol=0, atol=tol * np.abs(G).max())
+    assert any(s.positions for s in FG.segments)  # the 3-D route, not an explicit copy
+
+
+@pytest.mark.parametrize("structure", ["full", "layer"])
+def test_natural_gradient_on_a_cnn(structure):
+    """(λI + F̂)⁻¹g on a CNN, F̂ whole or block-diagonal per layer (the paper's Figure 2B/C)."""
+    _, net, shape = conv_models()[0]
+    net = net.double()
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    G = per_sample(net, x, y)
+    opt = natural.NaturalGradient(net, lr=1.0, damp=0.1, fisher="empirical", structure=structure)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    g = torch.cat([p.grad.reshape(-1) for p in net.parameters()]).numpy()
+    before = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy().copy()
+    opt.step(x, y)
+    after = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).numpy()
+    F = G.T @ G / G.shape[0]
+    if structure == "layer":
+        sizes = [m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                 for m in net if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]  # fmt: skip
+        mask = np.zeros_like(F, dtype=bool)
+        for a, b in zip(np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes)):
+            mask[a:b, a:b] = True
+        F = np.where(mask, F, 0.0)
+    ref = np.linalg.solve(0.1 * np.eye(len(g)) + F, g)
+    assert np.abs((before - after) - ref).max() <= 1e-10 * np.abs(ref).max()
+
+
+def test_foof_on_a_convolution_against_the_dense_formula():
+    """C = the mean of a aᵀ over every patch of the batch (bias as the input 1), ΔW = ∇W (λI + C)⁻¹."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    net = torch.nn.Sequential(conv, torch.nn.Flatten())
+    opt = natural.FOOF(net, lr=1.0, damp=0.5, ema=0.0, momentum=0.0)
+    x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
+    torch.sum(net(x) ** 2).backward()
+    a = conv_patches(x, conv).reshape(-1, 18)
+    a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1).numpy()
+    C = a.T @ a / a.shape[0]
+    G = torch.cat([conv.weight.grad.reshape(3, -1), conv.bias.grad[:, None]], 1).numpy()
+    W0 = torch.cat([conv.weight.detach().reshape(3, -1), conv.bias.detach()[:, None]], 1).numpy().copy()
+    opt.step()
+    W1 = torch.cat([conv.weight.detach().reshape(3, -1), conv.bias.detach()[:, None]], 1).numpy()
+    np.testing.assert_allclose(W0 - W1, G @ np.linalg.inv(0.5 * np.eye(19) + C), rtol=1e-10, atol=1e-12)
+    opt.remove_hooks()
 
 
 def test_linear_factors_mse():
@@ -105,8 +190,13 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="not the weight or bias of an nn.Linear"):
         natural.linear_factors(net, torch.randn(4, 3))
     seq = torch.nn.Sequential(torch.nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="sequences or patches"):
-        natural.linear_factors(seq, torch.randn(4, 5, 3))
+    for conv, match in ((torch.nn.Conv2d(2, 2, 3, groups=2), "groups=2"),
+                        (torch.nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), "padding_mode"),
+                        (torch.nn.Conv2d(2, 2, 2, padding="same"), "asymmetrically")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            natural.layer_factors(torch.nn.Sequential(conv, torch.nn.Flatten()), torch.randn(4, 2, 5, 5))
+    with pytest.raises(ValueError, match="batch dimension"):
+        natural.layer_factors(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3)), torch.randn(2, 5, 5))
 
     class Twice(torch.nn.Module):
         def __init__(self):

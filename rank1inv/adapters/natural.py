@@ -19,15 +19,19 @@ from ..factored import FactoredGradients
 from ..static import StaticInverse
 from .torch import Descent, to_array, to_tensor, trainable
 
-__all__ = ["linear_factors", "NaturalGradient", "FOOF"]
+__all__ = ["layer_factors", "linear_factors", "layer_inputs", "layer_errors", "NaturalGradient", "FOOF"]
 
 
-def _linear_layers(model: torch.nn.Module):
-    """The model's nn.Linear modules in parameter order; ValueError unless every trainable
-    parameter is the weight or bias of one of them (the order of ``model_vector``)."""
+FACTOR_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def _factor_layers(model: torch.nn.Module):
+    """The model's Linear, Conv1d and Conv2d modules in parameter order; ValueError unless every
+    trainable parameter is the weight or bias of one of them (the order of ``model_vector``), and
+    for a convolution unless groups = 1 and the padding is zeros (what patches express)."""
     owner = {}
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, FACTOR_LAYERS):
             for name in ("weight", "bias"):
                 p = getattr(module, name)
                 if p is not None:
@@ -37,9 +41,17 @@ def _linear_layers(model: torch.nn.Module):
         module = owner.get(id(p))
         if module is None:
             raise ValueError(
-                f"parameter {name!r} is not the weight or bias of an nn.Linear: layer factors cover linear "
-                "layers only (freeze it, or use per-sample gradients and StaticInverse)"
+                f"parameter {name!r} is not the weight or bias of an nn.Linear, nn.Conv1d or nn.Conv2d: layer "
+                "factors cover those layers only (freeze it, or use per-sample gradients and StaticInverse)"
             )
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            if module.groups != 1:
+                raise ValueError(
+                    f"parameter {name!r}: a convolution with groups={module.groups}; factors need groups=1"
+                )
+            if module.padding_mode != "zeros":
+                raise ValueError(f"parameter {name!r}: padding_mode={module.padding_mode!r}; factors need 'zeros'")
+            _conv_padding(module)
         if p is module.weight:
             if layers and layers[-1][0] is module:
                 raise ValueError(f"parameter {name!r}: a layer's weight must come before its bias")
@@ -49,29 +61,85 @@ def _linear_layers(model: torch.nn.Module):
         else:
             layers[-1][1] = True
     if not layers:
-        raise ValueError("the model has no trainable nn.Linear layers")
+        raise ValueError("the model has no trainable nn.Linear, nn.Conv1d or nn.Conv2d layers")
     return [(module, has_bias) for module, has_bias in layers]
 
 
-def linear_factors(model: torch.nn.Module, inputs, targets=None, *, fisher: str = "true", generator=None,
-                   loss: str = "cross_entropy") -> FactoredGradients:  # fmt: skip
-    """Per-sample gradients of every trainable nn.Linear of ``model`` at ``inputs``, as factors.
+def _conv_padding(module) -> tuple:
+    """A convolution's padding as numbers per spatial dimension ('valid' is 0; 'same' where it
+    pads symmetrically, as F.unfold can only do)."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError("padding='same' with an even effective kernel pads asymmetrically; factors need explicit "
+                         "symmetric padding")  # fmt: skip
+    return tuple(t // 2 for t in total)
+
+
+def layer_inputs(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The rows a of a layer's per-sample gradient Σ_p e_p a_pᵀ: (B, n_in) for a Linear applied to
+    (B, n_in); (B, P, n_in) for a Linear over positions (B, ..., n_in) and for a convolution, whose
+    patches (F.unfold, in the weight's (C_in, k…) order) are its positions (the
+    exact-natural-gradient paper's appendix on convolutions). Memory: a convolution's patches
+    hold B·P·C_in·∏k values, ∏k times its input."""
+    if isinstance(module, torch.nn.Linear):
+        return x if x.ndim == 2 else x.reshape(x.shape[0], -1, x.shape[-1])
+    spatial = len(module.kernel_size)
+    if x.ndim != spatial + 2:
+        raise ValueError(f"a Conv{spatial}d got input of shape {tuple(x.shape)}; factors need a batch dimension")
+    pad = _conv_padding(module)
+    if spatial == 1:  # as a 2-D convolution of height 1
+        x = x[:, :, None, :]
+        geometry = dict(kernel_size=(1, *module.kernel_size), dilation=(1, *module.dilation), padding=(0, *pad),
+                        stride=(1, *module.stride))  # fmt: skip
+    else:
+        geometry = dict(kernel_size=module.kernel_size, dilation=module.dilation, padding=pad, stride=module.stride)
+    return torch.nn.functional.unfold(x, **geometry).transpose(1, 2)
+
+
+def layer_errors(module: torch.nn.Module, e: torch.Tensor) -> torch.Tensor:
+    """The gradients e of the loss with respect to a layer's outputs, arranged like
+    ``layer_inputs``: (B, n_out) or (B, P, n_out)."""
+    if isinstance(module, torch.nn.Linear):
+        return e if e.ndim == 2 else e.reshape(e.shape[0], -1, e.shape[-1])
+    return e.reshape(e.shape[0], e.shape[1], -1).transpose(1, 2)
+
+
+def layer_factors(model: torch.nn.Module, inputs, targets=None, *, fisher: str = "true", generator=None,
+                  loss: str = "cross_entropy") -> FactoredGradients:  # fmt: skip
+    """Per-sample gradients of every trainable Linear, Conv1d and Conv2d of ``model`` at
+    ``inputs``, as factors (``linear_factors`` is the same function).
 
     fisher="true": labels drawn from the model's predictive distribution (softmax of the
     outputs; ``generator`` a torch.Generator): F̂ estimates the Fisher (that paper's eq. 1).
     fisher="empirical": the given ``targets``. The per-sample losses are summed, so row i is the
     gradient of sample i's own loss (a mean-reduced batch loss would scale every row by 1/B).
-    loss: "cross_entropy" (classification) or "mse" (½‖f − y‖², labels drawn from N(f, I) for
-    the true Fisher). Shape (B, d), d in the order of ``model_vector(model)``; the model and its
-    ``.grad`` are not changed. Each Linear must be applied once per forward, to (B, n_in) inputs.
+    loss: "cross_entropy" (classification, outputs (B, C)) or "mse" (½‖f − y‖², labels drawn
+    from N(f, I) for the true Fisher). Shape (B, d), d in the order of ``model_vector(model)``;
+    the model and its ``.grad`` are not changed. Each layer must be applied once per forward. A
+    Linear applied to (B, n_in) gives 2-D factors; one applied to (B, ..., n_in) (tokens) and a
+    convolution (patches) give 3-D factors with P positions (``FactoredGradients``). Cost: one
+    forward and one backward pass; memory B·Σ(P·(n_in + n_out)) (``layer_inputs``).
     """
+    layers, pairs = layer_pairs(model, inputs, targets, fisher=fisher, generator=generator, loss=loss)
+    pairs = [(to_array(a.contiguous()), to_array(e.contiguous())) for a, e in pairs]
+    return FactoredGradients(pairs, bias=[b for _, b in layers])
+
+
+def layer_pairs(model: torch.nn.Module, inputs, targets=None, *, fisher: str = "true", generator=None,
+                loss: str = "cross_entropy"):  # fmt: skip
+    """``layer_factors``'s torch tensors: ([(module, has_bias)], [(a, e)]) per layer, a and e
+    detached, (B, n) or (B, P, n) (``layer_inputs``, ``layer_errors``). Same arguments and cost."""
     if fisher not in ("true", "empirical"):
         raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     if loss not in ("cross_entropy", "mse"):
         raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
     if fisher == "empirical" and targets is None:
         raise ValueError("fisher='empirical' needs the targets")
-    layers = _linear_layers(model)
+    layers = _factor_layers(model)
     seen = {id(m): [] for m, _ in layers}
 
     def hook(module, args, output):
@@ -86,15 +154,11 @@ def linear_factors(model: torch.nn.Module, inputs, targets=None, *, fisher: str 
             h.remove()
     for calls in (seen[id(m)] for m, _ in layers):
         if len(calls) != 1:
-            raise ValueError(
-                f"an nn.Linear was applied {len(calls)} times in one forward pass; factors need exactly one"
-            )
-        a = calls[0][0]
-        if a.ndim != 2:
-            raise ValueError(
-                f"an nn.Linear got inputs of shape {tuple(a.shape)}: per-sample gradients of layers applied to "
-                "sequences or patches are sums of outer products, which layer factors do not support"
-            )
+            raise ValueError(f"a layer was applied {len(calls)} times in one forward pass; factors need exactly one")
+    with torch.no_grad():  # the layers' rows first: a wrong input shape is named before anything else
+        inputs_of = [layer_inputs(m, seen[id(m)][0][0].detach()) for m, _ in layers]
+    if loss == "cross_entropy" and out.ndim != 2:
+        raise ValueError(f"loss='cross_entropy' needs model outputs of shape (B, classes), got {tuple(out.shape)}")
     with torch.no_grad():
         if fisher == "true":
             if loss == "cross_entropy":
@@ -109,9 +173,12 @@ def linear_factors(model: torch.nn.Module, inputs, targets=None, *, fisher: str 
         total = 0.5 * torch.sum((out - y) ** 2)
     outputs = [seen[id(m)][0][1] for m, _ in layers]
     errors = torch.autograd.grad(total, outputs)
-    pairs = [(to_array(seen[id(m)][0][0].detach().contiguous()), to_array(e.detach().contiguous()))
-             for (m, _), e in zip(layers, errors)]  # fmt: skip
-    return FactoredGradients(pairs, bias=[b for _, b in layers])
+    with torch.no_grad():
+        pairs = [(a, layer_errors(m, e.detach())) for a, (m, _), e in zip(inputs_of, layers, errors)]
+    return layers, pairs
+
+
+linear_factors = layer_factors  # the name from when factors covered nn.Linear only
 
 
 def _check_positive(value, name: str) -> float:
@@ -127,18 +194,24 @@ class NaturalGradient(torch.optim.Optimizer):
 
     ``step(inputs, targets=None)`` uses the gradients already in ``.grad`` (from the caller's
     ``loss.backward()``) and builds F̂ at ``inputs``: the same batch, or an independent one
-    (appendix I.5). ``fisher``: "true" (sampled labels) or "empirical" (needs targets). The model's
-    trainable parameters must all belong to nn.Linear layers. ``momentum`` (heavy ball on the
-    direction) and decoupled ``weight_decay`` as in ``MFAC``. Cost per step: a forward and
-    backward pass for the factors, O(B²·Σ(n_in + n_out)) for the Gram matrix, O(B³), and O(B·d)
-    for the product.
+    (appendix I.5). ``fisher``: "true" (sampled labels) or "empirical" (needs targets).
+    ``structure``: "full" (one F̂ over all parameters) or "layer" (block-diagonal, one F̂ block
+    per layer: that paper's block-diagonal natural gradient, Figure 2). The model's trainable
+    parameters must all belong to Linear, Conv1d or Conv2d layers (``layer_factors``).
+    ``momentum`` (heavy ball on the direction) and decoupled ``weight_decay`` as in ``MFAC``. Cost
+    per step: a forward and backward pass for the factors, O(B²·Σ(n_in + n_out)) for the Gram
+    matrix (with P positions the cheaper of O(B²P²(n_in + n_out)) and O(BP·n_in·n_out +
+    B²·n_in·n_out) per layer), O(B³) per block, and O(B·d) for the product.
     """
 
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, fisher="true", momentum=0.0, weight_decay=0.0,
-                 generator=None):  # fmt: skip
-        _linear_layers(model)
+                 generator=None, structure="full"):  # fmt: skip
+        _factor_layers(model)
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+        if structure not in ("full", "layer"):
+            raise ValueError(f"structure must be 'full' or 'layer', got {structure!r}")
+        self.structure = structure
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0:
@@ -160,9 +233,10 @@ class NaturalGradient(torch.optim.Optimizer):
             raise ValueError("the gradient contains non-finite values (nan or inf); the step is refused")
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
             raise ValueError("inputs contain non-finite values (nan or inf); the step is refused")
-        factors = linear_factors(self.model, inputs, targets, fisher=self.fisher, generator=self.generator)
+        factors = layer_factors(self.model, inputs, targets, fisher=self.fisher, generator=self.generator)
         batch = factors.shape[0]
-        op = StaticInverse(factors, group["damp"], scale=1.0 / batch)
+        blocks = factors.layer_sizes if self.structure == "layer" else None
+        op = StaticInverse(factors, group["damp"], scale=1.0 / batch, block_size=blocks)
         direction = to_tensor(op @ to_array(g.detach())).to(device=g.device)
         step, offset = Descent(), 0
         for p in params:
@@ -199,7 +273,7 @@ class FOOF(torch.optim.Optimizer):
 
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, ema=0.95, inverse_every=1, momentum=0.9,
                  weight_decay=0.0, window=1024):  # fmt: skip
-        self.layers = _linear_layers(model)
+        self.layers = _factor_layers(model)
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
         if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
@@ -219,7 +293,8 @@ class FOOF(torch.optim.Optimizer):
 
     def _capture(self, module, args, output):
         if torch.is_grad_enabled():
-            self._inputs[id(module)].append(args[0].detach())
+            with torch.no_grad():
+                self._inputs[id(module)].append(layer_inputs(module, args[0].detach()))
 
     def remove_hooks(self) -> None:
         """Detach the input-capturing hooks from the model."""
@@ -300,11 +375,12 @@ class FOOF(torch.optim.Optimizer):
             W = module.weight
             if W.grad is None:
                 continue  # torch.optim: no gradient, no step for this layer
-            grad = W.grad if not has_bias else torch.cat([W.grad, module.bias.grad[:, None]], 1)
+            flat = W.grad.reshape(W.shape[0], -1)  # a convolution's (C_out, C_in·∏k), the patches' order
+            grad = flat if not has_bias else torch.cat([flat, module.bias.grad[:, None]], 1)
             if not bool(torch.isfinite(grad).all()):
                 raise ValueError(f"layer {k}'s gradient contains non-finite values (nan or inf); the step is refused")
             delta = self._precondition(st, grad)
-            parts = [(W, delta[:, : W.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
+            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
             for p, d in parts:
                 step.add(self.state[p], p, d.reshape(p.shape), lr, group["momentum"], group["weight_decay"])
         for key, st in staged.items():  # 2. commit (nothing here can fail)
@@ -335,7 +411,7 @@ class FOOF(torch.optim.Optimizer):
             state_dict["param_groups"][0]["damp"])  # fmt: skip
         stats = {}
         for (module, has_bias), st in zip(self.layers, layers):
-            n = module.weight.shape[1] + bool(has_bias)
+            n = module.weight[0].numel() + bool(has_bias)
             st = dict(st)
             for key in ("C", "chol"):
                 if key in st and tuple(st[key].shape) != (n, n):

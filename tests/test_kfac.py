@@ -190,3 +190,79 @@ def test_a_refused_step_changes_nothing():
     ):
         with pytest.raises(ValueError, match=match):
             kfac.KFAC(net, lr=1.0, **bad)
+
+
+@pytest.mark.parametrize("kind", ["KFAC", "NaturalGradient", "FOOF"])
+def test_parameter_groups_scale_their_own_layers(kind):
+    """torch.optim parameter groups: a group's lr scales only its parameters' steps (the same
+    direction otherwise), a scheduler drives them, and groups that do not cover the model refuse."""
+    from rank1inv.adapters import natural
+
+    def make(net, params=None):
+        if kind == "KFAC":
+            return kfac.KFAC(net, lr=1.0, damp=0.1, fisher="empirical", params=params)
+        if kind == "NaturalGradient":
+            return natural.NaturalGradient(net, lr=1.0, damp=0.1, fisher="empirical", params=params)
+        return natural.FOOF(net, lr=1.0, damp=0.1, momentum=0.0, params=params)
+
+    def one_step(net, opt):
+        x, y = batch(net, 4)
+        before = [p.detach().clone() for p in net.parameters()]
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step() if kind == "FOOF" else opt.step(x, y)
+        return [b - p.detach() for b, p in zip(before, net.parameters())]
+
+    a, b = mlp(), mlp()
+    first = list(b[0].parameters())
+    rest = [p for p in b.parameters() if all(p is not q for q in first)]
+    whole = one_step(a, make(a))
+    opt = make(b, [{"params": first, "lr": 0.25}, {"params": rest}])
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    split = one_step(b, opt)
+    for k, (u, v) in enumerate(zip(whole, split)):
+        torch.testing.assert_close(v, u * (0.25 if k < len(first) else 1.0), rtol=1e-12, atol=1e-15)
+    scheduler.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.125, 0.5]
+    with pytest.raises(ValueError, match="exactly the model's trainable parameters"):
+        make(mlp(), [{"params": list(mlp()[0].parameters())}])
+    with pytest.raises(ValueError, match="unknown options"):
+        make(mlp(), [{"params": list(mlp().parameters()), "betas": (0.9, 0.99)}])
+    if kind == "NaturalGradient":
+        c = mlp()
+        first = list(c[0].parameters())
+        rest = [p for p in c.parameters() if all(p is not q for q in first)]
+        opt = make(c, [{"params": first, "damp": 1.0}, {"params": rest}])
+        x, y = batch(c, 4)
+        torch.nn.functional.cross_entropy(c(x), y).backward()
+        with pytest.raises(ValueError, match="one damp"):
+            opt.step(x, y)
+
+
+@pytest.mark.parametrize("make", [mlp, cnn])
+def test_factors_equal_curvlinops_kfac(make):
+    """An independent KFAC: curvlinops' KFACLinearOperator (bench extra; empirical Fisher, the
+    "expand" convention, bias joined to the weight) is B·(S ⊗ A) for a summed loss, block by
+    block, in the parameters' own order."""
+    curvlinops = pytest.importorskip("curvlinops")
+    from curvlinops.kfac import FisherType
+
+    from rank1inv.adapters import natural
+
+    net = make()
+    x, y = batch(net, 6)
+    params = list(net.parameters())
+    K = curvlinops.KFACLinearOperator(net, torch.nn.CrossEntropyLoss(reduction="sum"), params, [(x, y)],
+                                      fisher_type=FisherType.EMPIRICAL, separate_weight_and_bias=False,
+                                      check_deterministic=False)  # fmt: skip
+    d = sum(p.numel() for p in params)
+    theirs = (K @ torch.eye(d, dtype=torch.float64)).numpy()
+    layers, pairs = natural.layer_pairs(net, x, y, fisher="empirical")
+    ours, offset = np.zeros((d, d)), 0
+    for (m, has_bias), (A, S) in zip(layers, kfac.kronecker_factors(layers, pairs)):
+        n_out, n_in = m.weight.shape[0], m.weight[0].numel()
+        order = []  # row-major (n_out, n_in + bias) coordinates → the parameters' order
+        for r in range(n_out):
+            order += [offset + r * n_in + c for c in range(n_in)] + ([offset + n_out * n_in + r] if has_bias else [])
+        ours[np.ix_(order, order)] = np.kron(S.numpy(), A.numpy())
+        offset += m.weight.numel() + (n_out if has_bias else 0)
+    np.testing.assert_allclose(theirs, x.shape[0] * ours, rtol=1e-6, atol=1e-12 * np.abs(theirs).max())

@@ -29,8 +29,8 @@ import math
 
 import torch  # noqa: TID253 (this module is the adapter)
 
-from .natural import _check_positive, _factor_layers, layer_pairs
-from .torch import Descent, trainable
+from .natural import _check_positive, _factor_layers, _group_of, layer_pairs, model_param_groups
+from .torch import Descent
 
 __all__ = ["KFAC", "kronecker_factors"]
 
@@ -67,14 +67,17 @@ class KFAC(torch.optim.Optimizer):
     "heuristic" (the π-split). ``fisher``: "true" (labels drawn from the model; ``generator``) or
     "empirical" (needs targets). ``loss``: "cross_entropy" or "mse". ``ema`` the factors' moving
     average (0: this batch only), ``inverse_every`` the refresh period of the decompositions;
-    momentum and decoupled weight decay as in ``MFAC``. A step is validated and staged for every
+    momentum and decoupled weight decay as in ``MFAC``; ``params``: torch.optim parameter groups
+    over the model's trainable parameters with their own lr, damp (a layer takes its weight's
+    group's), momentum and weight_decay. A step is validated and staged for every
     layer before anything is written: a step that raises changes no factor and no parameter.
     ``state_dict`` carries the factors and their decompositions (a resumed run continues bit for
     bit). Memory: n² + n_out² per layer (and the same again for the decompositions).
     """
 
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, damping="standard", fisher="true", ema=0.95,
-                 inverse_every=1, momentum=0.0, weight_decay=0.0, generator=None, loss="cross_entropy"):  # fmt: skip
+                 inverse_every=1, momentum=0.0, weight_decay=0.0, generator=None, loss="cross_entropy",
+                 params=None):  # fmt: skip
         self.layers = _factor_layers(model)
         if damping not in DAMPINGS:
             raise ValueError(f"damping must be one of {DAMPINGS}, got {damping!r}")
@@ -94,7 +97,7 @@ class KFAC(torch.optim.Optimizer):
         self.ema, self.inverse_every = float(ema), inverse_every
         defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,
                         weight_decay=weight_decay)  # fmt: skip
-        super().__init__([p for _, p in trainable(model)], defaults)
+        super().__init__(model_param_groups(model, params), defaults)
         self._factors: list[dict] = [{} for _ in self.layers]
         self._steps = 0
 
@@ -133,9 +136,8 @@ class KFAC(torch.optim.Optimizer):
         return torch.cholesky_solve(left.T, st["LA"]).T  # … (A + π√λ I)⁻¹ (symmetric)
 
     def step(self, inputs, targets=None):
-        group = self.param_groups[0]
-        lr, damp = group["lr"], group["damp"]
-        for p in group["params"]:
+        groups = _group_of(self)
+        for p in (p for g in self.param_groups for p in g["params"]):
             if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
                 raise ValueError("the gradient contains non-finite values (nan or inf); the step is refused")
         if isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
@@ -147,6 +149,7 @@ class KFAC(torch.optim.Optimizer):
         for k, ((module, has_bias), (A, S)) in enumerate(zip(layers, kronecker_factors(layers, pairs))):
             if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(S).all())):
                 raise ValueError(f"layer {k}'s Kronecker factors are not finite; the step is refused")
+            damp = groups[id(module.weight)]["damp"]
             st = self._updated(self._factors[k], A, S, damp, refresh)
             staged.append(st)
             W = module.weight
@@ -157,7 +160,8 @@ class KFAC(torch.optim.Optimizer):
             delta = self._precondition(st, grad, damp)
             parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
             for p, d in parts:
-                step.add(self.state[p], p, d.reshape(p.shape), lr, group["momentum"], group["weight_decay"])
+                g = groups[id(p)]
+                step.add(self.state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])
         self._factors = staged  # commit (nothing below can fail)
         self._steps += 1
         step.commit()

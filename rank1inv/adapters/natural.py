@@ -187,6 +187,74 @@ def _check_positive(value, name: str) -> float:
     return float(value)
 
 
+GROUP_OPTIONS = ("lr", "damp", "momentum", "weight_decay")
+
+
+def _checked_options(options: dict, where: str) -> dict:
+    out = dict(options)
+    for key in ("lr", "damp"):
+        if key in out:
+            out[key] = _check_positive(out[key], f"{where}{key}")
+    if "momentum" in out and not 0.0 <= out["momentum"] < 1.0:
+        raise ValueError(f"{where}momentum must be in [0, 1), got {out['momentum']}")
+    if "weight_decay" in out and not out["weight_decay"] >= 0:
+        raise ValueError(f"{where}weight_decay must be >= 0, got {out['weight_decay']}")
+    return out
+
+
+def model_param_groups(model: torch.nn.Module, params) -> list[dict]:
+    """torch.optim parameter groups that cover exactly the model's trainable parameters: one
+    group for ``params=None``, else ``params`` as torch.optim takes it (a list of dicts with
+    "params" and any of lr, damp, momentum, weight_decay), each option checked. The factors
+    need every layer, so a missing, repeated or foreign parameter is a ValueError."""
+    ordered = [p for _, p in trainable(model)]
+    if params is None:
+        return [{"params": ordered}]
+    groups, seen = [], set()
+    for k, group in enumerate(params):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"params[{k}] must be a dict with a 'params' entry (torch.optim's parameter groups)")
+        unknown = set(group) - {"params", *GROUP_OPTIONS}
+        if unknown:
+            raise ValueError(f"params[{k}] has unknown options {sorted(unknown)}; these take {list(GROUP_OPTIONS)}")
+        members = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
+        for p in members:
+            if id(p) in seen:
+                raise ValueError(f"params[{k}] repeats a parameter of an earlier group")
+            seen.add(id(p))
+        groups.append({**_checked_options(group, f"params[{k}]."), "params": members})
+    names = {id(p): name for name, p in trainable(model)}
+    missing = [name for name, p in trainable(model) if id(p) not in seen]
+    if missing or seen - set(names):
+        raise ValueError(f"the parameter groups must hold exactly the model's trainable parameters; missing "
+                         f"{missing}, {len(seen - set(names))} not the model's")  # fmt: skip
+    return groups
+
+
+def _group_of(optimizer: torch.optim.Optimizer) -> dict:
+    """id(parameter) → its parameter group (read at each step: schedulers change the groups)."""
+    return {id(p): g for g in optimizer.param_groups for p in g["params"]}
+
+
+def _saved_damps(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """id(parameter) → the damp its group has in ``state_dict`` (torch.optim numbers the
+    parameters across the groups in order), or its current one without saved groups."""
+    current = _group_of(optimizer)
+    saved = state_dict.get("param_groups")
+    if not saved:
+        return {key: g["damp"] for key, g in current.items()}
+    index = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    out = {}
+    for g in saved:
+        for i in g["params"]:
+            if not 0 <= i < len(index):
+                raise ValueError(f"state_dict's parameter groups name parameter {i}; this optimizer has {len(index)}")
+            out[index[i]] = g.get("damp", current[index[i]]["damp"])
+    if len(out) != len(index):
+        raise ValueError("state_dict's parameter groups do not cover this optimizer's parameters")
+    return out
+
+
 class NaturalGradient(torch.optim.Optimizer):
     """The exact subsampled natural gradient (the exact-natural-gradient paper, appendix I): θ ← θ − lr·(λI + F̂)⁻¹g,
     F̂ = (1/B)·Σ_i g_ig_iᵀ over the per-sample gradients of a batch, from layer factors (no B×d
@@ -198,14 +266,16 @@ class NaturalGradient(torch.optim.Optimizer):
     ``structure``: "full" (one F̂ over all parameters) or "layer" (block-diagonal, one F̂ block
     per layer: that paper's block-diagonal natural gradient, Figure 2). The model's trainable
     parameters must all belong to Linear, Conv1d or Conv2d layers (``layer_factors``).
-    ``momentum`` (heavy ball on the direction) and decoupled ``weight_decay`` as in ``MFAC``. Cost
-    per step: a forward and backward pass for the factors, O(B²·Σ(n_in + n_out)) for the Gram
+    ``momentum`` (heavy ball on the direction) and decoupled ``weight_decay`` as in ``MFAC``;
+    ``params``: torch.optim parameter groups over the model's trainable parameters with their own
+    lr, momentum and weight_decay (one F̂, so one damp: groups that disagree on it are refused at
+    the step). Cost per step: a forward and backward pass for the factors, O(B²·Σ(n_in + n_out)) for the Gram
     matrix (with P positions the cheaper of O(B²P²(n_in + n_out)) and O(BP·n_in·n_out +
     B²·n_in·n_out) per layer), O(B³) per block, and O(B·d) for the product.
     """
 
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, fisher="true", momentum=0.0, weight_decay=0.0,
-                 generator=None, structure="full"):  # fmt: skip
+                 generator=None, structure="full", params=None):  # fmt: skip
         _factor_layers(model)
         if fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
@@ -219,13 +289,16 @@ class NaturalGradient(torch.optim.Optimizer):
         self.model, self.fisher, self.generator = model, fisher, generator
         defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,
                         weight_decay=weight_decay)  # fmt: skip
-        super().__init__([p for _, p in trainable(model)], defaults)
-        if len(self.param_groups) != 1:  # pragma: no cover - built from one list
-            raise ValueError("NaturalGradient takes one parameter group")
+        super().__init__(model_param_groups(model, params), defaults)
+        self._ordered = [p for _, p in trainable(model)]
 
     def step(self, inputs, targets=None):
-        group = self.param_groups[0]
-        params = group["params"]
+        groups = _group_of(self)
+        params = self._ordered
+        damps = {g["damp"] for g in self.param_groups}
+        if len(damps) != 1:
+            raise ValueError(f"the parameter groups have different damp values {sorted(damps)}; the natural gradient "
+                             "has one F̂ and one damp")  # fmt: skip
         if any(p.grad is None for p in params):
             raise ValueError("every trainable parameter needs a gradient (call loss.backward() first)")
         g = torch.cat([p.grad.reshape(-1) for p in params])
@@ -236,11 +309,12 @@ class NaturalGradient(torch.optim.Optimizer):
         factors = layer_factors(self.model, inputs, targets, fisher=self.fisher, generator=self.generator)
         batch = factors.shape[0]
         blocks = factors.layer_sizes if self.structure == "layer" else None
-        op = StaticInverse(factors, group["damp"], scale=1.0 / batch, block_size=blocks)
+        op = StaticInverse(factors, damps.pop(), scale=1.0 / batch, block_size=blocks)
         direction = to_tensor(op @ to_array(g.detach())).to(device=g.device)
         step, offset = Descent(), 0
         for p in params:
             n = p.numel()
+            group = groups[id(p)]
             step.add(self.state[p], p, direction[offset : offset + n].view_as(p), group["lr"], group["momentum"],
                      group["weight_decay"])  # fmt: skip
             offset += n
@@ -252,7 +326,9 @@ class FOOF(torch.optim.Optimizer):
     """FOOF (the exact-natural-gradient paper §4, eq. 6, appendix K): per nn.Linear, ΔW = ∇W·(λI + C)⁻¹ with C an
     exponential moving average (decay ``ema``) of the layer's input second moments aaᵀ (bias as
     a constant input 1), re-inverted every ``inverse_every`` steps; momentum and decoupled weight
-    decay as in ``MFAC``.
+    decay as in ``MFAC``; ``params``: torch.optim parameter groups over the model's trainable
+    parameters with their own lr, damp (a layer takes its weight's group's), momentum and
+    weight_decay.
 
     Inputs are captured by forward hooks during the caller's own forward passes: every forward
     with gradients enabled since the last ``step`` or ``zero_grad`` contributes (the micro-batches
@@ -272,7 +348,7 @@ class FOOF(torch.optim.Optimizer):
     """
 
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, ema=0.95, inverse_every=1, momentum=0.9,
-                 weight_decay=0.0, window=1024):  # fmt: skip
+                 weight_decay=0.0, window=1024, params=None):  # fmt: skip
         self.layers = _factor_layers(model)
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {ema}")
@@ -284,7 +360,7 @@ class FOOF(torch.optim.Optimizer):
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,
                         weight_decay=weight_decay)  # fmt: skip
-        super().__init__([p for _, p in trainable(model)], defaults)
+        super().__init__(model_param_groups(model, params), defaults)
         self.ema, self.inverse_every, self.window = ema, inverse_every, int(window)
         self._inputs = {id(m): [] for m, _ in self.layers}
         self._stats = {id(m): {} for m, _ in self.layers}
@@ -364,12 +440,12 @@ class FOOF(torch.optim.Optimizer):
                 captured.clear()  # the closure's forward supplies this step's inputs
             with torch.enable_grad():
                 loss = closure()
-        group = self.param_groups[0]
-        lr, damp = group["lr"], group["damp"]
+        groups = _group_of(self)
         refresh = self._steps % self.inverse_every == 0
         staged, step = {}, Descent()
         for k, (module, has_bias) in enumerate(self.layers):  # 1. validate and stage everything
             a = self._layer_inputs(module, has_bias, k)
+            damp = groups[id(module.weight)]["damp"]  # a layer's damp is its weight's group's
             st = self._updated(self._stats[id(module)], a, damp, refresh)
             staged[id(module)] = st
             W = module.weight
@@ -382,7 +458,8 @@ class FOOF(torch.optim.Optimizer):
             delta = self._precondition(st, grad)
             parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
             for p, d in parts:
-                step.add(self.state[p], p, d.reshape(p.shape), lr, group["momentum"], group["weight_decay"])
+                g = groups[id(p)]
+                step.add(self.state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])
         for key, st in staged.items():  # 2. commit (nothing here can fail)
             self._stats[key] = st
         self._steps += 1
@@ -407,10 +484,10 @@ class FOOF(torch.optim.Optimizer):
         layers = list(foof["layers"])
         if len(layers) != len(self.layers):
             raise ValueError(f"state_dict has statistics for {len(layers)} layers, this model has {len(self.layers)}")
-        damp = self.param_groups[0]["damp"] if not state_dict.get("param_groups") else (
-            state_dict["param_groups"][0]["damp"])  # fmt: skip
+        damps = _saved_damps(self, state_dict)
         stats = {}
         for (module, has_bias), st in zip(self.layers, layers):
+            damp = damps[id(module.weight)]
             n = module.weight[0].numel() + bool(has_bias)
             st = dict(st)
             for key in ("C", "chol"):

@@ -10,10 +10,16 @@ a stored gradient, K = GGᵀ + (λ/s)I over the occupied slots), and the m×m sy
 afresh each step by one Cholesky call (O(m³), one LAPACK/cuSOLVER call under XLA, with no drift
 to accumulate; an O(m²) update as a loop of rank-one steps has not been measured against it).
 
-Not (yet) here: the power-of-two frames of docs/design.md §4 (the ring and the Gram matrix are
-held unscaled, so float32 gradients with ‖g‖² outside about [1e-30, 1e30] lose digits: enable
-x64 for such gradients), and refusals: a non-finite gradient propagates NaN into the update and
-the state, as XLA computations do (check ``jnp.isfinite`` on the loss or the updates).
+Frames (docs/design.md §4, per row): slot i holds h_i = 2^(−k_i)·g_i with 2^(k_i−1) ≤ max|g_i| <
+2^(k_i), so the ring's values and the Gram matrix HHᵀ stay near 1 whatever the gradients'
+magnitudes; with D = diag(2^(−k)), F⁻¹g_j = (2^(−k_j)/s)·Hᵀ·K'⁻¹e_j, K' = HHᵀ + (λ/s)·D², and
+K' is solved after a Jacobi scaling formed without squares of the frames, so the damping term
+neither overflows nor underflows where the answer itself fits (``window_direction``).
+
+Refusal: a gradient with a nan or inf leaves the window exactly as it was (ring, Gram matrix,
+frames, count and momentum: selects of one row, O(d)) and makes the update NaN, so
+``optax.apply_if_finite`` skips the step, or the NaN shows in the parameters; XLA has no
+exceptions to raise from compiled code.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ from jax.flatten_util import ravel_pytree  # noqa: TID253 (this module is the ad
 
 
 class NativeMFACState(NamedTuple):
-    """The whole window as arrays: ``ring`` (m, d) the last m gradients in the parameters' dtype
-    (slot i holds push number i mod m), ``gram`` (m, m) their Gram matrix in the accumulation
-    dtype, ``count`` (int32) the pushes so far, ``momentum`` (d,) the heavy-ball buffer."""
+    """The whole window as arrays: ``ring`` (m, d) the last m gradients in their frames, in the
+    parameters' dtype (slot i holds push number i mod m), ``gram`` (m, m) the framed rows' Gram
+    matrix in the accumulation dtype, ``exponents`` (m,) int32 each slot's frame k_i (module
+    docstring), ``count`` (int32) the accepted pushes so far, ``momentum`` (d,) the heavy-ball
+    buffer."""
 
     ring: jax.Array
     gram: jax.Array
+    exponents: jax.Array
     count: jax.Array
     momentum: jax.Array
 
@@ -41,35 +50,58 @@ def _accumulation_dtype():
     return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
-def window_direction(ring, gram, count, g, damp, scale):
-    """Push g into the window (ring, gram, count) and return (F⁻¹g, ring', gram'), F = λI +
-    s·Σ gᵢgᵢᵀ over the occupied slots. O(m·d) for the Gram row and Gᵀc, O(m³) for the
-    Cholesky factor; pure (no argument is modified)."""
+def window_direction(ring, gram, exponents, count, g, damp, scale):
+    """Push g into the window (ring, gram, exponents, count) and return (F⁻¹g, ring', gram',
+    exponents', accepted), F = λI + s·Σ gᵢgᵢᵀ over the occupied slots; a non-finite g is not
+    pushed (the window comes back unchanged, ``accepted`` False) and its direction is NaN.
+    O(m·d) for the Gram row and Gᵀc, O(m³) for the Cholesky factor; pure (no argument is
+    modified). Sharded along d: an all-reduce of 1 value (max|g|) and one of m + 1 (the row)."""
     m = ring.shape[0]
     acc = gram.dtype
     slot = count % m
     g = g.astype(ring.dtype)  # as stored (a 16-bit ring): every product uses the stored values
-    row = jnp.dot(ring, g, preferred_element_type=acc)  # the new gradient against every slot
-    self_dot = jnp.dot(g, g, preferred_element_type=acc)
+    peak = jnp.max(jnp.abs(g))  # nan or inf exactly when g is not finite
+    accepted = jnp.isfinite(peak)
+    _, k = jnp.frexp(jnp.where(accepted & (peak > 0), peak, 1).astype(acc))
+    k = k.astype(jnp.int32)
+    h = jnp.where(accepted, jnp.ldexp(g, -k), 0).astype(ring.dtype)  # exact: a power of two
+    row = jnp.dot(ring, h, preferred_element_type=acc)  # the new row against every slot
+    self_dot = jnp.dot(h, h, preferred_element_type=acc)
     row = row.at[slot].set(self_dot)
-    gram = gram.at[slot, :].set(row).at[:, slot].set(row)
+    new_gram = gram.at[slot, :].set(row).at[:, slot].set(row)
+    new_exponents = exponents.at[slot].set(k)
     occupied = jnp.arange(m) < jnp.minimum(count + 1, m)
     both = occupied[:, None] & occupied[None, :]
+    # K' = HHᵀ + μ·D² (μ = λ/s, D = diag 2^(−k)) is solved Jacobi-scaled, K' = W⁻¹K̂W⁻¹ with
+    # w_i = 1/√K'_ii = r_i/‖h_i‖, r_i = (1 + t_i)^(−1/2), t_i = μ·2^(−2k_i)/‖h_i‖²: K̂ has a unit
+    # diagonal and entries cos θ_ij·r_i·r_j, so neither a tiny nor a huge damping term leaves the
+    # range (t_i is formed by ldexp; beyond 2^60, r_i = 2^(k_i)·(μ/‖h_i‖²)^(−1/2) directly).
+    norms2 = jnp.diagonal(new_gram)
+    live = occupied & (norms2 > 0)
     mu = jnp.asarray(damp / scale, acc)
-    system = jnp.where(both, gram, 0) + jnp.diag(jnp.where(occupied, mu, 1).astype(acc))
+    q = mu / jnp.where(live, norms2, 1)
+    t = jnp.ldexp(q, -2 * new_exponents)
+    r = jnp.where(t <= 2.0**60, jax.lax.rsqrt(1 + jnp.minimum(t, 2.0**60)), jnp.ldexp(jax.lax.rsqrt(q), new_exponents))
+    w = jnp.where(live, r * jax.lax.rsqrt(jnp.where(live, norms2, 1)), 0)
+    scaled = jnp.where(both, new_gram * w[:, None] * w[None, :], 0)
+    system = jnp.where(jnp.eye(m, dtype=bool), jnp.ones((), acc), scaled)  # K̂ (identity on empty slots)
     factor = jnp.linalg.cholesky(system)
     e = (jnp.arange(m) == slot).astype(acc)
-    c = jax.scipy.linalg.cho_solve((factor, True), e)
-    # Gᵀc over the ring as it was (the evicted row weighted 0) plus c_slot·g, then the write:
+    c = w * jax.scipy.linalg.cho_solve((factor, True), e)  # W·K̂⁻¹e_j: K'⁻¹e_j = W·K̂⁻¹·W·e_j
+    # Hᵀc over the ring as it was (the evicted row weighted 0) plus c_slot·h, then the write:
     # both passes read the old buffer, and the written row depends on the result, so XLA writes
     # in place after them. Measured at d = 10⁵, m = 256: 8 ms per update; 47–57 ms when XLA may
     # schedule the write first (it then copies the m×d ring twice per step).
     others = jnp.where(jnp.arange(m) == slot, jnp.zeros((), acc), c)
-    product = jnp.dot(others, ring, preferred_element_type=acc) + c[slot] * g.astype(acc)
-    direction = product / jnp.asarray(scale, acc)
-    stored = g + 0 * direction.astype(g.dtype)  # the same values, ordered after the passes
+    product = jnp.dot(others, ring, preferred_element_type=acc) + c[slot] * h.astype(acc)
+    w_mantissa, w_exponent = jnp.frexp(w[slot])  # w_j and σ_j = 2^(−k) applied as one power of two
+    direction = jnp.ldexp(product * w_mantissa, w_exponent - k) / jnp.asarray(scale, acc)  # σ_j·Hᵀ·K'⁻¹e_j / s
+    stored = jnp.where(accepted, h, ring[slot]) + 0 * direction.astype(h.dtype)  # ordered after the passes
     ring = ring.at[slot].set(stored)
-    return direction, ring, gram
+    gram = jnp.where(accepted, new_gram, gram)
+    exponents = jnp.where(accepted, new_exponents, exponents)
+    direction = jnp.where(accepted, direction, jnp.nan)
+    return direction, ring, gram, exponents, accepted
 
 
 def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float = 0.0, scale=None,
@@ -83,9 +115,11 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
     them state. ``dtype`` is the ring's storage dtype (None: the parameters'). The state is a
     pytree of arrays: it jit-compiles with donation, vmaps over independent problems, scans
     over steps and pickles or checkpoints with the rest of the training state, resuming bit for
-    bit; with the parameters and the ring sharded along d over a mesh, XLA compiles one
-    all-reduce of m + 1 values per update (the Gram row and ‖g‖²) and the updates equal the
-    unsharded ones to rounding (tests/test_jax_native.py). Memory: ngrads·d values
+    bit; with the parameters and the ring sharded along d over a mesh, XLA compiles two
+    all-reduces per update, of 1 value (max|g|, for the frame) and of m + 1 (the Gram row and
+    ‖h‖²), and the updates equal the unsharded ones to rounding (tests/test_jax_native.py). A
+    non-finite gradient is refused: the state comes back unchanged and the updates are NaN
+    (module docstring; wrap in ``optax.apply_if_finite`` to skip such steps). Memory: ngrads·d values
     of ``dtype`` plus ngrads² of the accumulation dtype. Cost per step: two passes over the ring
     and one m×m Cholesky.
     """
@@ -102,6 +136,7 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
         return NativeMFACState(
             ring=jnp.zeros((ngrads, flat.shape[0]), store),
             gram=jnp.zeros((ngrads, ngrads), acc),
+            exponents=jnp.zeros((ngrads,), jnp.int32),
             count=jnp.zeros((), jnp.int32),
             momentum=jnp.zeros_like(flat),
         )
@@ -111,10 +146,13 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
         flat, unravel = ravel_pytree(updates)
         lam = damp(state.count) if callable(damp) else damp
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        direction, ring, gram = window_direction(state.ring, state.gram, state.count, flat, lam, s)
+        direction, ring, gram, exponents, accepted = window_direction(
+            state.ring, state.gram, state.exponents, state.count, flat, lam, s
+        )
         direction = direction.astype(flat.dtype)
-        buf = momentum * state.momentum + direction  # momentum 0: exactly the direction
-        new = NativeMFACState(ring=ring, gram=gram, count=state.count + 1, momentum=buf)
+        buf = momentum * state.momentum + direction  # momentum 0: exactly the direction (NaN if refused)
+        new = NativeMFACState(ring=ring, gram=gram, exponents=exponents, count=state.count + accepted.astype(jnp.int32),
+                              momentum=jnp.where(accepted, buf, state.momentum))  # fmt: skip
         return unravel(-lr * buf), new
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -30,6 +30,7 @@ def run(sharded: bool):
         state = NativeMFACState(
             ring=jax.device_put(state.ring, ring_along_d),
             gram=jax.device_put(state.gram, replicated),
+            exponents=jax.device_put(state.exponents, replicated),
             count=jax.device_put(state.count, replicated),
             momentum=jax.device_put(state.momentum, along_d),
         )

@@ -5,6 +5,9 @@ the state donated) of the digits MLP 64-32-10 (d = 2410, batch 32) with ``native
 (m = 32), with the host-window ``mfac`` and with ``optax.adam``; (2) the bare update at
 d = 10⁵, m = 256 (jitted, donated) against ``DynamicInverse.push_apply`` on the same gradients.
 Medians of interleaved rounds; x64 as JAX's default (off) unless ``JAX_ENABLE_X64=1``.
+``accuracy_table()`` (``--jax --numerics``): the direction's relative difference to the
+float64-accumulated ``DynamicInverse.push_apply`` after 3·m pushes, per test family and m, with
+x64 off and on (docs/design.md §16).
 """
 
 from __future__ import annotations
@@ -70,13 +73,16 @@ def run(quick: bool = False) -> str:
     batches = [(jnp.asarray(X[i : i + 32], jnp.float32), jnp.asarray(y[i : i + 32])) for i in range(0, 1216, 32)]
     steps = 50 if quick else 200
     rows = []
-    rounds = {"adam": [], "native_mfac": [], "host mfac": []}
+    rounds = {"adam": [], "native_mfac": [], "native_mfac, check_finite=False": [], "host mfac": []}
     for _ in progress.track(range(3), "digits MLP steps: adam, native_mfac, host mfac"):  # interleaved rounds
         rounds["adam"].append(_step_time(optax.adam(1e-3), batches, steps))
         rounds["native_mfac"].append(_step_time(native_mfac(1e-2, ngrads=32, damp=1e-3), batches, steps))
+        rounds["native_mfac, check_finite=False"].append(
+            _step_time(native_mfac(1e-2, ngrads=32, damp=1e-3, check_finite=False), batches, steps)
+        )
         rounds["host mfac"].append(_step_time(r1j.mfac(1e-2, ngrads=32, damp=1e-3), batches, steps))
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    for k in ("native_mfac", "host mfac"):
+    for k in ("native_mfac", "native_mfac, check_finite=False", "host mfac"):
         rows.append((f"digits MLP step, {k} / adam", med[k] / med["adam"], f"{1e3 * med[k]:.3f} ms"))
     rows.append(("digits MLP step, adam", med["adam"] * 1e3, "ms"))
     d, m = (20_000, 64) if quick else (100_000, 256)
@@ -105,7 +111,51 @@ def run(quick: bool = False) -> str:
     rows.append(
         (f"bare update d={d}, m={m}: native_mfac / NumPy push_apply", a / b, f"{1e3 * a:.2f} / {1e3 * b:.2f} ms")
     )
+    # the O(m³) refactorisation's share of the update: the bound on what an O(m²) update could save
+    K = jnp.asarray(np.cov(G[:m]) + np.eye(m), jnp.float32)
+    chol = jax.jit(jnp.linalg.cholesky)
+    jax.block_until_ready(chol(K))
+    spent = []
+    for _ in range(50):
+        t = time.perf_counter()
+        jax.block_until_ready(chol(K))
+        spent.append(time.perf_counter() - t)
+    c = statistics.median(spent)
+    rows.append((f"m×m Cholesky (m={m}) / bare update", c / a, f"{1e3 * c:.3f} ms: the most an O(m²) update saves"))
     lines = [f"x64: {jax.config.read('jax_enable_x64')}, device: {jax.devices()[0].platform}", "",
              "| measurement | value | note |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {name} | {value:.3g} | {note} |" for name, value, note in rows]
+    return "\n".join(lines)
+
+
+def accuracy_table(d: int = 300, damp: float = 1e-3, ms=(1, 7, 32, 256)) -> str:
+    """Worst relative difference of native_mfac's direction to DynamicInverse.push_apply over
+    the last m of 3·m pushes, per family (testing.FAMILIES) and m, x64 off (float32 ring and
+    system) and on (float64)."""
+    from rank1inv import testing
+    from rank1inv.adapters.jax_native import window_direction
+
+    lines = ["| family | " + " | ".join(f"m={m}, f32 | m={m}, x64" for m in ms) + " |",
+             "|---|" + "---|" * (2 * len(ms))]  # fmt: skip
+    for family in progress.track(testing.FAMILIES, "families"):
+        cells = []
+        for m in ms:
+            for x64 in (False, True):
+                dtype = "float64" if x64 else "float32"
+                with jax.enable_x64(x64):
+                    G = testing.gradients(family, 3 * m, d, seed=m, dtype=dtype)
+                    ref = r1.DynamicInverse(d, m, damp, scale=1.0 / m, dtype=dtype)
+                    acc = jnp.float64 if x64 else jnp.float32
+                    state = (jnp.zeros((m, d), dtype), jnp.zeros((m, m), acc), jnp.zeros(m, jnp.int32))
+                    step = jax.jit(window_direction)
+                    worst = 0.0
+                    for i, g in enumerate(G):
+                        want = ref.push_apply(g)
+                        got, *rest, _ = step(*state, jnp.int32(i), jnp.asarray(g), damp, 1.0 / m)
+                        state = tuple(rest)
+                        if i >= 2 * m and np.linalg.norm(want) > 0:
+                            diff = np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want)
+                            worst = max(worst, float(diff))
+                    cells.append(f"{worst:.1e}")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

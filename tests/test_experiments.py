@@ -103,6 +103,8 @@ def test_optimizers_experiment_runs():
     pytest.importorskip("torch")
     from benchmarks import experiments as E
 
-    text = E.optimizers_report(steps=20, seeds=(0,), quick=True)
-    for name in ("SGD", "Adam", "natural gradient", "FOOF"):
-        assert f"| {name} |" in text
+    for net in ("mlp", "cnn"):
+        text = E.optimizers_report(steps=20, seeds=(0,), quick=True, net=net)
+        for name in ("SGD", "Adam", "natural gradient", "block-diagonal NG", "KFAC, standard damping",
+                     "KFAC, heuristic damping", "FOOF"):  # fmt: skip
+            assert f"| {name} |" in text

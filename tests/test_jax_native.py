@@ -199,3 +199,24 @@ def test_a_non_finite_gradient_leaves_the_window_as_it_was():
     u, s = guarded.update(bad, s)
     assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree_util.tree_leaves(u))
     assert int(s.notfinite_count) == 1
+
+
+def test_check_finite_false_drops_only_the_refusal():
+    """Without the refusal the finite run is the same run, and a NaN gradient enters the window
+    (so such a transformation belongs under optax.apply_if_finite)."""
+    w, x, loss = _problem()
+    fast, safe = (native_mfac(0.1, ngrads=3, damp=1e-3, check_finite=flag) for flag in (False, True))
+    s_fast, s_safe = fast.init(w), safe.init(w)
+    for i in range(4):
+        g = jax.grad(loss)(w, x[8 * i : 8 * i + 8])
+        u_fast, s_fast = jax.jit(fast.update)(g, s_fast)
+        u_safe, s_safe = jax.jit(safe.update)(g, s_safe)
+        for a, b in zip(jax.tree_util.tree_leaves(u_fast), jax.tree_util.tree_leaves(u_safe)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-8)
+    bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), g)
+    _, s_fast = fast.update(bad, s_fast)
+    assert int(s_fast.count) == 5 and bool(jnp.isnan(s_fast.ring).any())
+    guarded = optax.apply_if_finite(fast, max_consecutive_errors=3)
+    s = guarded.init(w)
+    _, s2 = guarded.update(bad, s)
+    assert int(s2.notfinite_count) == 1 and not bool(jnp.isnan(s2.inner_state.ring).any())

@@ -8,7 +8,8 @@ one pass over the ring (accumulated in float64 when ``jax_enable_x64`` is on, in
 otherwise), the direction is the push_apply form F⁻¹g_j = (1/s)·Gᵀ·K⁻¹e_j (no cancellation for
 a stored gradient, K = GGᵀ + (λ/s)I over the occupied slots), and the m×m system is factored
 afresh each step by one Cholesky call (O(m³), one LAPACK/cuSOLVER call under XLA, with no drift
-to accumulate; an O(m²) update as a loop of rank-one steps has not been measured against it).
+to accumulate): measured, it is 5.7 % of the update at d = 10⁵, m = 256 (0.3 % with x64), the
+most an O(m²) update as a loop of rank-one steps could save (docs/benchmarks.md).
 
 Frames (docs/design.md §4, per row): slot i holds h_i = 2^(−k_i)·g_i with 2^(k_i−1) ≤ max|g_i| <
 2^(k_i), so the ring's values and the Gram matrix HHᵀ stay near 1 whatever the gradients'
@@ -50,21 +51,53 @@ def _accumulation_dtype():
     return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
 
-def window_direction(ring, gram, exponents, count, g, damp, scale):
+_LAYOUT = {jnp.dtype(jnp.float32): (jnp.int32, 23, 127), jnp.dtype(jnp.float64): (jnp.int64, 52, 1023)}
+
+
+def _float_of(x):
+    """The float32/float64 dtype arithmetic on x runs in (16-bit floats in float32)."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(x.dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _power_of_two(e, dtype):
+    """2^e exactly, by its bit pattern (e clipped to the normal range): jnp.ldexp's range checks
+    cost XLA a dozen more fused passes per use, measured on the digits step."""
+    ints, mantissa_bits, bias = _LAYOUT[jnp.dtype(dtype)]
+    e = jnp.clip(jnp.asarray(e).astype(ints), 1 - bias, bias)
+    return jax.lax.bitcast_convert_type((e + bias) << mantissa_bits, dtype)
+
+
+def _exponent(x):
+    """k with 2^(k−1) ≤ x < 2^k for a positive normal x (frexp's exponent, by the bit pattern)."""
+    ints, mantissa_bits, bias = _LAYOUT[jnp.dtype(x.dtype)]
+    field = (jax.lax.bitcast_convert_type(x, ints) >> mantissa_bits) & (2 * bias + 1)
+    return (field - (bias - 1)).astype(jnp.int32)
+
+
+def _times_power_of_two(x, e):
+    """x·2^e exactly unless the result leaves the range, |e| up to twice the exponent range
+    (two multiplications by powers of two)."""
+    dtype = _float_of(x)
+    half = e // 2
+    return x.astype(dtype) * _power_of_two(half, dtype) * _power_of_two(e - half, dtype)
+
+
+def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=True):
     """Push g into the window (ring, gram, exponents, count) and return (F⁻¹g, ring', gram',
     exponents', accepted), F = λI + s·Σ gᵢgᵢᵀ over the occupied slots; a non-finite g is not
     pushed (the window comes back unchanged, ``accepted`` False) and its direction is NaN.
     O(m·d) for the Gram row and Gᵀc, O(m³) for the Cholesky factor; pure (no argument is
-    modified). Sharded along d: an all-reduce of 1 value (max|g|) and one of m + 1 (the row)."""
+    modified). Sharded along d: an all-reduce of 1 value (max|g|) and one of m + 1 (the row).
+    ``check_finite=False`` (a static choice) skips the refusal: a non-finite g then poisons the
+    window with NaN, and ``accepted`` is always True."""
     m = ring.shape[0]
     acc = gram.dtype
     slot = count % m
     g = g.astype(ring.dtype)  # as stored (a 16-bit ring): every product uses the stored values
     peak = jnp.max(jnp.abs(g))  # nan or inf exactly when g is not finite
-    accepted = jnp.isfinite(peak)
-    _, k = jnp.frexp(jnp.where(accepted & (peak > 0), peak, 1).astype(acc))
-    k = k.astype(jnp.int32)
-    h = jnp.where(accepted, jnp.ldexp(g, -k), 0).astype(ring.dtype)  # exact: a power of two
+    accepted = jnp.isfinite(peak) if check_finite else jnp.asarray(True)
+    k = _exponent(jnp.where(accepted & (peak > 0), peak, 1).astype(acc))
+    h = jnp.where(accepted, _times_power_of_two(g, -k), 0).astype(ring.dtype)  # exact: a power of two
     row = jnp.dot(ring, h, preferred_element_type=acc)  # the new row against every slot
     self_dot = jnp.dot(h, h, preferred_element_type=acc)
     row = row.at[slot].set(self_dot)
@@ -75,13 +108,15 @@ def window_direction(ring, gram, exponents, count, g, damp, scale):
     # K' = HHᵀ + μ·D² (μ = λ/s, D = diag 2^(−k)) is solved Jacobi-scaled, K' = W⁻¹K̂W⁻¹ with
     # w_i = 1/√K'_ii = r_i/‖h_i‖, r_i = (1 + t_i)^(−1/2), t_i = μ·2^(−2k_i)/‖h_i‖²: K̂ has a unit
     # diagonal and entries cos θ_ij·r_i·r_j, so neither a tiny nor a huge damping term leaves the
-    # range (t_i is formed by ldexp; beyond 2^60, r_i = 2^(k_i)·(μ/‖h_i‖²)^(−1/2) directly).
+    # range (t_i is formed by powers of two; beyond 2^60, r_i = 2^(k_i)·(μ/‖h_i‖²)^(−1/2) directly).
     norms2 = jnp.diagonal(new_gram)
     live = occupied & (norms2 > 0)
     mu = jnp.asarray(damp / scale, acc)
     q = mu / jnp.where(live, norms2, 1)
-    t = jnp.ldexp(q, -2 * new_exponents)
-    r = jnp.where(t <= 2.0**60, jax.lax.rsqrt(1 + jnp.minimum(t, 2.0**60)), jnp.ldexp(jax.lax.rsqrt(q), new_exponents))
+    t = _times_power_of_two(q, jnp.clip(-2 * new_exponents, -200, 200))  # beyond 2^±200: either branch decides
+    r = jnp.where(
+        t <= 2.0**60, jax.lax.rsqrt(1 + jnp.minimum(t, 2.0**60)), _times_power_of_two(jax.lax.rsqrt(q), new_exponents)
+    )
     w = jnp.where(live, r * jax.lax.rsqrt(jnp.where(live, norms2, 1)), 0)
     scaled = jnp.where(both, new_gram * w[:, None] * w[None, :], 0)
     system = jnp.where(jnp.eye(m, dtype=bool), jnp.ones((), acc), scaled)  # K̂ (identity on empty slots)
@@ -94,8 +129,11 @@ def window_direction(ring, gram, exponents, count, g, damp, scale):
     # schedule the write first (it then copies the m×d ring twice per step).
     others = jnp.where(jnp.arange(m) == slot, jnp.zeros((), acc), c)
     product = jnp.dot(others, ring, preferred_element_type=acc) + c[slot] * h.astype(acc)
-    w_mantissa, w_exponent = jnp.frexp(w[slot])  # w_j and σ_j = 2^(−k) applied as one power of two
-    direction = jnp.ldexp(product * w_mantissa, w_exponent - k) / jnp.asarray(scale, acc)  # σ_j·Hᵀ·K'⁻¹e_j / s
+    w_exponent = _exponent(jnp.where(w[slot] > 0, w[slot], 1))  # w_j and σ_j = 2^(−k): one power of two
+    w_mantissa = w[slot] * _power_of_two(-w_exponent, acc)
+    direction = _times_power_of_two(product * w_mantissa, w_exponent - k) / jnp.asarray(
+        scale, acc
+    )  # σ_j·Hᵀ·K'⁻¹e_j / s
     stored = jnp.where(accepted, h, ring[slot]) + 0 * direction.astype(h.dtype)  # ordered after the passes
     ring = ring.at[slot].set(stored)
     gram = jnp.where(accepted, new_gram, gram)
@@ -105,7 +143,7 @@ def window_direction(ring, gram, exponents, count, g, damp, scale):
 
 
 def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float = 0.0, scale=None,
-                dtype=None) -> optax.GradientTransformation:  # fmt: skip
+                dtype=None, check_finite: bool = True) -> optax.GradientTransformation:  # fmt: skip
     """M-FAC (M-FAC §4.2) as a pure ``optax.GradientTransformation``: updates = −lr·F⁻¹g with F
     the damped empirical Fisher of the last ``ngrads`` gradients (s = 1/ngrads unless ``scale``),
     the window in the state (``NativeMFACState``).
@@ -119,7 +157,11 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
     all-reduces per update, of 1 value (max|g|, for the frame) and of m + 1 (the Gram row and
     ‖h‖²), and the updates equal the unsharded ones to rounding (tests/test_jax_native.py). A
     non-finite gradient is refused: the state comes back unchanged and the updates are NaN
-    (module docstring; wrap in ``optax.apply_if_finite`` to skip such steps). Memory: ngrads·d values
+    (module docstring; wrap in ``optax.apply_if_finite`` to skip such steps). ``check_finite=False``
+    drops that refusal (a non-finite gradient then poisons the window: use it under
+    ``optax.apply_if_finite``, which restores the state itself) and saves its selects, about
+    0.06 ms per step on the CPU, which is most of the step on a model as small as the digits MLP
+    (docs/benchmarks.md). Memory: ngrads·d values
     of ``dtype`` plus ngrads² of the accumulation dtype. Cost per step: two passes over the ring
     and one m×m Cholesky.
     """
@@ -147,12 +189,16 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
         lam = damp(state.count) if callable(damp) else damp
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         direction, ring, gram, exponents, accepted = window_direction(
-            state.ring, state.gram, state.exponents, state.count, flat, lam, s
+            state.ring, state.gram, state.exponents, state.count, flat, lam, s, check_finite
         )
         direction = direction.astype(flat.dtype)
-        buf = momentum * state.momentum + direction  # momentum 0: exactly the direction (NaN if refused)
-        new = NativeMFACState(ring=ring, gram=gram, exponents=exponents, count=state.count + accepted.astype(jnp.int32),
-                              momentum=jnp.where(accepted, buf, state.momentum))  # fmt: skip
+        if isinstance(momentum, (int, float)) and momentum == 0:  # the buffer is never read: keep it
+            buf, kept = direction, state.momentum  # (selecting it back costs XLA a pass per step)
+        else:
+            buf = momentum * state.momentum + direction  # NaN if refused
+            kept = jnp.where(accepted, buf, state.momentum)
+        count = state.count + accepted.astype(jnp.int32)
+        new = NativeMFACState(ring=ring, gram=gram, exponents=exponents, count=count, momentum=kept)
         return unravel(-lr * buf), new
 
     return optax.GradientTransformation(init_fn, update_fn)

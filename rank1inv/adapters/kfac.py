@@ -29,7 +29,7 @@ import math
 
 import torch  # noqa: TID253 (this module is the adapter)
 
-from .natural import _check_positive, _factor_layers, _group_of, layer_pairs, model_param_groups
+from .natural import _check_positive, _factor_layers, _group_of, _pop_layer_states, layer_pairs, model_param_groups
 from .torch import Descent
 
 __all__ = ["KFAC", "kronecker_factors"]
@@ -175,13 +175,7 @@ class KFAC(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        kfac = state_dict.pop("kfac", None)
-        if kfac is None:
-            raise ValueError("state_dict has no 'kfac' entry (not from a KFAC optimizer)")
-        layers = [dict(st) for st in kfac["layers"]]
-        if len(layers) != len(self.layers):
-            raise ValueError(f"state_dict has factors for {len(layers)} layers, this model has {len(self.layers)}")
+        state_dict, steps, layers = _pop_layer_states(state_dict, "kfac", len(self.layers), "KFAC")
         for (module, has_bias), st in zip(self.layers, layers):
             n, n_out = module.weight[0].numel() + bool(has_bias), module.weight.shape[0]
             for key, size in (("A", n), ("QA", n), ("LA", n), ("S", n_out), ("QS", n_out), ("LS", n_out)):
@@ -192,4 +186,4 @@ class KFAC(torch.optim.Optimizer):
             if any(key in st for key in wrong):
                 raise ValueError(f"state_dict's decompositions are not those of damping={self.damping!r}")
         super().load_state_dict(state_dict)
-        self._factors, self._steps = layers, int(kfac["steps"])
+        self._factors, self._steps = layers, steps

@@ -236,6 +236,20 @@ def _group_of(optimizer: torch.optim.Optimizer) -> dict:
     return {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
 
+def _pop_layer_states(state_dict, key: str, layers: int, owner: str) -> tuple[dict, int, list[dict]]:
+    """(torch.optim's part of ``state_dict``, the saved step count, one dict per layer) from an
+    optimizer's ``state_dict`` whose extra entry ``key`` holds {"steps", "layers"}; ValueError
+    when the entry is missing or has another number of layers. The input is not modified."""
+    state_dict = dict(state_dict)
+    extra = state_dict.pop(key, None)
+    if extra is None:
+        raise ValueError(f"state_dict has no {key!r} entry (not from a {owner} optimizer)")
+    saved = [dict(st) for st in extra["layers"]]
+    if len(saved) != layers:
+        raise ValueError(f"state_dict has statistics for {len(saved)} layers, this model has {layers}")
+    return state_dict, int(extra["steps"]), saved
+
+
 def _saved_damps(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     """id(parameter) → the damp its group has in ``state_dict`` (torch.optim numbers the
     parameters across the groups in order), or its current one without saved groups."""
@@ -477,13 +491,7 @@ class FOOF(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        foof = state_dict.pop("foof", None)
-        if foof is None:
-            raise ValueError("state_dict has no 'foof' entry (not from a FOOF optimizer)")
-        layers = list(foof["layers"])
-        if len(layers) != len(self.layers):
-            raise ValueError(f"state_dict has statistics for {len(layers)} layers, this model has {len(self.layers)}")
+        state_dict, steps, layers = _pop_layer_states(state_dict, "foof", len(self.layers), "FOOF")
         damps = _saved_damps(self, state_dict)
         stats = {}
         for (module, has_bias), st in zip(self.layers, layers):
@@ -500,4 +508,4 @@ class FOOF(torch.optim.Optimizer):
                 st["op"] = StaticInverse(to_array(st["op_rows"].contiguous()), damp, scale=1.0)
             stats[id(module)] = st
         super().load_state_dict(state_dict)
-        self._stats, self._steps = stats, int(foof["steps"])
+        self._stats, self._steps = stats, steps

@@ -133,7 +133,15 @@ def optimizers_report(
             idx = torch.randint(0, len(Y), (batch,), generator=gen)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(X[idx]), Y[idx]).backward()
-            opt.step(X[idx]) if kind in takes_inputs else opt.step()
+            try:
+                opt.step(X[idx]) if kind in takes_inputs else opt.step()
+            except ValueError as e:  # a diverged run: the optimizer refuses non-finite steps
+                if "non-finite" not in str(e) and "positive definite" not in str(e):
+                    raise
+                points = sum(1 for t in range(steps) if t % 10 == 9 or t == steps - 1)
+                curve += [float("inf")] * (points - len(curve))
+                clock += [time.perf_counter() - t0] * (points - len(clock))
+                break
             if step % 10 == 9 or step == steps - 1:
                 with torch.no_grad():
                     loss = torch.nn.functional.cross_entropy(net(X), Y).item()

@@ -131,9 +131,8 @@ def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=
     product = jnp.dot(others, ring, preferred_element_type=acc) + c[slot] * h.astype(acc)
     w_exponent = _exponent(jnp.where(w[slot] > 0, w[slot], 1))  # w_j and σ_j = 2^(−k): one power of two
     w_mantissa = w[slot] * _power_of_two(-w_exponent, acc)
-    direction = _times_power_of_two(product * w_mantissa, w_exponent - k) / jnp.asarray(
-        scale, acc
-    )  # σ_j·Hᵀ·K'⁻¹e_j / s
+    direction = _times_power_of_two(product * w_mantissa, w_exponent - k)  # σ_j·Hᵀ·K'⁻¹e_j
+    direction = direction / jnp.asarray(scale, acc)
     stored = jnp.where(accepted, h, ring[slot]) + 0 * direction.astype(h.dtype)  # ordered after the passes
     ring = ring.at[slot].set(stored)
     gram = jnp.where(accepted, new_gram, gram)

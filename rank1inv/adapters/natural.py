@@ -2,10 +2,11 @@
 (the exact-natural-gradient paper: §2.1 and appendix I for the factors and the natural gradient, §4 and appendix K for
 FOOF).
 
-``linear_factors`` runs one forward and one backward pass and returns the per-sample gradients
-of every ``nn.Linear`` as a ``rank1inv.FactoredGradients`` (A: each layer's inputs, E: the
-gradients of each sample's own loss with respect to the layer's outputs), without forming the
-B×d per-sample gradients and without touching ``.grad``. The optimizers below are built on it.
+``layer_factors`` (also ``linear_factors``) runs one forward and one backward pass and returns
+the per-sample gradients of every Linear, Conv1d and Conv2d as a ``rank1inv.FactoredGradients``
+(A: each layer's inputs, a convolution's patches; E: the gradients of each sample's own loss with
+respect to the layer's outputs), without forming the B×d per-sample gradients and without
+touching ``.grad``. The optimizers below, and KFAC in ``kfac.py``, are built on it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..factored import FactoredGradients
 from ..static import StaticInverse
 from .torch import Descent, to_array, to_tensor, trainable
 
-__all__ = ["layer_factors", "linear_factors", "layer_inputs", "layer_errors", "NaturalGradient", "FOOF"]
+__all__ = ["layer_factors", "linear_factors", "layer_pairs", "layer_inputs", "layer_errors", "NaturalGradient", "FOOF"]
 
 
 FACTOR_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
@@ -337,7 +338,8 @@ class NaturalGradient(torch.optim.Optimizer):
 
 
 class FOOF(torch.optim.Optimizer):
-    """FOOF (the exact-natural-gradient paper §4, eq. 6, appendix K): per nn.Linear, ΔW = ∇W·(λI + C)⁻¹ with C an
+    """FOOF (the exact-natural-gradient paper §4, eq. 6, appendix K): per Linear, Conv1d or Conv2d (weight
+    flattened to (n_out, C_in·∏k), a convolution's inputs its patches), ΔW = ∇W·(λI + C)⁻¹ with C an
     exponential moving average (decay ``ema``) of the layer's input second moments aaᵀ (bias as
     a constant input 1), re-inverted every ``inverse_every`` steps; momentum and decoupled weight
     decay as in ``MFAC``; ``params``: torch.optim parameter groups over the model's trainable

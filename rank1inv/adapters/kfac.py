@@ -1,5 +1,5 @@
 """PyTorch: KFAC beside the exact natural gradient and FOOF (the exact-natural-gradient paper's
-comparison: KFAC with standard and with heuristic damping, §3 and appendix B).
+comparison: KFAC with standard and with heuristic damping, §3.1 eq. 3–4, derived in appendix E).
 
 Per layer with weight W (n_out × n, n = n_in + 1 with a bias, the bias as a constant input 1),
 KFAC replaces the layer's block of the Fisher by a Kronecker product of two small factors,

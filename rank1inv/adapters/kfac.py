@@ -29,7 +29,16 @@ import math
 
 import torch  # noqa: TID253 (this module is the adapter)
 
-from .natural import _check_positive, _factor_layers, _group_of, _pop_layer_states, layer_pairs, model_param_groups
+from .natural import (
+    _check_moving_average,
+    _check_positive,
+    _checked_options,
+    _factor_layers,
+    _group_of,
+    _pop_layer_states,
+    layer_pairs,
+    model_param_groups,
+)
 from .torch import Descent
 
 __all__ = ["KFAC", "kronecker_factors"]
@@ -85,14 +94,8 @@ class KFAC(torch.optim.Optimizer):
             raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
         if loss not in ("cross_entropy", "mse"):
             raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
-            raise ValueError(f"inverse_every must be an int >= 1, got {inverse_every!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        _check_moving_average(ema, inverse_every)
+        _checked_options(dict(momentum=momentum, weight_decay=weight_decay), "")
         self.model, self.damping, self.fisher, self.loss, self.generator = model, damping, fisher, loss, generator
         self.ema, self.inverse_every = float(ema), inverse_every
         defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,

@@ -203,6 +203,14 @@ def _checked_options(options: dict, where: str) -> dict:
     return out
 
 
+def _check_moving_average(ema, inverse_every) -> None:
+    """The options of the optimizers that keep statistics as moving averages (FOOF, KFAC)."""
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema must be in [0, 1), got {ema}")
+    if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
+        raise ValueError(f"inverse_every must be an int >= 1, got {inverse_every!r}")
+
+
 def model_param_groups(model: torch.nn.Module, params) -> list[dict]:
     """torch.optim parameter groups that cover exactly the model's trainable parameters: one
     group for ``params=None``, else ``params`` as torch.optim takes it (a list of dicts with
@@ -366,12 +374,8 @@ class FOOF(torch.optim.Optimizer):
     def __init__(self, model: torch.nn.Module, lr, *, damp=1e-3, ema=0.95, inverse_every=1, momentum=0.9,
                  weight_decay=0.0, window=1024, params=None):  # fmt: skip
         self.layers = _factor_layers(model)
-        if not 0.0 <= ema < 1.0:
-            raise ValueError(f"ema must be in [0, 1), got {ema}")
-        if isinstance(inverse_every, bool) or not isinstance(inverse_every, int) or inverse_every < 1:
-            raise ValueError(f"inverse_every must be an int >= 1, got {inverse_every!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        _check_moving_average(ema, inverse_every)
+        _checked_options(dict(momentum=momentum, weight_decay=weight_decay), "")
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an int >= 1, got {window!r}")
         defaults = dict(lr=_check_positive(lr, "lr"), damp=_check_positive(damp, "damp"), momentum=momentum,

@@ -266,3 +266,19 @@ def test_factors_equal_curvlinops_kfac(make):
         ours[np.ix_(order, order)] = np.kron(S.numpy(), A.numpy())
         offset += m.weight.numel() + (n_out if has_bias else 0)
     np.testing.assert_allclose(theirs, x.shape[0] * ours, rtol=1e-6, atol=1e-12 * np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("kind", ["KFAC", "FOOF"])
+def test_a_bias_without_gradient_is_not_stepped(kind):
+    """torch.optim's rule: a parameter whose .grad is None is left alone (its layer still steps)."""
+    from rank1inv.adapters import natural
+
+    net = mlp()
+    opt = (kfac.KFAC(net, lr=1.0, damp=0.1, fisher="empirical") if kind == "KFAC"
+           else natural.FOOF(net, lr=1.0, damp=0.1))  # fmt: skip
+    x, y = batch(net, 8)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    net[0].bias.grad = None
+    bias, weight = net[0].bias.detach().clone(), net[0].weight.detach().clone()
+    opt.step(x, y) if kind == "KFAC" else opt.step()
+    assert torch.equal(net[0].bias, bias) and not torch.equal(net[0].weight, weight)

@@ -159,9 +159,14 @@ class KFAC(torch.optim.Optimizer):
             if W.grad is None:
                 continue  # torch.optim: no gradient, no step for this layer
             flat = W.grad.reshape(W.shape[0], -1)
-            grad = flat if not has_bias else torch.cat([flat, module.bias.grad[:, None]], 1)
+            bias_grad = module.bias.grad if has_bias else None  # None: no step for the bias (torch.optim)
+            if has_bias:
+                column = bias_grad if bias_grad is not None else torch.zeros_like(module.bias)
+                grad = torch.cat([flat, column[:, None]], 1)
+            else:
+                grad = flat
             delta = self._precondition(st, grad, damp)
-            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
+            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if bias_grad is not None else [])
             for p, d in parts:
                 g = groups[id(p)]
                 step.add(self.state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])

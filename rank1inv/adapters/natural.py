@@ -472,11 +472,16 @@ class FOOF(torch.optim.Optimizer):
             if W.grad is None:
                 continue  # torch.optim: no gradient, no step for this layer
             flat = W.grad.reshape(W.shape[0], -1)  # a convolution's (C_out, C_in·∏k), the patches' order
-            grad = flat if not has_bias else torch.cat([flat, module.bias.grad[:, None]], 1)
+            bias_grad = module.bias.grad if has_bias else None  # None: no step for the bias (torch.optim)
+            if has_bias:
+                column = bias_grad if bias_grad is not None else torch.zeros_like(module.bias)
+                grad = torch.cat([flat, column[:, None]], 1)
+            else:
+                grad = flat
             if not bool(torch.isfinite(grad).all()):
                 raise ValueError(f"layer {k}'s gradient contains non-finite values (nan or inf); the step is refused")
             delta = self._precondition(st, grad)
-            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if has_bias else [])
+            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if bias_grad is not None else [])
             for p, d in parts:
                 g = groups[id(p)]
                 step.add(self.state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])

@@ -35,7 +35,9 @@ from .natural import (
     _checked_options,
     _factor_layers,
     _group_of,
+    _layer_gradient,
     _pop_layer_states,
+    _stage_layer_step,
     layer_pairs,
     model_param_groups,
 )
@@ -155,21 +157,9 @@ class KFAC(torch.optim.Optimizer):
             damp = groups[id(module.weight)]["damp"]
             st = self._updated(self._factors[k], A, S, damp, refresh)
             staged.append(st)
-            W = module.weight
-            if W.grad is None:
-                continue  # torch.optim: no gradient, no step for this layer
-            flat = W.grad.reshape(W.shape[0], -1)
-            bias_grad = module.bias.grad if has_bias else None  # None: no step for the bias (torch.optim)
-            if has_bias:
-                column = bias_grad if bias_grad is not None else torch.zeros_like(module.bias)
-                grad = torch.cat([flat, column[:, None]], 1)
-            else:
-                grad = flat
-            delta = self._precondition(st, grad, damp)
-            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if bias_grad is not None else [])
-            for p, d in parts:
-                g = groups[id(p)]
-                step.add(self.state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])
+            grad = _layer_gradient(module, has_bias)
+            if grad is not None:
+                _stage_layer_step(step, self.state, groups, module, has_bias, self._precondition(st, grad, damp))
         self._factors = staged  # commit (nothing below can fail)
         self._steps += 1
         step.commit()

@@ -203,6 +203,31 @@ def _checked_options(options: dict, where: str) -> dict:
     return out
 
 
+def _layer_gradient(module, has_bias: bool):
+    """The gradient a layer's preconditioner acts on: (n_out, C_in·∏k) (a convolution's weight in
+    the patches' order), the bias as one more column (zeros where the bias has no .grad); None
+    when the weight has no .grad (torch.optim: no gradient, no step)."""
+    W = module.weight
+    if W.grad is None:
+        return None
+    flat = W.grad.reshape(W.shape[0], -1)
+    if not has_bias:
+        return flat
+    column = module.bias.grad if module.bias.grad is not None else torch.zeros_like(module.bias)
+    return torch.cat([flat, column[:, None]], 1)
+
+
+def _stage_layer_step(step: Descent, state, groups: dict, module, has_bias: bool, delta) -> None:
+    """Stage a layer's preconditioned Δ (``_layer_gradient``'s layout) for its weight and, where it
+    has a .grad, its bias, each with its parameter group's lr, momentum and weight decay."""
+    W, bias = module.weight, module.bias
+    stepped_bias = has_bias and bias.grad is not None
+    parts = [(W, delta[:, : W[0].numel()])] + ([(bias, delta[:, -1])] if stepped_bias else [])
+    for p, d in parts:
+        g = groups[id(p)]
+        step.add(state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])
+
+
 def _check_moving_average(ema, inverse_every) -> None:
     """The options of the optimizers that keep statistics as moving averages (FOOF, KFAC)."""
     if not 0.0 <= ema < 1.0:
@@ -468,23 +493,12 @@ class FOOF(torch.optim.Optimizer):
             damp = groups[id(module.weight)]["damp"]  # a layer's damp is its weight's group's
             st = self._updated(self._stats[id(module)], a, damp, refresh)
             staged[id(module)] = st
-            W = module.weight
-            if W.grad is None:
-                continue  # torch.optim: no gradient, no step for this layer
-            flat = W.grad.reshape(W.shape[0], -1)  # a convolution's (C_out, C_in·∏k), the patches' order
-            bias_grad = module.bias.grad if has_bias else None  # None: no step for the bias (torch.optim)
-            if has_bias:
-                column = bias_grad if bias_grad is not None else torch.zeros_like(module.bias)
-                grad = torch.cat([flat, column[:, None]], 1)
-            else:
-                grad = flat
+            grad = _layer_gradient(module, has_bias)
+            if grad is None:
+                continue
             if not bool(torch.isfinite(grad).all()):
                 raise ValueError(f"layer {k}'s gradient contains non-finite values (nan or inf); the step is refused")
-            delta = self._precondition(st, grad)
-            parts = [(W, delta[:, : flat.shape[1]])] + ([(module.bias, delta[:, -1])] if bias_grad is not None else [])
-            for p, d in parts:
-                g = groups[id(p)]
-                step.add(self.state[p], p, d.reshape(p.shape), g["lr"], g["momentum"], g["weight_decay"])
+            _stage_layer_step(step, self.state, groups, module, has_bias, self._precondition(st, grad))
         for key, st in staged.items():  # 2. commit (nothing here can fail)
             self._stats[key] = st
         self._steps += 1

@@ -65,7 +65,8 @@ def test_drop_kernel_matches_mirror_closely():
     a, b = np.empty_like(R), np.empty_like(R)
     cpu.chol_drop(R, a, 200, 17)
     _window.drop_rows_numpy(xp_np, R, b, 200, 17)
-    np.testing.assert_allclose(a[:199, :199], b[:199, :199], rtol=1e-14, atol=1e-15 * np.abs(b).max())
+    written = b[:199, :199]  # the rest of the (210, 210) outputs is never written: uninitialised memory
+    np.testing.assert_allclose(a[:199, :199], written, rtol=1e-14, atol=1e-15 * np.abs(written).max())
 
 
 @given(n=st.integers(2, 60), k=st.integers(0, 59), seed=st.integers(0, 1000), in_place=st.booleans(),

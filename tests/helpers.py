@@ -1,6 +1,10 @@
-"""Shared test helpers: host copies and dense float64 references."""
+"""Shared test helpers: host copies, dense float64 references, and processes on 127.0.0.1."""
+
+import json
+import socket
 
 import numpy as np
+import pytest
 
 from rank1inv import testing
 
@@ -62,3 +66,31 @@ def conv_patches(x, conv):
             window = xp[:, :, i * sh : i * sh + dh * (kh - 1) + 1 : dh, j * sw : j * sw + dw * (kw - 1) + 1 : dw]
             rows.append(window.reshape(x.shape[0], -1))
     return torch.stack(rows, 1)
+
+
+DISTRIBUTED_TIMEOUT_S = 60  # gloo's timeout in the distributed tests' workers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world, tmp_path, limit_s=3 * DISTRIBUTED_TIMEOUT_S):
+    """Run fn(rank, world, port, out_dir) in ``world`` fresh processes on 127.0.0.1 and return
+    each rank's rank{r}.json; a process that does not finish within ``limit_s`` is killed and
+    the test fails (a hang is a failure, not a wait)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:  # pragma: no cover
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("distributed workers did not finish")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]

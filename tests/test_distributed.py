@@ -3,7 +3,6 @@
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -14,13 +13,8 @@ import torch.distributed as dist  # noqa: E402
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
-TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import DISTRIBUTED_TIMEOUT_S as TIMEOUT_S  # noqa: E402
+from helpers import spawn  # noqa: E402
 
 
 def cuts(d, world):
@@ -157,25 +151,6 @@ def mfac_run(world, rank, steps=6):
         w.grad = 2 * Cr.T @ residual
         opt.step()
     return w.detach().numpy().tolist()
-
-
-def spawn(fn, world, tmp_path, limit_s=3 * TIMEOUT_S):
-    """Run fn(rank, world, port, out_dir) in ``world`` fresh processes on 127.0.0.1 and return
-    each rank's rank{r}.json; a process that does not finish within ``limit_s`` is killed and
-    the test fails (a hang is a failure, not a wait)."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(fn, args=(world, free_port(), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:  # pragma: no cover
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("distributed workers did not finish")
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
 @pytest.mark.parametrize("world", [2, 4])

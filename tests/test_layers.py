@@ -17,7 +17,15 @@ LAYERS = [  # lowest first
     ["_operator", "accumulated", "static", "_window_state", "dynamic"],
     ["sharded", "chunked"],
     ["obs", "laplace", "reference", "testing"],
-    ["adapters", "adapters.jax", "adapters.jax_native", "adapters.natural", "adapters.kfac", "adapters.torch"]
+    [
+        "adapters",
+        "adapters.jax",
+        "adapters.jax_native",
+        "adapters.natural",
+        "adapters.kfac",
+        "adapters.laplace_torch",
+        "adapters.torch",
+    ]
     + [f"adapters.torch.{m}" for m in ("convert", "dtensor", "vectors", "layout", "jacobians", "pruning", "optim")],
     ["", "examples", "examples.timing", "examples.progress", "examples.digits", "examples.demo", "__main__"],
 ]

@@ -24,6 +24,7 @@ MODULES = (
     "rank1inv.adapters.torch",
     "rank1inv.adapters.natural",
     "rank1inv.adapters.jax",
+    "rank1inv.adapters.laplace_torch",
 )
 # classes that users reach through methods rather than by name
 RETURNED = (("rank1inv._operator", "FisherOperator"), ("rank1inv._operator", "PowerOperator"))
@@ -33,10 +34,9 @@ def _members(cls):
     for name, member in inspect.getmembers(cls):
         if name.startswith("_") and name != "__matmul__":
             continue
-        if getattr(member, "__module__", "rank1inv").split(".")[0] not in ("rank1inv",) and not isinstance(
-            member, property
-        ):
-            continue  # inherited from torch.optim, NamedTuple, ...
+        owner = member.fget if isinstance(member, property) and member.fget is not None else member
+        if getattr(owner, "__module__", "rank1inv").split(".")[0] != "rank1inv":
+            continue  # inherited from torch.optim, NamedTuple, laplace-torch ...
         if callable(member) or isinstance(member, property):
             yield name, member
 

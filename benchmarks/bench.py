@@ -491,6 +491,10 @@ def main(argv=None):
     p.add_argument("--drift", type=int, metavar="PUSHES", help="print the window accuracy table after PUSHES pushes")
     p.add_argument("--plot", metavar="PNG", help="also plot push_apply time against m (needs matplotlib)")
     p.add_argument("--laplace", action="store_true", help="print the side-by-side with laplace-torch (bench extra)")
+    p.add_argument("--laplace-api", action="store_true",
+                   help="print laplace-torch's API over rank1inv at d = 1e6 (laplace extra; ~10 GB)")  # fmt: skip
+    p.add_argument("--world", type=int, default=1, metavar="P",
+                   help="with --laplace-api: also run it over P gloo processes (comm=)")  # fmt: skip
     p.add_argument("--natural", action="store_true", help="print the factored natural-gradient step benchmark (torch)")
     p.add_argument("--out-of-core", metavar="DIR", help="print the memory-mapped IHVP benchmark (writes ~4 GB in DIR)")
     p.add_argument("--dask", action="store_true", help="print the Dask LocalCluster IHVP benchmark (dask extra)")
@@ -519,6 +523,10 @@ def main(argv=None):
         from . import bench_natural
 
         print(bench_natural.run())
+    elif args.laplace_api:
+        from . import bench_laplace_api
+
+        print(bench_laplace_api.run(args.quick, args.world))
     elif args.laplace:
         from . import bench_laplace
 

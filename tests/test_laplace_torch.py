@@ -288,6 +288,10 @@ def test_refusals_and_no_side_effects():
     la = lt.Rank1invLaplace(net, lik)
     with pytest.raises(AttributeError, match="not fitted"):
         la.log_marginal_likelihood()
+    bad = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xt[:4], torch.full((4,), 99)), batch_size=2)
+    with pytest.raises(IndexError):  # a label outside the 10 classes, in the loss of the first batch
+        la.fit(bad)
+    assert la.H is None and la.n_outputs == 0 and la.n_data == 0  # a fit that raises changes nothing
     for p in net.parameters():
         p.grad = torch.full_like(p, 7.0)
     la.fit(loader)

@@ -177,10 +177,10 @@ class Rank1invLaplace(ParametricLaplace):
         """m, the number of curvature rows (0 before ``fit``)."""
         return 0 if self.H is None else int(self.H.shape[0])
 
-    def _rows_per_datum(self) -> int:
+    def _rows_per_datum(self, n_outputs: int) -> int:
         if self._curvature == "ef":
             return 1
-        return self.n_outputs if self._curvature == "ggn" else self._mc_samples
+        return n_outputs if self._curvature == "ggn" else self._mc_samples
 
     def _functional(self):
         """f(params, x) for one input x, the other parameters and buffers held fixed."""
@@ -298,9 +298,8 @@ class Rank1invLaplace(ParametricLaplace):
         N = len(train_loader.dataset)
         if not override and self.H is not None and n_outputs != self.n_outputs:
             raise ValueError(f"the model now has {n_outputs} outputs, the earlier fit {self.n_outputs}")
-        self.n_outputs = n_outputs
         mean = torch.nn.utils.parameters_to_vector(self.params).detach()
-        per = self._rows_per_datum()
+        per = self._rows_per_datum(n_outputs)
         rows, filled, loss = self._allocate(N * per), 0, 0.0
         lo, hi = self._columns
         for X, y in tqdm.tqdm(train_loader, disable=not progress_bar, desc="[Computing curvature rows]"):
@@ -311,7 +310,7 @@ class Rank1invLaplace(ParametricLaplace):
             if filled + R.shape[0] > rows.shape[0]:  # the loader yields more than its dataset's length
                 if self._storage_path is not None:
                     raise ValueError("train_loader yielded more samples than len(train_loader.dataset)")
-                rows = torch.cat([rows[:filled], torch.empty_like(rows[: R.shape[0]])])
+                rows = torch.cat([rows[:filled], rows.new_empty((R.shape[0], hi - lo))])
             rows[filled : filled + R.shape[0]] = R[:, lo:hi]
             filled += R.shape[0]
             loss = loss + loss_batch
@@ -323,7 +322,7 @@ class Rank1invLaplace(ParametricLaplace):
             self.loss, self.n_data = self.loss + loss, self.n_data + N
         else:
             self.loss, self.n_data = loss, N
-        self.H, self.mean, self._cache = rows, mean, {}
+        self.H, self.mean, self._cache, self.n_outputs = rows, mean, {}, n_outputs  # nothing changes before here
         self._posterior_scale = None
 
     # -- the posterior as a rank1inv operator -------------------------------------------------

@@ -48,6 +48,7 @@ from .. import _backend, _comm, _passes
 from .. import laplace as _laplace
 from ..static import StaticInverse
 from .torch.convert import to_array
+from .torch.jacobians import functional_model
 
 __all__ = ["Rank1invLaplace", "Rank1invLLLaplace", "CURVATURES"]
 
@@ -148,11 +149,17 @@ class Rank1invLaplace(ParametricLaplace):
     def _select_parameters(self, model) -> None:
         """The parameters the posterior is over: every one with requires_grad (laplace-torch's
         rule); ``Rank1invLLLaplace`` narrows this to the last layer."""
-        self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self._named:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no parameter with requires_grad=True")
-        self.params = [p for _, p in self._named]
-        self.n_params = sum(p.numel() for p in self.params)
+        self._use(named)
+
+    def _use(self, named: list) -> None:
+        """Make ``named`` (name, parameter) pairs the posterior's coordinates, in their order."""
+        self._named = named
+        self.params = [p for _, p in named]
+        self._sizes = [p.numel() for p in self.params]
+        self.n_params = sum(self._sizes)
         self.n_layers = len(self.params)
 
     @property
@@ -184,16 +191,7 @@ class Rank1invLaplace(ParametricLaplace):
 
     def _functional(self):
         """f(params, x) for one input x, the other parameters and buffers held fixed."""
-        from torch.func import functional_call
-
-        chosen = {n for n, _ in self._named}
-        fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in chosen}
-        fixed.update(dict(self.model.named_buffers()))
-
-        def f(params, x):
-            return functional_call(self.model, {**fixed, **params}, (x[None, ...],))[0]
-
-        return f
+        return functional_model(self.model, [n for n, _ in self._named])
 
     def _params(self) -> dict:
         return {n: p.detach() for n, p in self._named}
@@ -338,7 +336,7 @@ class Rank1invLaplace(ParametricLaplace):
         if values.numel() == 1:
             return float(values.reshape(()))
         if values.numel() == self.n_layers:
-            values = torch.repeat_interleave(values, torch.tensor([p.numel() for p in self.params]))
+            values = torch.repeat_interleave(values, torch.tensor(self._sizes))
         lo, hi = self._columns
         return values[lo:hi].numpy().copy()
 
@@ -397,9 +395,9 @@ class Rank1invLaplace(ParametricLaplace):
             xp = _backend.namespace(rows)
             lo, hi = self._columns
             m, out, start = rows.shape[0], [], 0
-            for p in self.params:
-                a, b = max(start, lo) - lo, min(start + p.numel(), hi) - lo
-                start += p.numel()
+            for size in self._sizes:
+                a, b = max(start, lo) - lo, min(start + size, hi) - lo
+                start += size
                 part = _passes.gram(xp, rows[None, :, a:b], "float64")[0] if b > a else np.zeros((m, m))
                 out.append(_backend.to_host(part))
             grams = np.stack(out)
@@ -418,7 +416,7 @@ class Rank1invLaplace(ParametricLaplace):
         c = torch.as_tensor(c).to(device=prior.device, dtype=torch.float64)
         if prior.numel() == 1:
             return torch.log1p(c * self._spectrum().to(prior.device) / prior[0]).sum()
-        sizes = torch.tensor([p.numel() for p in self.params], device=prior.device)
+        sizes = torch.tensor(self._sizes, device=prior.device)
         diag = torch.repeat_interleave(prior, sizes) if prior.numel() == self.n_layers else prior
         if self._dense_side():
             L = torch.linalg.cholesky(c * self._column_gram().to(prior.device) + torch.diag(diag))
@@ -452,6 +450,17 @@ class Rank1invLaplace(ParametricLaplace):
         """A host float64 array summed over the ranks (itself on one process)."""
         a = np.asarray(_backend.to_host(a), dtype=np.float64)
         return a if self._comm is None else self._comm.allreduce_sum(a)
+
+    def _gathered(self, local) -> np.ndarray:
+        """(…, d) host float64 from this rank's columns (…, d_local) of every rank (zero-padded
+        and summed over the ranks: O(d) values per row); ``local`` itself on one process."""
+        local = np.asarray(_backend.to_host(local), dtype=np.float64)
+        if self._comm is None:
+            return local
+        lo, hi = self._columns
+        full = np.zeros(local.shape[:-1] + (self.n_params,))
+        full[..., lo:hi] = local
+        return self._comm.allreduce_sum(full)
 
     def _out(self, a) -> torch.Tensor:
         return torch.as_tensor(np.asarray(a), dtype=self._dtype, device=self._device)
@@ -511,11 +520,7 @@ class Rank1invLaplace(ParametricLaplace):
             k = min(n_samples, a + SAMPLE_CHUNK) - a
             z = torch.randn((k, d + extra), generator=generator, dtype=torch.float64, device=self._device)
             x = op.sample_from_noise(to_array(torch.cat([z[:, lo:hi], z[:, d:]], dim=1)))
-            if self._comm is not None:
-                full = np.zeros((k, d))
-                full[:, lo:hi] = _backend.to_host(x)
-                x = self._comm.allreduce_sum(full)
-            out[a : a + k] = torch.as_tensor(np.asarray(_backend.to_host(x)), dtype=self._dtype)
+            out[a : a + k] = torch.as_tensor(self._gathered(x), dtype=self._dtype)
         return self.mean.reshape(1, d) + out
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
@@ -551,13 +556,7 @@ class Rank1invLaplace(ParametricLaplace):
     @property
     def posterior_variance(self) -> torch.Tensor:
         """diag(P⁻¹), (d,): O(dm²) once per prior (a whitening of R), then O(dm)."""
-        v = _backend.to_host(self.posterior.diag())
-        if self._comm is not None:
-            lo, hi = self._columns
-            full = np.zeros(self.n_params)
-            full[lo:hi] = v
-            v = self._comm.allreduce_sum(full)
-        return self._out(v)
+        return self._out(self._gathered(self.posterior.diag()))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -593,11 +592,7 @@ class _PerCoordinateLogDet(torch.autograd.Function):
         op, la = ctx.op, ctx.la
         d_diag = d_c = None
         if ctx.needs_input_grad[0]:
-            v = _backend.to_host(op.diag())
-            lo, hi = la._columns
-            full = np.zeros(la.n_params)
-            full[lo:hi] = v
-            d_diag = grad * torch.as_tensor(la._all_ranks(full), device=grad.device)
+            d_diag = grad * torch.as_tensor(la._gathered(op.diag()), device=grad.device)
         if ctx.needs_input_grad[1]:
             H = la.H
             quad = [_backend.to_host(_laplace.predictive_variance(op, to_array(H[a : a + 64].to(torch.float64))))
@@ -629,7 +624,4 @@ class Rank1invLLLaplace(Rank1invLaplace):
         elif name not in modules:
             raise ValueError(f"last_layer_name {name!r} is not a module of the model")
         prefix = f"{name}." if name else ""
-        self._named = [(prefix + n, p) for n, p in modules[name].named_parameters(recurse=False)]
-        self.params = [p for _, p in self._named]
-        self.n_params = sum(p.numel() for p in self.params)
-        self.n_layers = len(self.params)
+        self._use([(prefix + n, p) for n, p in modules[name].named_parameters(recurse=False)])

@@ -495,6 +495,8 @@ def main(argv=None):
                    help="print laplace-torch's API over rank1inv at d = 1e6 (laplace extra; ~10 GB)")  # fmt: skip
     p.add_argument("--world", type=int, default=1, metavar="P",
                    help="with --laplace-api: also run it over P gloo processes (comm=)")  # fmt: skip
+    p.add_argument("--chunks", type=int, default=None, metavar="W",
+                   help="with --laplace-api: also with the rows as Dask column blocks of W (chunks=)")  # fmt: skip
     p.add_argument("--natural", action="store_true", help="print the factored natural-gradient step benchmark (torch)")
     p.add_argument("--out-of-core", metavar="DIR", help="print the memory-mapped IHVP benchmark (writes ~4 GB in DIR)")
     p.add_argument("--dask", action="store_true", help="print the Dask LocalCluster IHVP benchmark (dask extra)")
@@ -526,7 +528,7 @@ def main(argv=None):
     elif args.laplace_api:
         from . import bench_laplace_api
 
-        print(bench_laplace_api.run(args.quick, args.world))
+        print(bench_laplace_api.run(args.quick, args.world, args.chunks))
     elif args.laplace:
         from . import bench_laplace
 

@@ -90,17 +90,27 @@ def pair(kind, backend, n=150, **ours):
     return ref, mine, Xt, net
 
 
-CASES = [("mlp", CurvlinopsEF), ("mlp", CurvlinopsGGN), ("cnn", CurvlinopsEF), ("cnn", CurvlinopsGGN),
-         ("regression", CurvlinopsEF), ("regression", CurvlinopsGGN)]  # fmt: skip
+CASES = [("mlp", CurvlinopsEF, {}), ("mlp", CurvlinopsGGN, {}), ("cnn", CurvlinopsEF, {}), ("cnn", CurvlinopsGGN, {}),
+         ("regression", CurvlinopsEF, {}), ("regression", CurvlinopsGGN, {}),
+         ("mlp", CurvlinopsEF, {"chunks": 100}), ("cnn", CurvlinopsEF, {"chunks": 64}),
+         ("mlp", CurvlinopsGGN, {"chunks": 100})]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind,backend", CASES, ids=[f"{k}-{b.__name__}" for k, b in CASES])
-def test_equals_full_laplace(kind, backend):
+@pytest.mark.parametrize("kind,backend,ours", CASES, ids=[f"{k}-{b.__name__}{'-dask' * bool(o)}" for k, b, o in CASES])
+def test_equals_full_laplace(kind, backend, ours):
     """Evidence (scalar, per-tensor and per-coordinate priors), posterior precision and variance,
     GLM predictive and its link approximations, log_prob: FullLaplace's to 1e-8 or better.
-    The cases cover both sides of Woodbury: m = N rows (ef) or N·C (ggn) against d."""
-    ref, mine, Xt, _ = pair(kind, backend)
+    The cases cover both sides of Woodbury: m = N rows (ef) or N·C (ggn) against d; with
+    ``chunks`` the passes of a scalar prior run over Dask column blocks (d > m) and the rest in
+    process."""
+    if ours:
+        pytest.importorskip("dask.array")
+    ref, mine, Xt, _ = pair(kind, backend, **ours)
     assert isinstance(mine, lt.Rank1invLaplace) and mine.curvature == ("ef" if backend is CurvlinopsEF else "ggn")
+    if ours:
+        from rank1inv.chunked import DaskInverse
+
+        assert isinstance(mine.posterior, DaskInverse) == (mine.n_params > mine.num_rows)
     d = mine.n_params
     gen = torch.Generator().manual_seed(1)
     priors = [torch.tensor([0.3]), torch.rand(mine.n_layers, generator=gen, dtype=torch.float64) * 3 + 0.1,
@@ -234,6 +244,34 @@ def test_storage_dtypes_are_exact_for_the_stored_rows(storage, tmp_path):
     assert rel(la.functional_variance(Js), dense) <= 1e-7  # float32 products of the stored rows
 
 
+def test_dask_rows_from_a_memory_map_on_a_local_cluster(tmp_path):
+    """chunks= with a bfloat16 memory map on a LocalCluster (two worker processes on 127.0.0.1,
+    each task reading its columns from the file): the answers of the in-process operator over
+    the same stored rows (they differ only in the order of float64 sums)."""
+    distributed = pytest.importorskip("distributed")
+    net, loader, Xt, lik, _ = problem("cnn")
+    common = dict(prior_precision=PRIOR, curvature="ef", storage="bfloat16")
+    plain = lt.Rank1invLaplace(net, lik, **common)
+    plain.fit(loader)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, silence_logs=40) as cluster, \
+            distributed.Client(cluster, timeout="60s"):  # fmt: skip
+        la = lt.Rank1invLaplace(net, lik, storage_path=str(tmp_path / "rows.bin"), chunks=200, **common)
+        la.fit(loader)
+        assert torch.equal(la.H, plain.H)
+        Js, _ = la._jacobians(Xt)
+        for prior in (torch.rand(la.n_layers, dtype=torch.float64) + 0.1, torch.tensor([0.3])):  # it stays set
+            a, b = la.log_marginal_likelihood(prior.clone()), plain.log_marginal_likelihood(prior.clone())
+            assert abs(float(a - b)) <= 1e-12 * abs(float(b))
+        assert type(la.posterior).__name__ == "DaskInverse"
+        assert rel(la.functional_variance(Js), plain.functional_variance(Js)) <= 1e-12
+        assert rel(la.posterior_variance, plain.posterior_variance) <= 1e-12
+        draws = [x.sample(8, generator=torch.Generator().manual_seed(2)) for x in (la, plain)]
+        assert rel(draws[0], draws[1]) <= 1e-12
+        pa, pb = la(Xt, link_approx="probit"), plain(Xt, link_approx="probit")
+        assert float((pa - pb).abs().max()) <= 1e-12
+
+
 def test_sampled_fisher_rows_are_sampled_label_gradients():
     """Each "fisher" row is (p − e_k)ᵀJ/√S for some class k (classification) or −εᵀJ/√S, a
     vector in the row space of J (regression); with S large RᵀR approaches the GGN."""
@@ -281,6 +319,10 @@ def test_refusals_and_no_side_effects():
         lt.Rank1invLaplace(net, lik, backend=CurvlinopsHessian)
     with pytest.raises(ValueError, match="curvature must be"):
         lt.Rank1invLaplace(net, lik, curvature="kfac")
+    with pytest.raises(ValueError, match="chunks must be"):
+        lt.Rank1invLaplace(net, lik, chunks=0)
+    with pytest.raises(ValueError, match="pass one"):
+        lt.Rank1invLaplace(net, lik, chunks=100, comm="torch")  # refused before any process group is needed
     with pytest.raises(ValueError, match="storage"):
         lt.Rank1invLaplace(net, lik, storage="int8")
     with pytest.raises(ValueError, match="Length of prior precision"):

@@ -18,7 +18,8 @@ exact Fisher), or sampled-label gradients ("fisher", MC). Every query is exact: 
 spectrum of RRᵀ, and the marginal likelihood is differentiable in the prior precision and σ
 (laplace-torch's ``optimize_prior_precision`` and marglik training run unchanged). Cost: fit
 O(md) memory for R (float32, bfloat16 or a memory map, or split along d over ranks with
-``comm=``) plus O(dm²) once; a GLM predictive O(d·m·C) per input; a sample O(dm).
+``comm=``, or as a Dask array of column blocks with ``chunks=``) plus O(dm²) once; a GLM
+predictive O(d·m·C) per input; a sample O(dm).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ except RuntimeError as err:  # pragma: no cover - a torchvision built for anothe
         f"({err}); laplace-torch runs without torchvision: pip uninstall -y torchvision"
     ) from err
 
-from .. import _backend, _comm, _passes
+from .. import _backend, _comm, _passes, _precision, chunked
 from .. import laplace as _laplace
 from ..static import StaticInverse
 from .torch.convert import to_array
@@ -90,6 +91,18 @@ def _storage_of(storage, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"storage must be None (the model's dtype) or one of {sorted(STORAGE)}, got {storage!r}")
 
 
+def _read_columns(path: str, dtype, shape: tuple, a: int, b: int) -> np.ndarray:
+    """Columns a:b of the (m, d) rows in the memory map at ``path`` (a Dask task: it runs where
+    the scheduler puts it). bfloat16 rows are stored as their uint16 bit patterns."""
+    stored = np.uint16 if dtype == np.dtype(_precision.numpy_dtype("bfloat16")) else dtype
+    return np.array(np.memmap(path, dtype=stored, mode="r", shape=shape)[:, a:b]).view(dtype)
+
+
+def _computed(a):
+    """A Dask result computed (the array itself otherwise)."""
+    return a.compute() if _backend.is_dask_array(a) else a
+
+
 class Rank1invLaplace(ParametricLaplace):
     """Exact full-network Laplace (FullLaplace's posterior) over curvature rows.
 
@@ -105,6 +118,13 @@ class Rank1invLaplace(ParametricLaplace):
     comm : None, "torch", a torch.distributed process group or a rank1inv Communicator: R split
         along d over the ranks (each keeps its contiguous slice of coordinates; every rank runs
         the same model on the same data and gets the same answers)
+    chunks : None, or a column-block width w: the passes over R run through Dask
+        (``rank1inv.chunked.DaskInverse``: one task per block of w coordinates, on the current
+        Dask scheduler or ``dask.distributed`` Client; with ``storage_path`` each task reads its
+        columns from the memory map, a file every worker must be able to open, else the blocks
+        are sliced from the rows in memory). Dask runs the passes of a scalar prior precision
+        with d > m; per-tensor and per-coordinate priors and d ≤ m run in this process (Dask's
+        operator takes one damping value). Not with ``comm``.
     chunk : samples per vectorised Jacobian / per-sample-gradient call (memory chunk·C·d)
     generator : a torch.Generator for the labels the "fisher" curvature samples
 
@@ -118,7 +138,7 @@ class Rank1invLaplace(ParametricLaplace):
     def __init__(self, model, likelihood, sigma_noise=1.0, prior_precision=1.0, prior_mean=0.0, temperature=1.0,
                  enable_backprop=False, dict_key_x="input_ids", dict_key_y="labels", backend=None,
                  backend_kwargs=None, asdl_fisher_kwargs=None, *, curvature=None, storage=None, storage_path=None,
-                 comm=None, chunk: int = 32, generator=None):  # fmt: skip
+                 comm=None, chunks=None, chunk: int = 32, generator=None):  # fmt: skip
         if likelihood not in (Likelihood.CLASSIFICATION, Likelihood.REGRESSION):
             raise ValueError(f"likelihood must be 'classification' or 'regression' here, got {likelihood!r}")
         if enable_backprop:
@@ -129,7 +149,13 @@ class Rank1invLaplace(ParametricLaplace):
             raise ValueError(f"chunk must be a positive int, got {chunk!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
-        self._chunk, self._generator, self._storage_path = chunk, generator, storage_path
+        if chunks is not None:
+            if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+                raise ValueError(f"chunks must be None or a positive int (a column-block width), got {chunks!r}")
+            if comm is not None:
+                raise ValueError("chunks= (Dask) and comm= (ranks) are two ways to split R: pass one")
+            chunked._dask()  # ImportError now, not at the first query
+        self._chunk, self._generator, self._storage_path, self._chunks = chunk, generator, storage_path, chunks
         self._comm = None if comm is None else _comm.as_communicator(comm)
         self._cache: dict = {}
         super().__init__(model, likelihood, sigma_noise, 1.0, 0.0, temperature, enable_backprop, dict_key_x,
@@ -328,6 +354,36 @@ class Rank1invLaplace(ParametricLaplace):
         self._check_H_init()
         return to_array(self.H)
 
+    def _dask_rows(self):
+        """R as a Dask array (m, d) of column blocks of width ``chunks`` (built once per fit):
+        tasks that read their columns from the memory map, or blocks sliced from R in memory."""
+        if "dask_rows" not in self._cache:
+            import dask.array as da
+
+            rows = self._rows()
+            m, d = rows.shape
+            if self._storage_path is None:
+                self._cache["dask_rows"] = da.from_array(rows, chunks=(m, self._chunks), name=False)  # no hash of R
+            else:
+                from dask import delayed
+
+                def block(a: int):
+                    b = min(a + self._chunks, d)
+                    task = delayed(_read_columns, pure=False)(str(self._storage_path), rows.dtype, (m, d), a, b)
+                    return da.from_delayed(task, (m, b - a), dtype=rows.dtype)
+
+                self._cache["dask_rows"] = da.concatenate([block(a) for a in range(0, d, self._chunks)], axis=1)
+        return self._cache["dask_rows"]
+
+    def _on_dask(self, damp) -> bool:
+        """Whether the operator for ``damp`` runs over Dask: ``chunks`` set, one damping value, d > m."""
+        return self._chunks is not None and isinstance(damp, float) and self.n_params > self.num_rows
+
+    def _inverse(self, damp, c: float) -> StaticInverse:
+        """StaticInverse over R (Dask's when ``_on_dask``): O(dm²)."""
+        rows = self._dask_rows() if self._on_dask(damp) else self._rows()
+        return StaticInverse(rows, damp, scale=c, comm=self._comm)
+
     def _prior_damp(self, prior: torch.Tensor | None = None):
         """The prior precision as StaticInverse's damp: a float, or this rank's per-coordinate
         values (NumPy float64)."""
@@ -349,7 +405,7 @@ class Rank1invLaplace(ParametricLaplace):
         if cached is not None and cached[0][1] == c and isinstance(damp, float) and isinstance(cached[0][0], float):
             op = cached[1].with_damp(damp)  # O(m³): the rows' Gram matrix is kept
         else:
-            op = StaticInverse(self._rows(), damp, scale=c, comm=self._comm)
+            op = self._inverse(damp, c)
         self._cache["op"] = (key, op)
         return op
 
@@ -370,7 +426,7 @@ class Rank1invLaplace(ParametricLaplace):
             elif self.prior_precision.numel() == 1:  # the posterior operator itself, kept for what follows
                 op = self.posterior
             else:
-                op = StaticInverse(self._rows(), 1.0, scale=1.0, comm=self._comm)
+                op = self._inverse(1.0, 1.0)
             spectrum = np.asarray(op.gram_spectra()[0], dtype=np.float64) / op.scale
             self._cache["spectrum"] = torch.as_tensor(spectrum)
         return self._cache["spectrum"]
@@ -391,14 +447,20 @@ class Rank1invLaplace(ParametricLaplace):
         """R_l R_lᵀ (L, m, m) float64 for each parameter tensor's columns (summed over ranks);
         O(m²d) once per fit, L·m²·8 bytes."""
         if "layer_grams" not in self._cache:
-            rows = self._rows()
-            xp = _backend.namespace(rows)
+            dask = self._on_dask(1.0)
+            rows = self._dask_rows() if dask else self._rows()
+            xp = _backend.namespace(rows._meta if dask else rows)
             lo, hi = self._columns
             m, out, start = rows.shape[0], [], 0
             for size in self._sizes:
                 a, b = max(start, lo) - lo, min(start + size, hi) - lo
                 start += size
-                part = _passes.gram(xp, rows[None, :, a:b], "float64")[0] if b > a else np.zeros((m, m))
+                if b <= a:
+                    part = np.zeros((m, m))
+                elif dask:  # one task per column block of this tensor
+                    part = _passes.gram(xp, chunked.ChunkedView(rows[:, a:b]), "float64")[0]
+                else:
+                    part = _passes.gram(xp, rows[None, :, a:b], "float64")[0]
                 out.append(_backend.to_host(part))
             grams = np.stack(out)
             if self._comm is not None:
@@ -476,7 +538,7 @@ class Rank1invLaplace(ParametricLaplace):
             J = self._local(Js[a : a + self._chunk])  # (k, C, d_local)
             xp = _backend.namespace(J)
             k = J.shape[0]
-            Y = op.matmat(xp.matrix_transpose(xp.reshape(J, (k * C, -1))))  # (d_local, k·C)
+            Y = _computed(op.matmat(xp.matrix_transpose(xp.reshape(J, (k * C, -1)))))  # (d_local, k·C)
             Y = xp.reshape(xp.matrix_transpose(Y), (k, C, -1))
             parts.append(_backend.to_host(J @ xp.matrix_transpose(Y)))
         V = self._all_ranks(np.concatenate(parts))
@@ -486,8 +548,13 @@ class Rank1invLaplace(ParametricLaplace):
         """J P⁻¹ Jᵀ for the stacked Jacobians: Js (n, C, d) → (n·C, n·C); O(d·m·n·C)."""
         self._check_jacobians(Js)
         n, C, d = Js.shape
-        J = self._local(Js.reshape(n * C, d))
-        return self._out(_backend.to_host(_laplace.predictive_variance(self.posterior, J, full=True)))
+        J = self._local(Js.reshape(n * C, d))  # (n·C, d_local)
+        xp = _backend.namespace(J)
+        op, Jt, parts = self.posterior, xp.matrix_transpose(J), []
+        for a in range(0, n * C, self._chunk * C):  # ``chunk``·C columns of P⁻¹Jᵀ per product
+            parts.append(_backend.to_host(J @ _computed(op.matmat(Jt[:, a : a + self._chunk * C]))))
+        V = self._all_ranks(np.concatenate(parts, axis=1))
+        return self._out((V + V.T) / 2.0)
 
     @torch.no_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):
@@ -519,14 +586,14 @@ class Rank1invLaplace(ParametricLaplace):
         for a in range(0, n_samples, SAMPLE_CHUNK):
             k = min(n_samples, a + SAMPLE_CHUNK) - a
             z = torch.randn((k, d + extra), generator=generator, dtype=torch.float64, device=self._device)
-            x = op.sample_from_noise(to_array(torch.cat([z[:, lo:hi], z[:, d:]], dim=1)))
+            x = _computed(op.sample_from_noise(to_array(torch.cat([z[:, lo:hi], z[:, d:]], dim=1))))
             out[a : a + k] = torch.as_tensor(self._gathered(x), dtype=self._dtype)
         return self.mean.reshape(1, d) + out
 
     def square_norm(self, value: torch.Tensor) -> torch.Tensor:
         """(θ − θ_MAP)ᵀ P (θ − θ_MAP): O(dm) (one product with P)."""
         delta = self._local(value - self.mean)
-        Pd = self.posterior.fisher() @ delta
+        Pd = _computed(self.posterior.fisher() @ delta)
         return self._out(self._all_ranks(float(_backend.to_host((delta * Pd).sum()))))
 
     # -- dense views where they fit ----------------------------------------------------------
@@ -541,22 +608,22 @@ class Rank1invLaplace(ParametricLaplace):
     @property
     def posterior_precision(self) -> torch.Tensor:
         """P (d, d), only for d ≤ DENSE_LIMIT."""
-        return self._out(_backend.to_host(self._dense("posterior_precision").fisher().to_dense()))
+        return self._out(_backend.to_host(_computed(self._dense("posterior_precision").fisher().to_dense())))
 
     @property
     def posterior_covariance(self) -> torch.Tensor:
         """P⁻¹ (d, d), only for d ≤ DENSE_LIMIT."""
-        return self._out(_backend.to_host(self._dense("posterior_covariance").to_dense()))
+        return self._out(_backend.to_host(_computed(self._dense("posterior_covariance").to_dense())))
 
     @property
     def posterior_scale(self) -> torch.Tensor:
         """P^(-1/2) (d, d, symmetric), only for d ≤ DENSE_LIMIT."""
-        return self._out(_backend.to_host(self._dense("posterior_scale").power(-0.5).to_dense()))
+        return self._out(_backend.to_host(_computed(self._dense("posterior_scale").power(-0.5).to_dense())))
 
     @property
     def posterior_variance(self) -> torch.Tensor:
         """diag(P⁻¹), (d,): O(dm²) once per prior (a whitening of R), then O(dm)."""
-        return self._out(self._gathered(self.posterior.diag()))
+        return self._out(self._gathered(_computed(self.posterior.diag())))
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -592,7 +659,7 @@ class _PerCoordinateLogDet(torch.autograd.Function):
         op, la = ctx.op, ctx.la
         d_diag = d_c = None
         if ctx.needs_input_grad[0]:
-            d_diag = grad * torch.as_tensor(la._gathered(op.diag()), device=grad.device)
+            d_diag = grad * torch.as_tensor(la._gathered(_computed(op.diag())), device=grad.device)
         if ctx.needs_input_grad[1]:
             H = la.H
             quad = [_backend.to_host(_laplace.predictive_variance(op, to_array(H[a : a + 64].to(torch.float64))))

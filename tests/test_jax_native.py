@@ -56,6 +56,28 @@ def test_direction_equals_push_apply_x64():
                 assert relative(got, want) <= 1e-9
 
 
+def test_blocked_widening_equals_whole_widening_x64():
+    """A float32 ring under x64 (float64 accumulation) wider than one block (m = 64: blocks of
+    16 384 columns, d = 2 blocks + a tail of 37): the blocked passes give the directions of the
+    whole-ring widening to float64 rounding, and push_apply's on these well-conditioned
+    gradients."""
+    with jax.enable_x64(True):
+        m, d, damp = 64, 2 * 16384 + 37, 1e-2
+        G = testing.gradients("iid", m + 8, d, seed=3, dtype="float32")
+        ref = r1.DynamicInverse(d, m, damp, scale=1.0 / m, dtype="float32")
+        steps = {b: jax.jit(lambda *a, b=b: window_direction(*a, widen_blocks=b)) for b in (True, False)}
+        states = {b: (jnp.zeros((m, d), jnp.float32), jnp.zeros((m, m), jnp.float64), jnp.zeros(m, jnp.int32))
+                  for b in (True, False)}  # fmt: skip
+        for i, g in enumerate(G):
+            out = {}
+            for b, step in steps.items():
+                out[b], *rest, _ = step(*states[b], jnp.int32(i), jnp.asarray(g), damp, 1.0 / m)
+                states[b] = tuple(rest)
+            assert out[True].dtype == jnp.float64
+            assert relative(out[True], out[False]) <= 1e-13
+            assert relative(out[True], ref.push_apply(g.astype(np.float64))) <= 1e-10  # a float64 result
+
+
 def _problem():
     w = {"a": jnp.ones((4, 3)), "b": jnp.zeros(3)}
     x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 4)), jnp.float32)
@@ -125,25 +147,32 @@ def test_schedules_inject_hyperparams_chain_and_vmap():
         native_mfac(0.1, ngrads=0)
 
 
-def test_sharded_along_d_equals_unsharded_and_communicates_m_values():
+@pytest.mark.parametrize("x64", [False, True])
+def test_sharded_along_d_equals_unsharded_and_communicates_m_values(x64):
     """4 host devices (a subprocess: XLA_FLAGS must precede JAX's start): the ring and the
-    parameters sharded along d give the unsharded updates to float32 rounding, and XLA compiles
-    two all-reduces per update, of 1 value (max|g|, the frame) and of m + 1 (the Gram row and
-    ‖h‖²), nothing d-long."""
+    parameters sharded along d give the unsharded updates to rounding, and XLA compiles two
+    all-reduces per update, of 1 value (max|g|, the frame) and of m + 1 (the Gram row and
+    ‖h‖²), nothing d-long; with x64 also through the blocked passes of a float32 ring."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    import rank1inv
+
     worker = Path(__file__).parent / "workers" / "jax_sharded.py"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=180)
+    root = str(Path(rank1inv.__file__).parents[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    argv = [sys.executable, str(worker)] + (["x64"] if x64 else [])
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4 and out["ring_sharding"] == "P(None, 'd')"
-    assert out["diff"] <= 1e-5
-    assert sorted(out["collectives"]) == [["all-reduce", 1], ["all-reduce", 8 + 1]]
+    assert out["diff"] <= (1e-12 if x64 else 1e-5)
+    m = 64 if x64 else 8
+    assert sorted(out["collectives"]) == [["all-reduce", 1], ["all-reduce", m + 1]]
 
 
 @pytest.mark.parametrize("x64,magnitude", [(False, 1e20), (False, 1e-20), (True, 2.0**400), (True, 2.0**-400)])

@@ -82,14 +82,62 @@ def _times_power_of_two(x, e):
     return x.astype(dtype) * _power_of_two(half, dtype) * _power_of_two(e - half, dtype)
 
 
-def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=True):
+_WIDENED = 2**20  # ring values widened to the accumulation dtype at a time (m × block columns)
+
+
+def _block_width(m: int) -> int:
+    """Columns of a narrow ring widened per step of the blocked passes: the power of two nearest
+    below 2^20/m, at least 256 (m·width ≈ 2^20 values, 8 MiB of float64: measured at d = 10⁵,
+    m = 256, width 4096 runs the Gram row in 9 ms where 2048 takes 11.6 and 16384 21.7)."""
+    return max(256, 1 << max(0, (_WIDENED // m).bit_length() - 1))
+
+
+def _ring_times(ring, h, acc, widen_blocks: bool):
+    """ring·h (m,) accumulated in ``acc``. With ``widen_blocks`` a ring narrower than ``acc``
+    (float32 or 16-bit values with float64 accumulation under x64; 16-bit with float32) is
+    widened one block of columns at a time inside a loop: for ``preferred_element_type`` XLA's
+    CPU backend widens the whole m×d ring to ``acc`` (69 ms instead of 9 ms at d = 10⁵, m = 256,
+    docs/benchmarks.md). O(md)."""
+    m, d = ring.shape
+    width = _block_width(m)
+    if not widen_blocks or ring.dtype == acc or d <= width:
+        return jnp.dot(ring, h, preferred_element_type=acc)
+    blocks = d // width
+
+    def add_block(j, total):
+        part = jax.lax.dynamic_slice_in_dim(ring, j * width, width, axis=1).astype(acc)
+        return total + part @ jax.lax.dynamic_slice_in_dim(h, j * width, width).astype(acc)
+
+    total = jax.lax.fori_loop(0, blocks, add_block, jnp.zeros((m,), acc))
+    return total + ring[:, blocks * width :].astype(acc) @ h[blocks * width :].astype(acc)
+
+
+def _times_ring(c, ring, acc, widen_blocks: bool):
+    """cᵀ·ring (d,) accumulated in ``acc``, blocked like ``_ring_times``. O(md)."""
+    m, d = ring.shape
+    width = _block_width(m)
+    if not widen_blocks or ring.dtype == acc or d <= width:
+        return jnp.dot(c, ring, preferred_element_type=acc)
+    blocks = d // width
+
+    def block(j):
+        return c @ jax.lax.dynamic_slice_in_dim(ring, j * width, width, axis=1).astype(acc)
+
+    head = jax.lax.map(block, jnp.arange(blocks)).reshape(-1)
+    return jnp.concatenate([head, c @ ring[:, blocks * width :].astype(acc)])
+
+
+def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=True, widen_blocks=True):
     """Push g into the window (ring, gram, exponents, count) and return (F⁻¹g, ring', gram',
     exponents', accepted), F = λI + s·Σ gᵢgᵢᵀ over the occupied slots; a non-finite g is not
     pushed (the window comes back unchanged, ``accepted`` False) and its direction is NaN.
     O(m·d) for the Gram row and Gᵀc, O(m³) for the Cholesky factor; pure (no argument is
     modified). Sharded along d: an all-reduce of 1 value (max|g|) and one of m + 1 (the row).
     ``check_finite=False`` (a static choice) skips the refusal: a non-finite g then poisons the
-    window with NaN, and ``accepted`` is always True."""
+    window with NaN, and ``accepted`` is always True. ``widen_blocks`` (static): a ring narrower
+    than the accumulation dtype is widened a block of columns at a time (``_ring_times``); False
+    widens it whole, which a ring sharded along d needs (XLA gathers the blocks of a sharded
+    ring: d-long all-gathers per update instead of m + 1 values)."""
     m = ring.shape[0]
     acc = gram.dtype
     slot = count % m
@@ -98,7 +146,7 @@ def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=
     accepted = jnp.isfinite(peak) if check_finite else jnp.asarray(True)
     k = _exponent(jnp.where(accepted & (peak > 0), peak, 1).astype(acc))
     h = jnp.where(accepted, _times_power_of_two(g, -k), 0).astype(ring.dtype)  # exact: a power of two
-    row = jnp.dot(ring, h, preferred_element_type=acc)  # the new row against every slot
+    row = _ring_times(ring, h, acc, widen_blocks)  # the new row against every slot
     self_dot = jnp.dot(h, h, preferred_element_type=acc)
     row = row.at[slot].set(self_dot)
     new_gram = gram.at[slot, :].set(row).at[:, slot].set(row)
@@ -128,7 +176,7 @@ def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=
     # in place after them. Measured at d = 10⁵, m = 256: 8 ms per update; 47–57 ms when XLA may
     # schedule the write first (it then copies the m×d ring twice per step).
     others = jnp.where(jnp.arange(m) == slot, jnp.zeros((), acc), c)
-    product = jnp.dot(others, ring, preferred_element_type=acc) + c[slot] * h.astype(acc)
+    product = _times_ring(others, ring, acc, widen_blocks) + c[slot] * h.astype(acc)
     w_exponent = _exponent(jnp.where(w[slot] > 0, w[slot], 1))  # w_j and σ_j = 2^(−k): one power of two
     w_mantissa = w[slot] * _power_of_two(-w_exponent, acc)
     direction = _times_power_of_two(product * w_mantissa, w_exponent - k)  # σ_j·Hᵀ·K'⁻¹e_j
@@ -141,8 +189,8 @@ def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=
     return direction, ring, gram, exponents, accepted
 
 
-def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float = 0.0, scale=None,
-                dtype=None, check_finite: bool = True) -> optax.GradientTransformation:  # fmt: skip
+def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float = 0.0, scale=None, dtype=None,
+                check_finite: bool = True, widen_blocks: bool = True) -> optax.GradientTransformation:  # fmt: skip
     """M-FAC (M-FAC §4.2) as a pure ``optax.GradientTransformation``: updates = −lr·F⁻¹g with F
     the damped empirical Fisher of the last ``ngrads`` gradients (s = 1/ngrads unless ``scale``),
     the window in the state (``NativeMFACState``).
@@ -160,7 +208,12 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
     drops that refusal (a non-finite gradient then poisons the window: use it under
     ``optax.apply_if_finite``, which restores the state itself) and saves its selects, about
     0.06 ms per step on the CPU, which is most of the step on a model as small as the digits MLP
-    (docs/benchmarks.md). Memory: ngrads·d values
+    (docs/benchmarks.md). ``widen_blocks=False`` is for a ring sharded along d whose values are
+    narrower than the accumulation dtype (a float32 or 16-bit ring under x64, a 16-bit ring
+    without): the blocked widening that makes such a ring's passes fast on one device (the
+    bare update at d = 10⁵, m = 256 with x64: 30 ms against 95 ms) makes XLA gather the blocks
+    of a sharded ring, d-long all-gathers per update; with False it communicates the m + 1
+    values above. Memory: ngrads·d values
     of ``dtype`` plus ngrads² of the accumulation dtype. Cost per step: two passes over the ring
     and one m×m Cholesky.
     """
@@ -188,7 +241,7 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
         lam = damp(state.count) if callable(damp) else damp
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         direction, ring, gram, exponents, accepted = window_direction(
-            state.ring, state.gram, state.exponents, state.count, flat, lam, s, check_finite
+            state.ring, state.gram, state.exponents, state.count, flat, lam, s, check_finite, widen_blocks
         )
         direction = direction.astype(flat.dtype)
         if isinstance(momentum, (int, float)) and momentum == 0:  # the buffer is never read: keep it

@@ -1,10 +1,13 @@
 """Run native_mfac under jax.jit with the parameters and the ring sharded along d over 4 CPU
 devices and unsharded, and print (max relative difference, the collectives XLA compiled for
 one update with their element counts) as JSON. Started by tests/test_jax_native.py with
-XLA_FLAGS=--xla_force_host_platform_device_count=4 (it must be set before JAX starts)."""
+XLA_FLAGS=--xla_force_host_platform_device_count=4 (it must be set before JAX starts). With
+the argument "x64": x64 enabled (float32 ring, float64 accumulation) and d wide enough for the
+ring's blocked passes (``jax_native._ring_times``)."""
 
 import json
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +17,14 @@ from jax.sharding import PartitionSpec as P
 
 from rank1inv.adapters.jax_native import NativeMFACState, native_mfac
 
-d, m = 4096, 8
+X64 = sys.argv[1:] == ["x64"]
+jax.config.update("jax_enable_x64", X64)
+d, m = (40_000, 64) if X64 else (4096, 8)
 mesh = Mesh(np.array(jax.devices()[:4]), ("d",))
 along_d = NamedSharding(mesh, P("d"))
 ring_along_d = NamedSharding(mesh, P(None, "d"))
 replicated = NamedSharding(mesh, P())
-tx = native_mfac(0.1, ngrads=m, damp=1e-2, momentum=0.5)
+tx = native_mfac(0.1, ngrads=m, damp=1e-2, momentum=0.5, widen_blocks=not X64)  # False: a sharded ring
 G = jnp.asarray(np.random.default_rng(0).standard_normal((3 * m, d)), jnp.float32)
 
 

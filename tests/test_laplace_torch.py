@@ -270,6 +270,15 @@ def test_dask_rows_from_a_memory_map_on_a_local_cluster(tmp_path):
         assert rel(draws[0], draws[1]) <= 1e-12
         pa, pb = la(Xt, link_approx="probit"), plain(Xt, link_approx="probit")
         assert float((pa - pb).abs().max()) <= 1e-12
+        # a second fit appended in memory (override=False) and a loaded state: the Dask blocks
+        # come from H, not from the file, which holds only the last fit's rows
+        for x in (la, plain):
+            x.fit(loader, override=False)
+        assert rel(la.functional_variance(Js), plain.functional_variance(Js)) <= 1e-12
+        other = lt.Rank1invLaplace(net, lik, storage_path=str(tmp_path / "other.bin"), chunks=200, **common)
+        other.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*loader.dataset[:20]), batch_size=8))
+        other.load_state_dict(plain.state_dict())
+        assert rel(other.functional_variance(Js), plain.functional_variance(Js)) <= 1e-12
 
 
 def test_sampled_fisher_rows_are_sampled_label_gradients():

@@ -158,6 +158,7 @@ class Rank1invLaplace(ParametricLaplace):
         self._chunk, self._generator, self._storage_path, self._chunks = chunk, generator, storage_path, chunks
         self._comm = None if comm is None else _comm.as_communicator(comm)
         self._cache: dict = {}
+        self._mapped = False  # whether H is the memory map at storage_path (what chunks= tasks read)
         super().__init__(model, likelihood, sigma_noise, 1.0, 0.0, temperature, enable_backprop, dict_key_x,
                          dict_key_y, backend, backend_kwargs, asdl_fisher_kwargs)  # fmt: skip
         self._select_parameters(model)
@@ -341,13 +342,14 @@ class Rank1invLaplace(ParametricLaplace):
         if filled == 0:
             raise ValueError("train_loader yielded no data")
         rows = rows[:filled]
+        mapped = self._storage_path is not None  # H is the file's first ``filled`` rows
         if not override and self.H is not None:
-            rows = torch.cat([self.H, rows])
+            rows, mapped = torch.cat([self.H, rows]), False  # in memory
             self.loss, self.n_data = self.loss + loss, self.n_data + N
         else:
             self.loss, self.n_data = loss, N
         self.H, self.mean, self._cache, self.n_outputs = rows, mean, {}, n_outputs  # nothing changes before here
-        self._posterior_scale = None
+        self._posterior_scale, self._mapped = None, mapped
 
     # -- the posterior as a rank1inv operator -------------------------------------------------
     def _rows(self):
@@ -356,13 +358,14 @@ class Rank1invLaplace(ParametricLaplace):
 
     def _dask_rows(self):
         """R as a Dask array (m, d) of column blocks of width ``chunks`` (built once per fit):
-        tasks that read their columns from the memory map, or blocks sliced from R in memory."""
+        tasks that read their columns from the memory map while H is that map, else blocks
+        sliced from R in memory."""
         if "dask_rows" not in self._cache:
             import dask.array as da
 
             rows = self._rows()
             m, d = rows.shape
-            if self._storage_path is None:
+            if not self._mapped:  # (a refit with override=False or a loaded state holds R in memory)
                 self._cache["dask_rows"] = da.from_array(rows, chunks=(m, self._chunks), name=False)  # no hash of R
             else:
                 from dask import delayed
@@ -641,6 +644,7 @@ class Rank1invLaplace(ParametricLaplace):
             if saved[key] != mine:
                 raise ValueError(f"the state was saved with {key}={saved[key]!r}, this object has {mine!r}")
         super().load_state_dict(state_dict)
+        self._mapped = False  # H is the state's tensor, not the memory map
         self._cache = {}
 
 

@@ -129,12 +129,12 @@ def run(quick: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _refined(G, damp: float, scale: float, g: np.ndarray) -> np.ndarray:
-    """F⁻¹g for F = λI + s·GᵀG (G the window as stored, float64), by a float64 solve refined
-    three times with residuals g − Fy formed in long double (64-bit mantissa on x86): accurate
-    to about κ(F)·2⁻⁶⁴ + 2⁻⁵³, a reference against which both windows' forward errors are read."""
+def _refined(F: np.ndarray, G, damp: float, scale: float, g: np.ndarray) -> np.ndarray:
+    """F⁻¹g for F = λI + s·GᵀG (the float64 matrix F and G, the window as stored), by a float64
+    solve refined three times with residuals g − Fy formed from G in long double (64-bit
+    mantissa on x86): accurate to about κ(F)·2⁻⁶⁴ + 2⁻⁵³, a reference against which both
+    windows' forward errors are read."""
     G64 = np.asarray(G, np.float64)
-    F = damp * np.eye(G64.shape[1]) + scale * (G64.T @ G64)
     Gl, gl = G64.astype(np.longdouble), np.asarray(g, np.float64).astype(np.longdouble)
     y = np.linalg.solve(F, np.asarray(g, np.float64))
     for _ in range(3):
@@ -177,7 +177,7 @@ def accuracy_table(d: int = 300, damp: float = 1e-3, ms=(1, 7, 32, 256)) -> str:
                             continue
                         window = np.asarray(G[i + 1 - m : i + 1], np.float64)
                         F = damp * np.eye(d) + (window.T @ window) / m
-                        exact = _refined(window, damp, 1.0 / m, g)
+                        exact = _refined(F, window, damp, 1.0 / m, g)
                         got = np.asarray(got, np.float64)
                         size = np.linalg.norm(exact)
                         for key, value in (("eta", testing.backward_error(F, got, g)),

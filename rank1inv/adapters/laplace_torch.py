@@ -551,13 +551,9 @@ class Rank1invLaplace(ParametricLaplace):
         """J P⁻¹ Jᵀ for the stacked Jacobians: Js (n, C, d) → (n·C, n·C); O(d·m·n·C)."""
         self._check_jacobians(Js)
         n, C, d = Js.shape
-        J = self._local(Js.reshape(n * C, d))  # (n·C, d_local)
-        xp = _backend.namespace(J)
-        op, Jt, parts = self.posterior, xp.matrix_transpose(J), []
-        for a in range(0, n * C, self._chunk * C):  # ``chunk``·C columns of P⁻¹Jᵀ per product
-            parts.append(_backend.to_host(J @ _computed(op.matmat(Jt[:, a : a + self._chunk * C]))))
-        V = self._all_ranks(np.concatenate(parts, axis=1))
-        return self._out((V + V.T) / 2.0)
+        J = self._local(Js.reshape(n * C, d))
+        V = _laplace.predictive_variance(self.posterior, J, full=True)  # lazy over Dask blocks
+        return self._out(_backend.to_host(_computed(V)))
 
     @torch.no_grad()
     def _glm_predictive_distribution(self, X, joint: bool = False, diagonal_output: bool = False):

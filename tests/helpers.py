@@ -1,7 +1,9 @@
 """Shared test helpers: host copies, dense float64 references, and processes on 127.0.0.1."""
 
 import json
+import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,14 @@ import pytest
 from rank1inv import testing
 
 STORAGE = ["float32", "float64", "bfloat16", "float16"]
+CHECKOUT = Path(__file__).resolve().parents[1]  # the repository root (rank1inv/, benchmarks/, tools/)
+
+
+def checkout_env(**variables) -> dict:
+    """os.environ for a subprocess that imports this checkout's rank1inv (its root first on
+    PYTHONPATH, installed or not), plus ``variables``."""
+    path = os.pathsep.join([str(CHECKOUT), os.environ.get("PYTHONPATH", "")])
+    return dict(os.environ, **variables, PYTHONPATH=path)
 
 
 def host(a):

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import checkout_env
 
 import rank1inv as r1
 
@@ -31,10 +32,9 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ f
 
 
 def run_suite(*args):
-    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", CUEMU_SANITIZE="1" if ASAN else "0")
+    env = checkout_env(ASAN_OPTIONS="detect_leaks=0:abort_on_error=0", CUEMU_SANITIZE="1" if ASAN else "0")
     if ASAN:
         env["LD_PRELOAD"] = ASAN
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, str(SUITE), *args], capture_output=True, text=True, env=env,
                           timeout=TIMEOUT)  # fmt: skip
 

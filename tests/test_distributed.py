@@ -14,7 +14,7 @@ if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
     pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
 
 from helpers import DISTRIBUTED_TIMEOUT_S as TIMEOUT_S  # noqa: E402
-from helpers import spawn  # noqa: E402
+from helpers import checkout_env, spawn  # noqa: E402
 
 
 def cuts(d, world):
@@ -366,7 +366,7 @@ def test_sharded_static_inverse_over_mpi(world):
     if mpiexec is None:
         pytest.skip("no mpiexec (pip install mpich)")
     worker = Path(__file__).resolve().parent / "workers" / "mpi_sharded.py"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(worker.parents[2]), os.environ.get("PYTHONPATH", "")]))
+    env = checkout_env()
     res = subprocess.run([mpiexec, "-n", str(world), "-host", "localhost", sys.executable, str(worker)],
                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr

@@ -152,19 +152,17 @@ def test_sharded_along_d_equals_unsharded_and_communicates_m_values(x64):
     """4 host devices (a subprocess: XLA_FLAGS must precede JAX's start): the ring and the
     parameters sharded along d give the unsharded updates to rounding, and XLA compiles two
     all-reduces per update, of 1 value (max|g|, the frame) and of m + 1 (the Gram row and
-    ‖h‖²), nothing d-long; with x64 also through the blocked passes of a float32 ring."""
+    ‖h‖²), nothing d-long; with x64 also for a float32 ring widened whole (widen_blocks=False:
+    widened in blocks, a sharded ring is gathered)."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    import rank1inv
+    from helpers import checkout_env
 
     worker = Path(__file__).parent / "workers" / "jax_sharded.py"
-    root = str(Path(rank1inv.__file__).parents[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    env = checkout_env(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     argv = [sys.executable, str(worker)] + (["x64"] if x64 else [])
     res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr[-2000:]

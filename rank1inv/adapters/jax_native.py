@@ -17,6 +17,14 @@ magnitudes; with D = diag(2^(−k)), F⁻¹g_j = (2^(−k_j)/s)·Hᵀ·K'⁻¹e_
 K' is solved after a Jacobi scaling formed without squares of the frames, so the damping term
 neither overflows nor underflows where the answer itself fits (``window_direction``).
 
+Cancellation: when the coefficients K̂⁻¹e_j cancel among (nearly) dependent rows (less than
+1/100 of their terms survives in ‖Ĥᵀ·K̂⁻¹e_j‖²), the direction is recomputed, under
+``lax.cond``, by the corrected form of ``groups/woodbury.py`` (a spectral factor, the residual
+taken through the ring, refinement: ``_corrected_direction``), as ``DynamicInverse.push_apply``
+does (docs/design.md §3, §16). It costs five passes and more per refinement plus an m×m
+eigendecomposition, only on the pushes that take it; under ``vmap`` XLA turns the ``cond`` into
+a select and every lane computes both forms.
+
 Refusal: a gradient with a nan or inf leaves the window exactly as it was (ring, Gram matrix,
 frames, count and momentum: selects of one row, O(d)) and makes the update NaN, so
 ``optax.apply_if_finite`` skips the step, or the NaN shows in the parameters; XLA has no
@@ -31,6 +39,8 @@ import jax  # noqa: TID253 (this module is the adapter)
 import jax.numpy as jnp  # noqa: TID253 (this module is the adapter)
 import optax  # noqa: TID253 (this module is the adapter)
 from jax.flatten_util import ravel_pytree  # noqa: TID253 (this module is the adapter)
+
+from ..groups import woodbury
 
 
 class NativeMFACState(NamedTuple):
@@ -82,6 +92,16 @@ def _times_power_of_two(x, e):
     return x.astype(dtype) * _power_of_two(half, dtype) * _power_of_two(e - half, dtype)
 
 
+# Below this fraction of the sum of its terms left in ‖Ĥᵀ·K̂⁻¹e_j‖², the direction is recomputed by
+# the corrected form (the float64 value is the storage policy's, rank1inv._precision).
+_CANCELLATION = {jnp.dtype(jnp.float32): 1e-2, jnp.dtype(jnp.float64): 1e-2}
+# A refinement step below this fraction of the coefficients is at rounding level (float64 value: woodbury's)
+_REFINE_TOLERANCE = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float64): woodbury.REFINE_TOLERANCE}
+# Refinement stops when a step is more than this times the one before: woodbury's 0.5 in float64;
+# in float32 the steps contract by about κ·ε₃₂ and not monotonically, and stopping at the first
+# that does not halve left η at 4.7e-6 on the collinear family at m = 256 (1.2e-7 with 2).
+_STALLED = {jnp.dtype(jnp.float32): 2.0, jnp.dtype(jnp.float64): 0.5}
+
 _WIDENED = 2**20  # ring values widened to the accumulation dtype at a time (m × block columns)
 
 
@@ -127,11 +147,102 @@ def _times_ring(c, ring, acc, widen_blocks: bool):
     return jnp.concatenate([head, c @ ring[:, blocks * width :].astype(acc)])
 
 
+class _Window(NamedTuple):
+    """The scaled rows Ĥ = W·H of the window being pushed: ``ring`` as it was (slot j still holds
+    the evicted row), ``h`` the new row j, ``w`` the Jacobi weights (0 on empty slots and zero
+    rows). Products with Ĥ read the old ring with row j replaced by h, so that the write of h
+    into the ring can follow every pass (``window_direction``)."""
+
+    ring: jax.Array
+    h: jax.Array
+    slot: jax.Array
+    w: jax.Array
+    widen_blocks: bool
+
+    def transpose_times(self, v):
+        """Ĥᵀv (d,) for v (m,), in v's dtype. One pass over the ring."""
+        c = self.w * v
+        others = jnp.where(jnp.arange(c.shape[0]) == self.slot, jnp.zeros((), c.dtype), c)
+        return _times_ring(others, self.ring, c.dtype, self.widen_blocks) + c[self.slot] * self.h.astype(c.dtype)
+
+    def times(self, y):
+        """Ĥy (m,) for y (d,), in y's dtype. One pass over the ring."""
+        row = _ring_times(self.ring, y, y.dtype, self.widen_blocks)
+        return self.w * row.at[self.slot].set(jnp.dot(self.h.astype(y.dtype), y))
+
+
+def _split(x):
+    """(mantissa, exponent) of positive normal x: x = mantissa·2^exponent, mantissa in [0.5, 1)."""
+    e = _exponent(x)
+    return x * _power_of_two(-e, x.dtype), e
+
+
+def _plain_direction(window, solved, k):
+    """s·F⁻¹g_j = σ_j·w_j·Ĥᵀ·K̂⁻¹e_j (the push_apply form: one pass, exact for a stored g_j
+    unless the coefficients K̂⁻¹e_j cancel among nearly dependent rows). O(md)."""
+    product = window.transpose_times(solved)
+    w_mantissa, w_exponent = _split(jnp.where(window.w[window.slot] > 0, window.w[window.slot], 1))
+    return _times_power_of_two(product * w_mantissa, w_exponent - k)  # σ_j = 2^(−k_j), w_j: powers of two apart
+
+
+def _corrected_direction(window, k, t, q, system, noise, gram):
+    """s·F⁻¹g_j without the cancellation of Ĥᵀ·K̂⁻¹e_j: the corrected form of
+    ``groups.woodbury.WoodburyGroup._corrected`` for x = ĥ_j in the scaled system K̂ = ĤĤᵀ + N
+    (``window_direction``), with its spectral factor (directions whose eigenvalue is at rounding
+    dropped), its residual through the ring and its refinement rule; then, as ĤᵀK̂⁻¹e_j = r/n_j for
+    r = ĥ_j − ĤᵀK̂⁻¹Ĥĥ_j, s·F⁻¹g_j = σ_j·w_j·(1 + 1/t_j)·r, the factor formed by powers of two.
+    Five passes over the ring, two more per further refinement, and one m×m eigendecomposition."""
+    acc = system.dtype
+    slot, w = window.slot, window.w
+    live = w > 0
+    theta, Q = jnp.linalg.eigh(system)
+    # Drop only the directions whose θ is at the eigensolver's rounding (ε·max θ, absolute): there
+    # 1/θ has no digit left. woodbury's SpectralFactor drops more (qᵀĤĤᵀq ≤ m·ε·max, its float64
+    # factor's rounding), which in float32 drops directions that carry the answer (measured η
+    # 1.4e-3 against 5e-9 on the collinear family at m = 32, docs/benchmarks.md).
+    keep = theta > jnp.finfo(acc).eps * jnp.max(theta)
+    inverse = jnp.where(keep, 1 / jnp.where(keep, theta, 1), 0)
+
+    def solve(v):
+        return jnp.where(live, Q @ ((Q.T @ v) * inverse), 0)
+
+    x = w[slot] * window.h.astype(acc)  # ĥ_j
+    C = solve(w * w[slot] * gram[:, slot])  # K̂⁻¹Ĥĥ_j (the Gram column is Ĥĥ_j, no pass)
+
+    def residual(C):
+        R = x - window.transpose_times(C)
+        D = solve(window.times(R) - noise * C)  # K̂⁻¹(ĤR − NC), zero in exact arithmetic
+        size = jnp.max(jnp.abs(D)) / jnp.maximum(jnp.max(jnp.abs(C)), jnp.finfo(acc).tiny)
+        return R, D, size
+
+    def more(carry):
+        step, _, _, _, size, previous = carry
+        stalled = size > _STALLED[jnp.dtype(acc)] * previous
+        done = (step >= 1) & ((size <= _REFINE_TOLERANCE[jnp.dtype(acc)]) | stalled)
+        return (step < woodbury.MAX_REFINEMENTS) & ~done
+
+    def refine(carry):
+        step, C, _, D, size, _ = carry
+        C = C + D
+        return (step + 1, C, *residual(C), size)
+
+    R, D, size = residual(C)
+    carry = (jnp.int32(0), C, R, D, size, jnp.asarray(jnp.inf, acc))
+    _, _, R, D, _, _ = jax.lax.while_loop(more, refine, carry)
+    r = R - window.transpose_times(D)  # removes R's rounding errors along the rows
+    tj, qj = t[slot], q[slot]
+    near = tj <= 1  # σ_j(1 + 1/t_j) = 2^(k_j)·(1 + t_j)/q_j (t_j = q_j·2^(−2k_j)), else σ_j·(1 + 1/t_j)
+    factor = jnp.where(near, (1 + tj) / jnp.where(near, qj, 1), 1 + 1 / jnp.where(near, 1, tj))
+    w_mantissa, w_exponent = _split(jnp.where(live[slot], w[slot], 1))
+    return _times_power_of_two(r * (w_mantissa * factor), w_exponent + jnp.where(near, k, -k))
+
+
 def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=True, widen_blocks=True):
     """Push g into the window (ring, gram, exponents, count) and return (F⁻¹g, ring', gram',
     exponents', accepted), F = λI + s·Σ gᵢgᵢᵀ over the occupied slots; a non-finite g is not
     pushed (the window comes back unchanged, ``accepted`` False) and its direction is NaN.
-    O(m·d) for the Gram row and Gᵀc, O(m³) for the Cholesky factor; pure (no argument is
+    O(m·d) for the Gram row and Gᵀc, O(m³) for the Cholesky factor (with cancellation, the
+    corrected form: five passes or more and an m×m eigendecomposition, module docstring); pure (no argument is
     modified). Sharded along d: an all-reduce of 1 value (max|g|) and one of m + 1 (the row).
     ``check_finite=False`` (a static choice) skips the refusal: a non-finite g then poisons the
     window with NaN, and ``accepted`` is always True. ``widen_blocks`` (static): a ring narrower
@@ -170,16 +281,21 @@ def window_direction(ring, gram, exponents, count, g, damp, scale, check_finite=
     system = jnp.where(jnp.eye(m, dtype=bool), jnp.ones((), acc), scaled)  # K̂ (identity on empty slots)
     factor = jnp.linalg.cholesky(system)
     e = (jnp.arange(m) == slot).astype(acc)
-    c = w * jax.scipy.linalg.cho_solve((factor, True), e)  # W·K̂⁻¹e_j: K'⁻¹e_j = W·K̂⁻¹·W·e_j
-    # Hᵀc over the ring as it was (the evicted row weighted 0) plus c_slot·h, then the write:
-    # both passes read the old buffer, and the written row depends on the result, so XLA writes
-    # in place after them. Measured at d = 10⁵, m = 256: 8 ms per update; 47–57 ms when XLA may
-    # schedule the write first (it then copies the m×d ring twice per step).
-    others = jnp.where(jnp.arange(m) == slot, jnp.zeros((), acc), c)
-    product = _times_ring(others, ring, acc, widen_blocks) + c[slot] * h.astype(acc)
-    w_exponent = _exponent(jnp.where(w[slot] > 0, w[slot], 1))  # w_j and σ_j = 2^(−k): one power of two
-    w_mantissa = w[slot] * _power_of_two(-w_exponent, acc)
-    direction = _times_power_of_two(product * w_mantissa, w_exponent - k)  # σ_j·Hᵀ·K'⁻¹e_j
+    solved = jax.scipy.linalg.cho_solve((factor, True), e)  # K̂⁻¹e_j
+    # K̂ = A + N: A = Ĥ·Ĥᵀ for the scaled rows ĥ_i = w_i·h_i (‖ĥ_i‖² = r_i²), N = diag(t_i·r_i²)
+    # their damping (1 on empty slots); both are bounded by 1 whatever the frames and λ.
+    rows2 = jnp.where(live, norms2 * w * w, 0)
+    noise = jnp.where(live, jnp.where(t <= 2.0**60, t * r * r, 1), 1)
+    # ‖Ĥᵀĉ‖² = ĉ_j − Σ n_i·ĉ_i² against (Σ |ĉ_i|·‖ĥ_i‖)²: how much of the sum of terms survives
+    kept = solved[slot] - jnp.sum(noise * solved * solved)
+    terms = jnp.sum(jnp.abs(solved) * jnp.sqrt(rows2)) ** 2
+    cancelled = accepted & (kept < _CANCELLATION[jnp.dtype(acc)] * terms)
+    window = _Window(ring, h, slot, w, widen_blocks)
+    direction = jax.lax.cond(
+        cancelled,
+        lambda: _corrected_direction(window, k, t, q, system, noise, new_gram),
+        lambda: _plain_direction(window, solved, k),
+    )
     direction = direction / jnp.asarray(scale, acc)
     stored = jnp.where(accepted, h, ring[slot]) + 0 * direction.astype(h.dtype)  # ordered after the passes
     ring = ring.at[slot].set(stored)
@@ -215,7 +331,10 @@ def native_mfac(learning_rate, *, ngrads: int = 1024, damp=1e-5, momentum: float
     of a sharded ring, d-long all-gathers per update; with False it communicates the m + 1
     values above. Memory: ngrads·d values
     of ``dtype`` plus ngrads² of the accumulation dtype. Cost per step: two passes over the ring
-    and one m×m Cholesky.
+    and one m×m Cholesky; a push whose coefficients cancel (a gradient nearly dependent on the
+    window's) takes the corrected form, five passes or more and an m×m eigendecomposition (at
+    d = 10⁵, m = 256 on duplicate gradients: 82 ms against 9 ms, docs/benchmarks.md). Sharded,
+    that form adds an all-reduce of m + 1 values per residual.
     """
     if isinstance(ngrads, bool) or not isinstance(ngrads, int) or ngrads < 1:
         raise ValueError(f"ngrads must be a positive int, got {ngrads!r}")

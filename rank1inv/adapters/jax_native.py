@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: TID253 (this module is the adapter)
 import optax  # noqa: TID253 (this module is the adapter)
 from jax.flatten_util import ravel_pytree  # noqa: TID253 (this module is the adapter)
 
+from .. import _precision
 from ..groups import woodbury
 
 
@@ -94,7 +95,7 @@ def _times_power_of_two(x, e):
 
 # Below this fraction of the sum of its terms left in ‖Ĥᵀ·K̂⁻¹e_j‖², the direction is recomputed by
 # the corrected form (the float64 value is the storage policy's, rank1inv._precision).
-_CANCELLATION = {jnp.dtype(jnp.float32): 1e-2, jnp.dtype(jnp.float64): 1e-2}
+_CANCELLATION = {jnp.dtype(jnp.float32): 1e-2, jnp.dtype(jnp.float64): _precision.POLICIES["float64"].cancellation}
 # A refinement step below this fraction of the coefficients is at rounding level (float64 value: woodbury's)
 _REFINE_TOLERANCE = {jnp.dtype(jnp.float32): 1e-6, jnp.dtype(jnp.float64): woodbury.REFINE_TOLERANCE}
 # Refinement stops when a step is more than this times the one before: woodbury's 0.5 in float64;

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import host
 
-from rank1inv import _backend, _passes, cpu
+from rank1inv import _backend, _passes, _precision, cpu
 
 xp = _backend.namespace_from_argument(None)
 
@@ -31,6 +31,21 @@ def test_cpu_kernel_matches_float64(m, d, k):
     Gt, tol = G64.transpose(0, 2, 1), 1e-12 * np.sqrt(m)
     np.testing.assert_allclose(cpu.combine(G, x, c, 0.5, -2.0), 0.5 * x - 2.0 * (Gt @ c), rtol=1e-12, atol=tol)
     np.testing.assert_allclose(cpu.combine(G, None, c, 0.0, 3.0), 3.0 * (Gt @ c), rtol=1e-12, atol=tol)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("m, k", [(5, 1), (9, 1), (17, 1), (6, 3)])
+def test_project_across_column_tiles(storage, m, k):
+    """d spans three of project's column tiles (32768) with a tail: the partial sums of every
+    tile add up to the float64 product of the stored values."""
+    if not cpu.available():
+        pytest.skip("CPU extension not built")
+    d = 2 * 32768 + 4465
+    rng = np.random.default_rng(m + k)
+    G = rng.standard_normal((1, m, d)).astype(np.float32).astype(_precision.numpy_dtype(storage))
+    x = rng.standard_normal((1, d, k))
+    assert cpu.usable(G, k)
+    np.testing.assert_allclose(cpu.project(G, x), G.astype(np.float64) @ x, rtol=1e-12, atol=1e-12 * np.sqrt(d))
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -1,7 +1,8 @@
 /* CPU passes over stored gradients with float64 accumulation (docs/design.md §3).
  *
  * project:  p[i] = Σ_j G[i, j] · x[j]
- *     Columns in tiles of 32768 (x's tile stays in L2); rows in blocks of 4 share each load of x; per row, 8 float64 lanes accumulate columns
+ *     Columns in tiles of 32768 (x's tile stays in L2); rows in blocks of 4 share each load of
+ *     x; per row, 8 float64 lanes accumulate columns
  *     j ≡ l (mod 8) and are summed at the end. 16-bit rows go in blocks of 8 (4 lanes per row),
  *     so that the float64 x is not read more bytes than G itself.
  * combine:  y[j] = α·x[j] + β·Σ_i c[i] · G[i, j]
@@ -146,7 +147,7 @@ INLINE void project_rows8(const void *G, int64_t ld, int64_t d, const double *x,
 }
 
 /* Columns in tiles of PTILE, every row per tile: the tile of x (256 KiB) stays in L2 instead of
- * being read from L3 or memory once per block of rows (bfloat16 at d = 2·10⁶: 1.5× faster,
+ * being read from L3 or memory once per block of rows (bfloat16 at d = 2·10⁶: 1.4× faster,
  * docs/benchmarks.md). */
 #define PTILE 32768
 INLINE void project(const void *G, int64_t m, int64_t d, int64_t ld, const double *x, double *p, load1_t at,

@@ -2,9 +2,9 @@
  *
  * project:  p[i] = Σ_j G[i, j] · x[j]
  *     Columns in tiles of 32768 (x's tile stays in L2); rows in blocks of 4 share each load of
- *     x; per row, 8 float64 lanes accumulate columns
- *     j ≡ l (mod 8) and are summed at the end. 16-bit rows go in blocks of 8 (4 lanes per row),
- *     so that the float64 x is not read more bytes than G itself.
+ *     x; per row, 8 float64 lanes accumulate columns j ≡ l (mod 8) and are summed at the end.
+ *     16-bit rows go in blocks of 8 (4 lanes per row), so that the float64 x is not read more
+ *     bytes than G itself.
  * combine:  y[j] = α·x[j] + β·Σ_i c[i] · G[i, j]
  *     Columns in chunks of 8192 (accumulators stay in L2), rows added 16 at a time in order
  *     (the last < 16 in blocks of 8): one accumulator update per 16 rows (bfloat16 combine
@@ -107,7 +107,7 @@ INLINE v4d cvt4(load1_t at, const void *row, int64_t j) {
 }
 
 /* ---------------------------------------------------------------- bodies (written once) */
-/* p[0..rows) for rows 1..4 of G starting at G (leading dimension ld). */
+/* p[0..rows) += the products of rows 1..4 of G starting at G (leading dimension ld) with x. */
 INLINE void project_rows(const void *G, int64_t rows, int64_t ld, int64_t d, const double *x, double *p,
                          load1_t at, int64_t es) {
     const void *g[4];
@@ -128,8 +128,8 @@ INLINE void project_rows(const void *G, int64_t rows, int64_t ld, int64_t d, con
     }
 }
 
-/* p[0..8) for 8 rows: each load of x serves 8 rows (16-bit rows carry as many bytes per column
- * as x's float64 values for 4 of them); one 4-lane accumulator per row. */
+/* p[0..8) += the products of 8 rows with x: each load of x serves 8 rows (16-bit rows carry as
+ * many bytes per column as x's float64 values for 4 of them); one 4-lane accumulator per row. */
 INLINE void project_rows8(const void *G, int64_t ld, int64_t d, const double *x, double *p, load1_t at, int64_t es) {
     const void *g[8];
     for (int r = 0; r < 8; ++r) g[r] = row_at(G, r, ld, es);
@@ -234,7 +234,6 @@ INLINE void combine(const void *G, int64_t m, int64_t d, int64_t ld, const doubl
 #define PCHUNK 512
 INLINE void project_multi(const void *G, int64_t m, int64_t d, int64_t ld, const double *X, int64_t ldx, int64_t k,
                           double *P, int64_t ldp, load1_t at, int64_t es) {
-    double part[4];
     for (int64_t q = 0; q < k; ++q)
         for (int64_t i = 0; i < m; ++i) P[q * ldp + i] = 0.0;
     for (int64_t j0 = 0; j0 < d; j0 += PCHUNK) {
@@ -242,11 +241,8 @@ INLINE void project_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
         const void *G0 = (const char *)G + j0 * es;
         for (int64_t i = 0; i < m; i += 4) {
             int64_t rows = (m - i < 4) ? m - i : 4;
-            for (int64_t q = 0; q < k; ++q) {
-                part[0] = part[1] = part[2] = part[3] = 0.0;
-                project_rows(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, part, at, es);
-                for (int64_t r = 0; r < rows; ++r) P[q * ldp + i + r] += part[r];
-            }
+            for (int64_t q = 0; q < k; ++q)
+                project_rows(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, P + q * ldp + i, at, es);
         }
     }
 }

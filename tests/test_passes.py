@@ -13,15 +13,17 @@ from rank1inv import _backend, _passes, _precision, cpu
 xp = _backend.namespace_from_argument(None)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("k", [1, 3, 8])
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 17])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 8, 9, 17, 25])
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 513, 2049, 8193, 20000])
-def test_cpu_kernel_matches_float64(m, d, k):
-    """Single-vector and multi-vector passes (column chunks, row blocks and tails) against float64."""
+def test_cpu_kernel_matches_float64(m, d, k, storage):
+    """Single-vector and multi-vector passes (column chunks, row blocks and tails; bfloat16's
+    split column order with its last < 8 columns) against float64 on the stored values."""
     if not cpu.available():
         pytest.skip("CPU extension not built")
     rng = np.random.default_rng(m * d * k)
-    wide = rng.standard_normal((m, d + 5)).astype(np.float32)
+    wide = rng.standard_normal((m, d + 5)).astype(np.float32).astype(_precision.numpy_dtype(storage))
     G = wide[None, :, 2 : 2 + d]  # a strided block view (leading dimension d + 5)
     x = rng.standard_normal((1, d, k))
     c = rng.standard_normal((1, m, k))

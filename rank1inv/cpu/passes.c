@@ -3,8 +3,8 @@
  * project:  p[i] = Σ_j G[i, j] · x[j]
  *     Columns in tiles of 32768 (x's tile stays in L2); rows in blocks of 4 share each load of
  *     x; per row, 8 float64 lanes accumulate columns j ≡ l (mod 8) and are summed at the end.
- *     16-bit rows go in blocks of 8 (4 lanes per row), so that the float64 x is not read more
- *     bytes than G itself.
+ *     Half rows go in blocks of 8 (4 lanes per row), so that the float64 x is not read more
+ *     bytes than G itself; bfloat16 rows in blocks of 4 in split column order (below).
  * combine:  y[j] = α·x[j] + β·Σ_i c[i] · G[i, j]
  *     Columns in chunks of 8192 (accumulators stay in L2), rows added 16 at a time in order
  *     (the last < 16 in blocks of 8): one accumulator update per 16 rows (bfloat16 combine
@@ -16,7 +16,8 @@
  * Every function exists for three storage types, suffix _f32 (float), _bf16 and _f16 (16-bit
  * bit patterns: bfloat16, IEEE half). 16-bit values are decoded to float in registers (exactly:
  * every bfloat16 and half is a float) and widened to double; no float32 or float64 copy of G is
- * made. The bodies are written once (always-inline, specialised by a constant loader).
+ * made. The bodies are written once (always-inline, specialised by a constant loader), except
+ * bfloat16's, which decode eight values at a time in split order (even columns, then odd).
  *
  * Single-threaded; rank1inv/cpu/__init__.py splits rows (project), columns (combine) or blocks
  * over a few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld
@@ -155,17 +156,120 @@ INLINE void project_rows8(const void *G, int64_t ld, int64_t d, const double *x,
     }
 }
 
+/* ---------------------------------------------------------------- bfloat16 in split order */
+/* Eight bfloat16 values read as four 32-bit words become floats in two instructions: the even
+ * columns are the words shifted up by 16, the odd ones the words with their low half cleared
+ * (the zero-extending loader takes four for eight values). The bfloat16 passes keep x and their
+ * accumulators in the same split order, per group of 8 columns the 4 even then the 4 odd
+ * (split8), so nothing is shuffled back per value (single-threaded, in cache, on the 2-vCPU AMD
+ * EPYC Zen 3 VM: project 1.18×, combine 1.09× faster, docs/benchmarks.md). */
+INLINE void bf16_split(const void *row, int64_t j, v4d *even, v4d *odd) {
+    v4u32 w;
+    memcpy(&w, (const uint16_t *)row + j, sizeof w);
+    v4u32 e = w << 16, o = w & 0xffff0000u;
+    v4f fe, fo;
+    memcpy(&fe, &e, sizeof fe);
+    memcpy(&fo, &o, sizeof fo);
+    /* lane by lane: GCC turns this into one vcvtps2pd each, __builtin_convertvector into two */
+    *even = (v4d){fe[0], fe[1], fe[2], fe[3]};
+    *odd = (v4d){fo[0], fo[1], fo[2], fo[3]};
+}
+
+/* xs[0..n8) ← x[0..n8) in split order (n8: n rounded down to a multiple of 8). */
+INLINE void split8(const double *x, double *xs, int64_t n) {
+    for (int64_t j = 0; j + 8 <= n; j += 8)
+        for (int i = 0; i < 4; ++i) {
+            xs[j + i] = x[j + 2 * i];
+            xs[j + 4 + i] = x[j + 2 * i + 1];
+        }
+}
+
+/* p[0..rows) += the products of rows 1..4 of bfloat16 G with x (xs: x in split order). Per row,
+ * lane l of a sums the columns j ≡ 2l (mod 8), of b j ≡ 2l + 1, added as project_rows adds its
+ * two accumulators. */
+INLINE void project_rows_bf16(const void *G, int64_t rows, int64_t ld, int64_t d, const double *x, const double *xs,
+                              double *p) {
+    const void *g[4];
+    for (int r = 0; r < 4; ++r) g[r] = row_at(G, r < rows ? r : 0, ld, 2);
+    v4d a[4] = {{0}}, b[4] = {{0}};
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) {
+        v4d xe = load4(xs + j), xo = load4(xs + j + 4);
+        for (int r = 0; r < 4; ++r) {
+            v4d e, o;
+            bf16_split(g[r], j, &e, &o);
+            a[r] += e * xe;
+            b[r] += o * xo;
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        double t = 0.0;
+        for (int64_t k = j; k < d; ++k) t += bf16_at(g[r], k) * x[k];
+        p[r] += t + hsum(a[r], b[r]);
+    }
+}
+
+/* acc[0..n8) (split order) += Σ_{r < rows} c[r]·G[r, 0..n8) for up to 16 rows, n8 a multiple
+ * of 8: per column the operations of combine_rows16 (rows > 8) or combine_rows, in their order. */
+INLINE void combine_rows_bf16(const void *G, int64_t rows, int64_t ld, int64_t n8, const double *c, double *acc) {
+    const void *g[16];
+    v4d cc[16];
+    for (int r = 0; r < 16; ++r) {
+        g[r] = row_at(G, r < rows ? r : 0, ld, 2);
+        double v = r < rows ? c[r] : 0.0;
+        v4d t = {v, v, v, v};
+        cc[r] = t;
+    }
+    const int wide = rows > 8;
+    for (int64_t j = 0; j < n8; j += 8) {
+        v4d e[16], o[16];
+        for (int r = 0; r < (wide ? 16 : 8); ++r) bf16_split(g[r], j, e + r, o + r);
+        v4d se = ((cc[0] * e[0] + cc[1] * e[1]) + (cc[2] * e[2] + cc[3] * e[3])) +
+                 ((cc[4] * e[4] + cc[5] * e[5]) + (cc[6] * e[6] + cc[7] * e[7]));
+        v4d so = ((cc[0] * o[0] + cc[1] * o[1]) + (cc[2] * o[2] + cc[3] * o[3])) +
+                 ((cc[4] * o[4] + cc[5] * o[5]) + (cc[6] * o[6] + cc[7] * o[7]));
+        if (wide) {
+            se += ((cc[8] * e[8] + cc[9] * e[9]) + (cc[10] * e[10] + cc[11] * e[11])) +
+                  ((cc[12] * e[12] + cc[13] * e[13]) + (cc[14] * e[14] + cc[15] * e[15]));
+            so += ((cc[8] * o[8] + cc[9] * o[9]) + (cc[10] * o[10] + cc[11] * o[11])) +
+                  ((cc[12] * o[12] + cc[13] * o[13]) + (cc[14] * o[14] + cc[15] * o[15]));
+        }
+        store4(acc + j, load4(acc + j) + se);
+        store4(acc + j + 4, load4(acc + j + 4) + so);
+    }
+}
+
+/* y[0..n) = α·x + β·acc with acc[0..n8) in split order (x may be NULL). */
+INLINE void unsplit_out(const double *acc, int64_t n, int64_t n8, const double *x, double alpha, double beta,
+                        double *y) {
+    for (int64_t j = 0; j < n8; j += 8)
+        for (int l = 0; l < 4; ++l) {
+            const int64_t e = j + 2 * l, o = e + 1;
+            y[e] = (x ? alpha * x[e] : 0.0) + beta * acc[j + l];
+            y[o] = (x ? alpha * x[o] : 0.0) + beta * acc[j + 4 + l];
+        }
+    for (int64_t j = n8; j < n; ++j) y[j] = (x ? alpha * x[j] : 0.0) + beta * acc[j];
+}
+
 /* Columns in tiles of PTILE, every row per tile: the tile of x (256 KiB) stays in L2 instead of
  * being read from L3 or memory once per block of rows (bfloat16 at d = 2·10⁶: 1.4× faster,
  * docs/benchmarks.md). */
 #define PTILE 32768
 INLINE void project(const void *G, int64_t m, int64_t d, int64_t ld, const double *x, double *p, load1_t at,
                     int64_t es) {
+    static __thread double xs_[PTILE]; /* bfloat16: x's tile in split order */
+    double *xs = scratch(xs_);
     for (int64_t i = 0; i < m; ++i) p[i] = 0.0;
     for (int64_t j0 = 0; j0 < d; j0 += PTILE) {
         const int64_t n = (d - j0 < PTILE) ? d - j0 : PTILE;
         const void *G0 = (const char *)G + j0 * es;
         int64_t i = 0;
+        if (at == bf16_at) {
+            split8(x + j0, xs, n);
+            for (; i < m; i += 4)
+                project_rows_bf16(row_at(G0, i, ld, es), (m - i < 4) ? m - i : 4, ld, n, x + j0, xs, p + i);
+            continue;
+        }
         if (es == 2)
             for (; i + 8 <= m; i += 8) project_rows8(row_at(G0, i, ld, es), ld, n, x + j0, p + i, at, es);
         for (; i < m; i += 4)
@@ -221,6 +325,23 @@ INLINE void combine_rows16(const void *G, int64_t ld, int64_t n, const double *c
     }
 }
 
+/* acc[0..n) += Σ_i c[i]·G[i, 0..n) over all m rows, in combine's order (16 rows per update, the
+ * last < 16 by 8): the columns below n8 in split order, the last < 8 by combine_rows(16). */
+INLINE void combine_chunk_bf16(const void *G, int64_t m, int64_t n, int64_t ld, const double *c, double *acc) {
+    const int64_t n8 = n / 8 * 8;
+    int64_t i = 0;
+    for (; i + 16 <= m; i += 16) {
+        combine_rows_bf16(row_at(G, i, ld, 2), 16, ld, n8, c + i, acc);
+        if (n > n8) combine_rows16((const char *)row_at(G, i, ld, 2) + 2 * n8, ld, n - n8, c + i, acc + n8, bf16_at, 2);
+    }
+    for (; i < m; i += 8) {
+        const int64_t rows = (m - i < 8) ? m - i : 8;
+        combine_rows_bf16(row_at(G, i, ld, 2), rows, ld, n8, c + i, acc);
+        if (n > n8)
+            combine_rows((const char *)row_at(G, i, ld, 2) + 2 * n8, rows, ld, n - n8, c + i, acc + n8, bf16_at, 2);
+    }
+}
+
 INLINE void combine(const void *G, int64_t m, int64_t d, int64_t ld, const double *c, const double *x, double alpha,
                     double beta, double *y, load1_t at, int64_t es) {
     static __thread double acc_[CHUNK];
@@ -229,6 +350,11 @@ INLINE void combine(const void *G, int64_t m, int64_t d, int64_t ld, const doubl
         int64_t n = (d - j0 < CHUNK) ? d - j0 : CHUNK;
         const void *G0 = (const char *)G + j0 * es;
         for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;
+        if (at == bf16_at) {
+            combine_chunk_bf16(G0, m, n, ld, c, acc);
+            unsplit_out(acc, n, n / 8 * 8, x ? x + j0 : 0, alpha, beta, y + j0);
+            continue;
+        }
         int64_t i = 0;
         for (; i + 16 <= m; i += 16) combine_rows16(row_at(G0, i, ld, es), ld, n, c + i, acc, at, es);
         for (; i < m; i += 8)
@@ -246,13 +372,22 @@ INLINE void project_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
                           double *P, int64_t ldp, load1_t at, int64_t es) {
     for (int64_t q = 0; q < k; ++q)
         for (int64_t i = 0; i < m; ++i) P[q * ldp + i] = 0.0;
+    static __thread double xs_[MULTI * PCHUNK]; /* bfloat16: the chunks of X in split order */
+    double *xs = scratch(xs_);
+    if (k > MULTI) return;
     for (int64_t j0 = 0; j0 < d; j0 += PCHUNK) {
         int64_t n = (d - j0 < PCHUNK) ? d - j0 : PCHUNK;
         const void *G0 = (const char *)G + j0 * es;
+        if (at == bf16_at)
+            for (int64_t q = 0; q < k; ++q) split8(X + q * ldx + j0, xs + q * PCHUNK, n);
         for (int64_t i = 0; i < m; i += 4) {
             int64_t rows = (m - i < 4) ? m - i : 4;
             for (int64_t q = 0; q < k; ++q)
-                project_rows(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, P + q * ldp + i, at, es);
+                if (at == bf16_at)
+                    project_rows_bf16(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, xs + q * PCHUNK,
+                                      P + q * ldp + i);
+                else
+                    project_rows(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, P + q * ldp + i, at, es);
         }
     }
 }
@@ -270,11 +405,20 @@ INLINE void combine_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
     for (int64_t j0 = 0; j0 < d; j0 += MCHUNK) {
         int64_t n = (d - j0 < MCHUNK) ? d - j0 : MCHUNK;
         const void *G0 = (const char *)G + j0 * es;
+        const int64_t n8 = at == bf16_at ? n / 8 * 8 : 0; /* bfloat16: columns below n8 in split order */
         for (int64_t t = 0; t < k * MCHUNK; ++t) acc[t] = 0.0;
         for (int64_t i = 0; i < m; i += 8)
+            for (int64_t q = 0; q < k; ++q) {
+                const int64_t rows = (m - i < 8) ? m - i : 8;
+                if (n8) combine_rows_bf16(row_at(G0, i, ld, es), rows, ld, n8, C + q * ldc + i, acc + q * MCHUNK);
+                combine_rows((const char *)row_at(G0, i, ld, es) + n8 * es, rows, ld, n - n8, C + q * ldc + i,
+                             acc + q * MCHUNK + n8, at, es);
+            }
+        if (at == bf16_at) {
             for (int64_t q = 0; q < k; ++q)
-                combine_rows(row_at(G0, i, ld, es), (m - i < 8) ? m - i : 8, ld, n, C + q * ldc + i,
-                             acc + q * MCHUNK, at, es);
+                unsplit_out(acc + q * MCHUNK, n, n8, X ? X + q * ldx + j0 : 0, alpha, beta, Y + q * ldy + j0);
+            continue;
+        }
         for (int64_t q = 0; q < k; ++q)
             for (int64_t j = 0; j < n; ++j)
                 Y[q * ldy + j0 + j] = (X ? alpha * X[q * ldx + j0 + j] : 0.0) + beta * acc[q * MCHUNK + j];

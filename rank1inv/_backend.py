@@ -496,8 +496,25 @@ def ldexp(xp, a, e, out=None):
     lib = _library(xp)
     if lib is np:
         with np.errstate(over="ignore", under="ignore"):
+            scale = _power_of_two(a.dtype, e)
+            if scale is not None:
+                return np.multiply(a, scale, out=out)
             return np.ldexp(a, e, out=out)
     return lib.ldexp(a, e, out=out)
+
+
+def _power_of_two(dtype, e):
+    """2^e in ``dtype`` where every 2^e is a normal number of that dtype (else None): a·2^e is
+    then one multiplication, rounded once as ldexp rounds, so the same bits; NumPy's ldexp is a
+    scalar loop, 10 ms against 0.5 ms for 2·10⁶ float64 values on the 2-vCPU AMD EPYC VM
+    (docs/benchmarks.md)."""
+    if not np.issubdtype(dtype, np.floating):
+        return None
+    e = np.asarray(e)
+    info = np.finfo(dtype)
+    if e.size == 0 or not np.issubdtype(e.dtype, np.integer) or e.min() < info.minexp or e.max() >= info.maxexp:
+        return None
+    return np.ldexp(np.ones((), dtype), e)
 
 
 def matmul(xp, a, b, out=None):

@@ -502,10 +502,16 @@ def main(argv=None):
     p.add_argument("--dask", action="store_true", help="print the Dask LocalCluster IHVP benchmark (dask extra)")
     p.add_argument("--blocks", action="store_true",
                    help="print the blocks-from-a-stream benchmark (about 3 min and 9 GB at full size)")  # fmt: skip
+    p.add_argument("--floors", action="store_true",
+                   help="print the CPU floor figures, three rounds each (about 3 min on 2 cores)")  # fmt: skip
     p.add_argument("--jax", action="store_true",
                    help="print the JAX-native M-FAC step benchmark (jax, optax); --numerics: its accuracy")  # fmt: skip
     args = p.parse_args(argv)
-    if args.jax:
+    if args.floors:
+        from . import bench_floors
+
+        print(bench_floors.run(args.quick))
+    elif args.jax:
         from . import bench_jax
 
         print(bench_jax.accuracy_table() if args.numerics else bench_jax.run(args.quick))

@@ -39,6 +39,23 @@ def test_cpu_bench_runs():
     )
 
 
+def test_floors_bench_runs():
+    from benchmarks import bench_floors
+
+    _check(
+        bench_floors.run(quick=True),
+        [
+            "StaticInverse IHVP / floor",
+            "push_apply / floor, full window",
+            "bfloat16 / float32 IHVP time",
+            "bfloat16 / float32 push_apply time",
+            "float32 project / BLAS",
+            "float32 combine / BLAS",
+            "bfloat16 project GB/s, 1 worker",
+        ],  # fmt: skip
+    )
+
+
 @pytest.mark.gpu
 def test_gpu_bench_runs():
     _check(

@@ -10,6 +10,7 @@ the same backend. Each timing is the median of several repetitions after a warm-
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import time
 
@@ -321,27 +322,34 @@ def numerics_table(m: int = 64, d: int = 800, seed: int = 0) -> str:
 
 def storage_speed(rows, timer, xp, m=256, d=2_000_000):
     """IHVP and push_apply with bfloat16 and float16 storage against float32 (the same rounded
-    values): the 16-bit passes read half the bytes."""
+    values): the 16-bit passes read half the bytes. Timed by adjacent pairs of calls
+    (``Timer.paired``: the VMs' memory speed drifts between blocks of calls seconds apart)."""
     from rank1inv import _precision
 
-    base = _LowRank(xp, d, seed=5).matrix(m + FRESH)
+    fresh_count = m + 64  # pushed in a cycle: a gradient comes back only after it left the window
+    base = _LowRank(xp, d, seed=5).matrix(m + fresh_count)
     x = xp.asarray(np.random.default_rng(1).standard_normal(d), dtype=xp.float32)
-    times = {}
-    for name in ("float32", "bfloat16", "float16"):
+
+    def setup(name):
         G = base if name == "float32" else _backend.encode(xp, base, name)
-        op = StaticInverse(G[:m], 1e-4)
         w = DynamicInverse(d, m, 1e-4, dtype=name, xp=xp)
         _fill(w, G, m)
-        fresh = iter(range(m, m + FRESH))
-        times[name] = (timer(lambda: op @ x), timer(lambda: w.push_apply(G[next(fresh)]), repeat=5))
-        op = w = G = None
+        fresh = itertools.cycle(range(m, m + fresh_count))
+        return StaticInverse(G[:m], 1e-4), lambda: w.push_apply(G[next(fresh)])
+
+    op32, push32 = setup("float32")
+    pairs = 4 * timer.repeat
     for name in ("bfloat16", "float16"):
-        ih, pa = (a / b for a, b in zip(times[name], times["float32"]))
-        note = "target ≤ 0.65" if name == "bfloat16" else ""
-        _row(rows, f"{name} / float32 storage: IHVP time (m={m}, d={d:.0e})", ih, "×", note)
-        _row(rows, f"{name} / float32 storage: push_apply time (m={m}, d={d:.0e})", pa, "×", note)
-    note = f"push_apply {times['float32'][1] * 1e3:.3g} ms; {_precision.of('float32').itemsize} bytes per value"
-    _row(rows, f"float32 IHVP, push_apply (m={m}, d={d:.0e})", times["float32"][0] * 1e3, "ms", note)
+        op, push = setup(name)
+        note = "target ≤ 0.6" if name == "bfloat16" else ""
+        for what, fn, ref in (("IHVP", lambda: op @ x, lambda: op32 @ x), ("push_apply", push, push32)):
+            q50, q25, q75, _, _ = timer.paired(fn, ref, pairs)
+            _row(rows, f"{name} / float32 storage: {what} time (m={m}, d={d:.0e})", q50, "×",
+                 "; ".join(filter(None, [f"quartiles {q25:.3g}–{q75:.3g}", note])))  # fmt: skip
+        op = push = None
+    t_ihvp, t_push = timer(lambda: op32 @ x), timer(push32, repeat=5)
+    note = f"push_apply {t_push * 1e3:.3g} ms; {_precision.of('float32').itemsize} bytes per value"
+    _row(rows, f"float32 IHVP, push_apply (m={m}, d={d:.0e})", t_ihvp * 1e3, "ms", note)
 
 
 def storage_memory(rows, m=64, d=10**7):

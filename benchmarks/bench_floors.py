@@ -15,7 +15,6 @@ floor sections, each a ratio measured in one run.
 from __future__ import annotations
 
 import itertools
-import time
 
 import numpy as np
 
@@ -25,28 +24,6 @@ from rank1inv.examples.timing import Timer
 from .bench import _fill, _LowRank, _lowrank
 
 ROUNDS = 3
-
-
-def _paired(fn, reference, pairs: int) -> tuple[float, float, float, float, float]:
-    """(median, lower and upper quartile of time(fn)/time(reference) over adjacent pairs of calls,
-    median time(fn), median time(reference)); the order within a pair alternates."""
-
-    def once(f):
-        t0 = time.perf_counter()
-        f()
-        return time.perf_counter() - t0
-
-    fn(), reference()
-    rows = []
-    for i in range(pairs):
-        if i % 2:
-            a, b = once(fn), once(reference)
-        else:
-            b, a = once(reference), once(fn)
-        rows.append((a / b, a, b))
-    r = np.array(rows)
-    q25, q50, q75 = np.percentile(r[:, 0], [25, 50, 75])
-    return q50, q25, q75, float(np.median(r[:, 1])), float(np.median(r[:, 2]))
 
 
 def _ratios(lines, timer, name, fn, floor, repeat=None):
@@ -134,7 +111,7 @@ def run(quick: bool = False) -> str:
         ("push_apply", lambda: wb.push_apply(Gb[next(fb)]), lambda: wf.push_apply(Gf[next(ff)])),
     ]
     for what, fn, ref in cases:
-        q50, q25, q75, a, b = _paired(fn, ref, pairs)
+        q50, q25, q75, a, b = timer.paired(fn, ref, pairs)
         lines.append(f"| bfloat16 / float32 {what} time (m={m}, d={d:.0e}) | {q50:.3f} | "
                      f"quartiles {q25:.3f}–{q75:.3f}; {a * 1e3:.1f} / {b * 1e3:.1f} ms |")  # fmt: skip
     ops = sb = wb = Gb = sf = wf = Gf = base = None

@@ -100,3 +100,16 @@ def test_dask_bench_runs():
 
     text = bench_dask.run(m=8, d=1 << 19)
     assert "bytes sent back by the chunks' tasks per IHVP (2 chunks) | 144 |" in text, text  # 2 · 8 · (8 + 1)
+
+
+def test_timer_paired_orders_its_quartiles():
+    """Timer.paired alternates the order within pairs and returns ordered quartiles of the
+    per-pair ratios and both median times (no timing is asserted)."""
+    import numpy as np
+
+    from rank1inv.examples.timing import Timer
+
+    calls = []
+    q50, q25, q75, a, b = Timer(np, pause=0.0).paired(lambda: calls.append("f"), lambda: calls.append("r"), pairs=6)
+    assert calls[2:] == ["r", "f", "f", "r"] * 3  # after one untimed call of each
+    assert 0 < q25 <= q50 <= q75 and a > 0 and b > 0

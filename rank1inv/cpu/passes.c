@@ -374,16 +374,16 @@ INLINE void project_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
         for (int64_t i = 0; i < m; ++i) P[q * ldp + i] = 0.0;
     static __thread double xs_[MULTI * PCHUNK]; /* bfloat16: the chunks of X in split order */
     double *xs = scratch(xs_);
-    if (k > MULTI) return;
+    const int split = at == bf16_at && k <= MULTI;
     for (int64_t j0 = 0; j0 < d; j0 += PCHUNK) {
         int64_t n = (d - j0 < PCHUNK) ? d - j0 : PCHUNK;
         const void *G0 = (const char *)G + j0 * es;
-        if (at == bf16_at)
+        if (split)
             for (int64_t q = 0; q < k; ++q) split8(X + q * ldx + j0, xs + q * PCHUNK, n);
         for (int64_t i = 0; i < m; i += 4) {
             int64_t rows = (m - i < 4) ? m - i : 4;
             for (int64_t q = 0; q < k; ++q)
-                if (at == bf16_at)
+                if (split)
                     project_rows_bf16(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, xs + q * PCHUNK,
                                       P + q * ldp + i);
                 else

@@ -62,6 +62,26 @@ class Timer:
         rounds.sort()
         return rounds
 
+    def paired(self, fn, reference, pairs: int = 40) -> tuple[float, float, float, float, float]:
+        """Adjacent calls in pairs, the order alternating: (median, lower and upper quartile of
+        time(fn)/time(reference) over the pairs, median time(fn), median time(reference)). For
+        two functions of similar cost on a machine whose memory speed drifts within seconds:
+        adjacent calls see the same phase, blocks of calls need not (docs/benchmarks.md)."""
+        fn()
+        reference()
+        self._sync()
+        ratios, a_times, b_times = [], [], []
+        for i in range(pairs):
+            if i % 2:
+                a, b = self._once(fn), self._once(reference)
+            else:
+                b, a = self._once(reference), self._once(fn)
+            ratios.append(a / b)
+            a_times.append(a)
+            b_times.append(b)
+        q25, q50, q75 = statistics.quantiles(ratios, n=4) if pairs > 1 else (ratios[0],) * 3
+        return q50, q25, q75, statistics.median(a_times), statistics.median(b_times)
+
     def _warm(self, fn) -> None:
         """Untimed calls until ``WARM_UP`` seconds have passed (at least one, at most
         ``WARM_UP_CALLS``: each push_apply call consumes a fresh gradient)."""

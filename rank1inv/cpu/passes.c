@@ -110,7 +110,7 @@ INLINE v4d cvt4(load1_t at, const void *row, int64_t j) {
         memcpy(&fb, &f, sizeof fb);
         fb |= (w & 0x8000u) << 16;
         memcpy(&f, &fb, sizeof f);
-        return __builtin_convertvector(f, v4d);
+        return (v4d){f[0], f[1], f[2], f[3]}; /* one vcvtps2pd (bf16_split) */
     }
     v4d r = {at(row, j), at(row, j + 1), at(row, j + 2), at(row, j + 3)};
     return r;

@@ -50,6 +50,31 @@ def test_project_across_column_tiles(storage, m, k):
     np.testing.assert_allclose(cpu.project(G, x), G.astype(np.float64) @ x, rtol=1e-12, atol=1e-12 * np.sqrt(d))
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_every_finite_16_bit_value_decodes_exactly(storage, k):
+    """Every finite bit pattern of the storage type (zeros, subnormals, the largest values, both
+    signs), shuffled over 8 rows with a tail of columns: project and combine against float64."""
+    if not cpu.available():
+        pytest.skip("CPU extension not built")
+    dtype = _precision.numpy_dtype(storage)
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    with np.errstate(invalid="ignore"):
+        finite = bits[np.isfinite(bits.view(dtype).astype(np.float64))]
+    rng = np.random.default_rng(k)
+    G = rng.permutation(finite)[: 8 * (finite.size // 8 - 3)].reshape(8, -1)[None].view(dtype)
+    G64 = G.astype(np.float64)
+    assert G.shape[2] % 8 == 5  # a tail after the split groups of 8
+    d = G.shape[2]
+    x = rng.standard_normal((1, d, k))
+    c = rng.standard_normal((1, 8, k))
+    scale = np.abs(G64) @ np.abs(x)
+    assert np.all(np.abs(cpu.project(G, x) - G64 @ x) <= 1e-14 * scale)
+    want = 0.5 * x - 2.0 * (G64.transpose(0, 2, 1) @ c)
+    bound = 1e-14 * (0.5 * np.abs(x) + 2.0 * (np.abs(G64).transpose(0, 2, 1) @ np.abs(c)))
+    assert np.all(np.abs(cpu.combine(G, x, c, 0.5, -2.0) - want) <= bound)
+
+
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("nb,m,B", [(2, 1, 9), (3, 5, 8193), (40, 17, 100), (300, 4, 30)])
 def test_cpu_kernel_on_blocks(nb, m, B, k):

@@ -2,9 +2,8 @@
  *
  * project:  p[i] = Σ_j G[i, j] · x[j]
  *     Columns in tiles of 32768 (x's tile stays in L2); rows in blocks of 4 share each load of
- *     x; per row, 8 float64 lanes accumulate columns j ≡ l (mod 8) and are summed at the end.
- *     Half rows go in blocks of 8 (4 lanes per row), so that the float64 x is not read more
- *     bytes than G itself; bfloat16 rows in blocks of 4 in split column order (below).
+ *     x; per row, 8 float64 lanes accumulate columns j ≡ l (mod 8) (16-bit rows: in split
+ *     column order, below) and are summed at the end.
  * combine:  y[j] = α·x[j] + β·Σ_i c[i] · G[i, j]
  *     Columns in chunks of 8192 (accumulators stay in L2), rows added 16 at a time in order
  *     (the last < 16 in blocks of 8): one accumulator update per 16 rows (bfloat16 combine
@@ -16,8 +15,8 @@
  * Every function exists for three storage types, suffix _f32 (float), _bf16 and _f16 (16-bit
  * bit patterns: bfloat16, IEEE half). 16-bit values are decoded to float in registers (exactly:
  * every bfloat16 and half is a float) and widened to double; no float32 or float64 copy of G is
- * made. The bodies are written once (always-inline, specialised by a constant loader), except
- * bfloat16's, which decode eight values at a time in split order (even columns, then odd).
+ * made. The bodies are written once (always-inline, specialised by a constant loader); the
+ * 16-bit ones decode eight values at a time in split order (even columns, then odd).
  *
  * Single-threaded; rank1inv/cpu/__init__.py splits rows (project), columns (combine) or blocks
  * over a few Python threads (ctypes releases the GIL). G is row-major with leading dimension ld
@@ -138,31 +137,14 @@ INLINE void project_rows(const void *G, int64_t rows, int64_t ld, int64_t d, con
     }
 }
 
-/* p[0..8) += the products of 8 rows with x: each load of x serves 8 rows (16-bit rows carry as
- * many bytes per column as x's float64 values for 4 of them); one 4-lane accumulator per row. */
-INLINE void project_rows8(const void *G, int64_t ld, int64_t d, const double *x, double *p, load1_t at, int64_t es) {
-    const void *g[8];
-    for (int r = 0; r < 8; ++r) g[r] = row_at(G, r, ld, es);
-    v4d a[8] = {{0}};
-    int64_t j = 0;
-    for (; j + 4 <= d; j += 4) {
-        v4d x0 = load4(x + j);
-        for (int r = 0; r < 8; ++r) a[r] += cvt4(at, g[r], j) * x0;
-    }
-    for (int r = 0; r < 8; ++r) {
-        double t = 0.0;
-        for (int64_t k = j; k < d; ++k) t += at(g[r], k) * x[k];
-        p[r] += t + ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3]));
-    }
-}
-
-/* ---------------------------------------------------------------- bfloat16 in split order */
-/* Eight bfloat16 values read as four 32-bit words become floats in two instructions: the even
- * columns are the words shifted up by 16, the odd ones the words with their low half cleared
- * (the zero-extending loader takes four for eight values). The bfloat16 passes keep x and their
- * accumulators in the same split order, per group of 8 columns the 4 even then the 4 odd
- * (split8), so nothing is shuffled back per value (single-threaded, in cache, on the 2-vCPU AMD
- * EPYC Zen 3 VM: project 1.18×, combine 1.09× faster, docs/benchmarks.md). */
+/* ---------------------------------------------------------------- 16-bit values in split order */
+/* Eight 16-bit values read as four 32-bit words: the even columns are the words shifted up by 16,
+ * the odd ones the words with their low half cleared, one instruction each for four values (the
+ * zero-extending loader takes four for eight). A bfloat16 is then a float; a half is decoded from
+ * there. The 16-bit passes keep x and their accumulators in the same split order, per group of 8
+ * columns the 4 even then the 4 odd (split8), so nothing is shuffled back per value
+ * (single-threaded on the 2-vCPU AMD EPYC Zen 3 VM: bfloat16 project 1.18× and combine 1.09×
+ * faster in cache, float16 project 1.77× and combine 1.34× from memory, docs/benchmarks.md). */
 INLINE void bf16_split(const void *row, int64_t j, v4d *even, v4d *odd) {
     v4u32 w;
     memcpy(&w, (const uint16_t *)row + j, sizeof w);
@@ -175,6 +157,30 @@ INLINE void bf16_split(const void *row, int64_t j, v4d *even, v4d *odd) {
     *odd = (v4d){fo[0], fo[1], fo[2], fo[3]};
 }
 
+/* Half in split order: the words shifted (even) or masked (odd) hold a half in their upper 16
+ * bits, decoded as f16_at does (magnitude into float position, one multiplication by 2^112, the
+ * sign or-ed back). */
+INLINE void f16_split(const void *row, int64_t j, v4d *even, v4d *odd) {
+    v4u32 w;
+    memcpy(&w, (const uint16_t *)row + j, sizeof w);
+    const v4u32 t[2] = {w << 16, w & 0xffff0000u};
+    v4d *out[2] = {even, odd};
+    for (int k = 0; k < 2; ++k) {
+        v4u32 bits = (t[k] & 0x7fff0000u) >> 3;
+        v4f f;
+        memcpy(&f, &bits, sizeof f);
+        f *= 5.192296858534828e+33f; /* 2^112 */
+        memcpy(&bits, &f, sizeof bits);
+        bits |= t[k] & 0x80000000u;
+        memcpy(&f, &bits, sizeof f);
+        *out[k] = (v4d){f[0], f[1], f[2], f[3]};
+    }
+}
+
+/* The split decoder of a 16-bit loader (none for float32). */
+typedef void (*split_t)(const void *row, int64_t j, v4d *even, v4d *odd);
+INLINE split_t split_of(load1_t at) { return at == bf16_at ? bf16_split : at == f16_at ? f16_split : 0; }
+
 /* xs[0..n8) ← x[0..n8) in split order (n8: n rounded down to a multiple of 8). */
 INLINE void split8(const double *x, double *xs, int64_t n) {
     for (int64_t j = 0; j + 8 <= n; j += 8)
@@ -184,11 +190,12 @@ INLINE void split8(const double *x, double *xs, int64_t n) {
         }
 }
 
-/* p[0..rows) += the products of rows 1..4 of bfloat16 G with x (xs: x in split order). Per row,
+/* p[0..rows) += the products of rows 1..4 of 16-bit G with x (xs: x in split order). Per row,
  * lane l of a sums the columns j ≡ 2l (mod 8), of b j ≡ 2l + 1, added as project_rows adds its
  * two accumulators. */
-INLINE void project_rows_bf16(const void *G, int64_t rows, int64_t ld, int64_t d, const double *x, const double *xs,
-                              double *p) {
+INLINE void project_rows_split(const void *G, int64_t rows, int64_t ld, int64_t d, const double *x, const double *xs,
+                               double *p, load1_t at) {
+    const split_t split = split_of(at);
     const void *g[4];
     for (int r = 0; r < 4; ++r) g[r] = row_at(G, r < rows ? r : 0, ld, 2);
     v4d a[4] = {{0}}, b[4] = {{0}};
@@ -197,21 +204,23 @@ INLINE void project_rows_bf16(const void *G, int64_t rows, int64_t ld, int64_t d
         v4d xe = load4(xs + j), xo = load4(xs + j + 4);
         for (int r = 0; r < 4; ++r) {
             v4d e, o;
-            bf16_split(g[r], j, &e, &o);
+            split(g[r], j, &e, &o);
             a[r] += e * xe;
             b[r] += o * xo;
         }
     }
     for (int r = 0; r < rows; ++r) {
         double t = 0.0;
-        for (int64_t k = j; k < d; ++k) t += bf16_at(g[r], k) * x[k];
+        for (int64_t k = j; k < d; ++k) t += at(g[r], k) * x[k];
         p[r] += t + hsum(a[r], b[r]);
     }
 }
 
 /* acc[0..n8) (split order) += Σ_{r < rows} c[r]·G[r, 0..n8) for up to 16 rows, n8 a multiple
  * of 8: per column the operations of combine_rows16 (rows > 8) or combine_rows, in their order. */
-INLINE void combine_rows_bf16(const void *G, int64_t rows, int64_t ld, int64_t n8, const double *c, double *acc) {
+INLINE void combine_rows_split(const void *G, int64_t rows, int64_t ld, int64_t n8, const double *c, double *acc,
+                               load1_t at) {
+    const split_t split = split_of(at);
     const void *g[16];
     v4d cc[16];
     for (int r = 0; r < 16; ++r) {
@@ -223,7 +232,7 @@ INLINE void combine_rows_bf16(const void *G, int64_t rows, int64_t ld, int64_t n
     const int wide = rows > 8;
     for (int64_t j = 0; j < n8; j += 8) {
         v4d e[16], o[16];
-        for (int r = 0; r < (wide ? 16 : 8); ++r) bf16_split(g[r], j, e + r, o + r);
+        for (int r = 0; r < (wide ? 16 : 8); ++r) split(g[r], j, e + r, o + r);
         v4d se = ((cc[0] * e[0] + cc[1] * e[1]) + (cc[2] * e[2] + cc[3] * e[3])) +
                  ((cc[4] * e[4] + cc[5] * e[5]) + (cc[6] * e[6] + cc[7] * e[7]));
         v4d so = ((cc[0] * o[0] + cc[1] * o[1]) + (cc[2] * o[2] + cc[3] * o[3])) +
@@ -257,21 +266,19 @@ INLINE void unsplit_out(const double *acc, int64_t n, int64_t n8, const double *
 #define PTILE 32768
 INLINE void project(const void *G, int64_t m, int64_t d, int64_t ld, const double *x, double *p, load1_t at,
                     int64_t es) {
-    static __thread double xs_[PTILE]; /* bfloat16: x's tile in split order */
+    static __thread double xs_[PTILE]; /* 16-bit: x's tile in split order */
     double *xs = scratch(xs_);
     for (int64_t i = 0; i < m; ++i) p[i] = 0.0;
     for (int64_t j0 = 0; j0 < d; j0 += PTILE) {
         const int64_t n = (d - j0 < PTILE) ? d - j0 : PTILE;
         const void *G0 = (const char *)G + j0 * es;
         int64_t i = 0;
-        if (at == bf16_at) {
+        if (split_of(at)) {
             split8(x + j0, xs, n);
             for (; i < m; i += 4)
-                project_rows_bf16(row_at(G0, i, ld, es), (m - i < 4) ? m - i : 4, ld, n, x + j0, xs, p + i);
+                project_rows_split(row_at(G0, i, ld, es), (m - i < 4) ? m - i : 4, ld, n, x + j0, xs, p + i, at);
             continue;
         }
-        if (es == 2)
-            for (; i + 8 <= m; i += 8) project_rows8(row_at(G0, i, ld, es), ld, n, x + j0, p + i, at, es);
         for (; i < m; i += 4)
             project_rows(row_at(G0, i, ld, es), (m - i < 4) ? m - i : 4, ld, n, x + j0, p + i, at, es);
     }
@@ -327,18 +334,19 @@ INLINE void combine_rows16(const void *G, int64_t ld, int64_t n, const double *c
 
 /* acc[0..n) += Σ_i c[i]·G[i, 0..n) over all m rows, in combine's order (16 rows per update, the
  * last < 16 by 8): the columns below n8 in split order, the last < 8 by combine_rows(16). */
-INLINE void combine_chunk_bf16(const void *G, int64_t m, int64_t n, int64_t ld, const double *c, double *acc) {
+INLINE void combine_chunk_split(const void *G, int64_t m, int64_t n, int64_t ld, const double *c, double *acc,
+                                load1_t at) {
     const int64_t n8 = n / 8 * 8;
     int64_t i = 0;
     for (; i + 16 <= m; i += 16) {
-        combine_rows_bf16(row_at(G, i, ld, 2), 16, ld, n8, c + i, acc);
-        if (n > n8) combine_rows16((const char *)row_at(G, i, ld, 2) + 2 * n8, ld, n - n8, c + i, acc + n8, bf16_at, 2);
+        combine_rows_split(row_at(G, i, ld, 2), 16, ld, n8, c + i, acc, at);
+        if (n > n8) combine_rows16((const char *)row_at(G, i, ld, 2) + 2 * n8, ld, n - n8, c + i, acc + n8, at, 2);
     }
     for (; i < m; i += 8) {
         const int64_t rows = (m - i < 8) ? m - i : 8;
-        combine_rows_bf16(row_at(G, i, ld, 2), rows, ld, n8, c + i, acc);
+        combine_rows_split(row_at(G, i, ld, 2), rows, ld, n8, c + i, acc, at);
         if (n > n8)
-            combine_rows((const char *)row_at(G, i, ld, 2) + 2 * n8, rows, ld, n - n8, c + i, acc + n8, bf16_at, 2);
+            combine_rows((const char *)row_at(G, i, ld, 2) + 2 * n8, rows, ld, n - n8, c + i, acc + n8, at, 2);
     }
 }
 
@@ -350,8 +358,8 @@ INLINE void combine(const void *G, int64_t m, int64_t d, int64_t ld, const doubl
         int64_t n = (d - j0 < CHUNK) ? d - j0 : CHUNK;
         const void *G0 = (const char *)G + j0 * es;
         for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;
-        if (at == bf16_at) {
-            combine_chunk_bf16(G0, m, n, ld, c, acc);
+        if (split_of(at)) {
+            combine_chunk_split(G0, m, n, ld, c, acc, at);
             unsplit_out(acc, n, n / 8 * 8, x ? x + j0 : 0, alpha, beta, y + j0);
             continue;
         }
@@ -372,9 +380,9 @@ INLINE void project_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
                           double *P, int64_t ldp, load1_t at, int64_t es) {
     for (int64_t q = 0; q < k; ++q)
         for (int64_t i = 0; i < m; ++i) P[q * ldp + i] = 0.0;
-    static __thread double xs_[MULTI * PCHUNK]; /* bfloat16: the chunks of X in split order */
+    static __thread double xs_[MULTI * PCHUNK]; /* 16-bit: the chunks of X in split order */
     double *xs = scratch(xs_);
-    const int split = at == bf16_at && k <= MULTI;
+    const int split = split_of(at) && k <= MULTI;
     for (int64_t j0 = 0; j0 < d; j0 += PCHUNK) {
         int64_t n = (d - j0 < PCHUNK) ? d - j0 : PCHUNK;
         const void *G0 = (const char *)G + j0 * es;
@@ -384,8 +392,8 @@ INLINE void project_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
             int64_t rows = (m - i < 4) ? m - i : 4;
             for (int64_t q = 0; q < k; ++q)
                 if (split)
-                    project_rows_bf16(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, xs + q * PCHUNK,
-                                      P + q * ldp + i);
+                    project_rows_split(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, xs + q * PCHUNK,
+                                       P + q * ldp + i, at);
                 else
                     project_rows(row_at(G0, i, ld, es), rows, ld, n, X + q * ldx + j0, P + q * ldp + i, at, es);
         }
@@ -405,16 +413,16 @@ INLINE void combine_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
     for (int64_t j0 = 0; j0 < d; j0 += MCHUNK) {
         int64_t n = (d - j0 < MCHUNK) ? d - j0 : MCHUNK;
         const void *G0 = (const char *)G + j0 * es;
-        const int64_t n8 = at == bf16_at ? n / 8 * 8 : 0; /* bfloat16: columns below n8 in split order */
+        const int64_t n8 = split_of(at) ? n / 8 * 8 : 0; /* 16-bit: columns below n8 in split order */
         for (int64_t t = 0; t < k * MCHUNK; ++t) acc[t] = 0.0;
         for (int64_t i = 0; i < m; i += 8)
             for (int64_t q = 0; q < k; ++q) {
                 const int64_t rows = (m - i < 8) ? m - i : 8;
-                if (n8) combine_rows_bf16(row_at(G0, i, ld, es), rows, ld, n8, C + q * ldc + i, acc + q * MCHUNK);
+                if (n8) combine_rows_split(row_at(G0, i, ld, es), rows, ld, n8, C + q * ldc + i, acc + q * MCHUNK, at);
                 combine_rows((const char *)row_at(G0, i, ld, es) + n8 * es, rows, ld, n - n8, C + q * ldc + i,
                              acc + q * MCHUNK + n8, at, es);
             }
-        if (at == bf16_at) {
+        if (split_of(at)) {
             for (int64_t q = 0; q < k; ++q)
                 unsplit_out(acc + q * MCHUNK, n, n8, X ? X + q * ldx + j0 : 0, alpha, beta, Y + q * ldy + j0);
             continue;

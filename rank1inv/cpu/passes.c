@@ -109,7 +109,7 @@ INLINE v4d cvt4(load1_t at, const void *row, int64_t j) {
         memcpy(&fb, &f, sizeof fb);
         fb |= (w & 0x8000u) << 16;
         memcpy(&f, &fb, sizeof f);
-        return (v4d){f[0], f[1], f[2], f[3]}; /* one vcvtps2pd (bf16_split) */
+        return (v4d){f[0], f[1], f[2], f[3]}; /* lane by lane: one vcvtps2pd, as in bf16_split */
     }
     v4d r = {at(row, j), at(row, j + 1), at(row, j + 2), at(row, j + 3)};
     return r;
@@ -216,6 +216,12 @@ INLINE void project_rows_split(const void *G, int64_t rows, int64_t ld, int64_t 
     }
 }
 
+/* Σ_{r < 8} cc[r]·v[r] summed as sum8 sums: ((0+1)+(2+3))+((4+5)+(6+7)). */
+INLINE v4d dot8(const v4d *cc, const v4d *v) {
+    return ((cc[0] * v[0] + cc[1] * v[1]) + (cc[2] * v[2] + cc[3] * v[3])) +
+           ((cc[4] * v[4] + cc[5] * v[5]) + (cc[6] * v[6] + cc[7] * v[7]));
+}
+
 /* acc[0..n8) (split order) += Σ_{r < rows} c[r]·G[r, 0..n8) for up to 16 rows, n8 a multiple
  * of 8: per column the operations of combine_rows16 (rows > 8) or combine_rows, in their order. */
 INLINE void combine_rows_split(const void *G, int64_t rows, int64_t ld, int64_t n8, const double *c, double *acc,
@@ -233,23 +239,18 @@ INLINE void combine_rows_split(const void *G, int64_t rows, int64_t ld, int64_t 
     for (int64_t j = 0; j < n8; j += 8) {
         v4d e[16], o[16];
         for (int r = 0; r < (wide ? 16 : 8); ++r) split(g[r], j, e + r, o + r);
-        v4d se = ((cc[0] * e[0] + cc[1] * e[1]) + (cc[2] * e[2] + cc[3] * e[3])) +
-                 ((cc[4] * e[4] + cc[5] * e[5]) + (cc[6] * e[6] + cc[7] * e[7]));
-        v4d so = ((cc[0] * o[0] + cc[1] * o[1]) + (cc[2] * o[2] + cc[3] * o[3])) +
-                 ((cc[4] * o[4] + cc[5] * o[5]) + (cc[6] * o[6] + cc[7] * o[7]));
+        v4d se = dot8(cc, e), so = dot8(cc, o);
         if (wide) {
-            se += ((cc[8] * e[8] + cc[9] * e[9]) + (cc[10] * e[10] + cc[11] * e[11])) +
-                  ((cc[12] * e[12] + cc[13] * e[13]) + (cc[14] * e[14] + cc[15] * e[15]));
-            so += ((cc[8] * o[8] + cc[9] * o[9]) + (cc[10] * o[10] + cc[11] * o[11])) +
-                  ((cc[12] * o[12] + cc[13] * o[13]) + (cc[14] * o[14] + cc[15] * o[15]));
+            se += dot8(cc + 8, e + 8);
+            so += dot8(cc + 8, o + 8);
         }
         store4(acc + j, load4(acc + j) + se);
         store4(acc + j + 4, load4(acc + j + 4) + so);
     }
 }
 
-/* y[0..n) = α·x + β·acc with acc[0..n8) in split order (x may be NULL). */
-INLINE void unsplit_out(const double *acc, int64_t n, int64_t n8, const double *x, double alpha, double beta,
+/* y[0..n) = α·x + β·acc, acc's columns below n8 in split order (0 for float32; x may be NULL). */
+INLINE void write_out(const double *acc, int64_t n, int64_t n8, const double *x, double alpha, double beta,
                         double *y) {
     for (int64_t j = 0; j < n8; j += 8)
         for (int l = 0; l < 4; ++l) {
@@ -332,24 +333,6 @@ INLINE void combine_rows16(const void *G, int64_t ld, int64_t n, const double *c
     }
 }
 
-/* acc[0..n) += Σ_i c[i]·G[i, 0..n) over all m rows, in combine's order (16 rows per update, the
- * last < 16 by 8): the columns below n8 in split order, the last < 8 by combine_rows(16). */
-INLINE void combine_chunk_split(const void *G, int64_t m, int64_t n, int64_t ld, const double *c, double *acc,
-                                load1_t at) {
-    const int64_t n8 = n / 8 * 8;
-    int64_t i = 0;
-    for (; i + 16 <= m; i += 16) {
-        combine_rows_split(row_at(G, i, ld, 2), 16, ld, n8, c + i, acc, at);
-        if (n > n8) combine_rows16((const char *)row_at(G, i, ld, 2) + 2 * n8, ld, n - n8, c + i, acc + n8, at, 2);
-    }
-    for (; i < m; i += 8) {
-        const int64_t rows = (m - i < 8) ? m - i : 8;
-        combine_rows_split(row_at(G, i, ld, 2), rows, ld, n8, c + i, acc, at);
-        if (n > n8)
-            combine_rows((const char *)row_at(G, i, ld, 2) + 2 * n8, rows, ld, n - n8, c + i, acc + n8, at, 2);
-    }
-}
-
 INLINE void combine(const void *G, int64_t m, int64_t d, int64_t ld, const double *c, const double *x, double alpha,
                     double beta, double *y, load1_t at, int64_t es) {
     static __thread double acc_[CHUNK];
@@ -357,17 +340,20 @@ INLINE void combine(const void *G, int64_t m, int64_t d, int64_t ld, const doubl
     for (int64_t j0 = 0; j0 < d; j0 += CHUNK) {
         int64_t n = (d - j0 < CHUNK) ? d - j0 : CHUNK;
         const void *G0 = (const char *)G + j0 * es;
+        /* 16-bit: the columns below n8 in split order, the last < 8 by combine_rows(16) */
+        const int64_t n8 = split_of(at) ? n / 8 * 8 : 0;
         for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;
-        if (split_of(at)) {
-            combine_chunk_split(G0, m, n, ld, c, acc, at);
-            unsplit_out(acc, n, n / 8 * 8, x ? x + j0 : 0, alpha, beta, y + j0);
-            continue;
-        }
         int64_t i = 0;
-        for (; i + 16 <= m; i += 16) combine_rows16(row_at(G0, i, ld, es), ld, n, c + i, acc, at, es);
-        for (; i < m; i += 8)
-            combine_rows(row_at(G0, i, ld, es), (m - i < 8) ? m - i : 8, ld, n, c + i, acc, at, es);
-        for (int64_t j = 0; j < n; ++j) y[j0 + j] = (x ? alpha * x[j0 + j] : 0.0) + beta * acc[j];
+        for (; i + 16 <= m; i += 16) {
+            if (n8) combine_rows_split(row_at(G0, i, ld, es), 16, ld, n8, c + i, acc, at);
+            combine_rows16((const char *)row_at(G0, i, ld, es) + n8 * es, ld, n - n8, c + i, acc + n8, at, es);
+        }
+        for (; i < m; i += 8) {
+            const int64_t rows = (m - i < 8) ? m - i : 8;
+            if (n8) combine_rows_split(row_at(G0, i, ld, es), rows, ld, n8, c + i, acc, at);
+            combine_rows((const char *)row_at(G0, i, ld, es) + n8 * es, rows, ld, n - n8, c + i, acc + n8, at, es);
+        }
+        write_out(acc, n, n8, x ? x + j0 : 0, alpha, beta, y + j0);
     }
 }
 
@@ -422,14 +408,8 @@ INLINE void combine_multi(const void *G, int64_t m, int64_t d, int64_t ld, const
                 combine_rows((const char *)row_at(G0, i, ld, es) + n8 * es, rows, ld, n - n8, C + q * ldc + i,
                              acc + q * MCHUNK + n8, at, es);
             }
-        if (split_of(at)) {
-            for (int64_t q = 0; q < k; ++q)
-                unsplit_out(acc + q * MCHUNK, n, n8, X ? X + q * ldx + j0 : 0, alpha, beta, Y + q * ldy + j0);
-            continue;
-        }
         for (int64_t q = 0; q < k; ++q)
-            for (int64_t j = 0; j < n; ++j)
-                Y[q * ldy + j0 + j] = (X ? alpha * X[q * ldx + j0 + j] : 0.0) + beta * acc[q * MCHUNK + j];
+            write_out(acc + q * MCHUNK, n, n8, X ? X + q * ldx + j0 : 0, alpha, beta, Y + q * ldy + j0);
     }
 }
 

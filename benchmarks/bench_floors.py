@@ -71,8 +71,8 @@ class _workers_at:
 
 
 def run(quick: bool = False) -> str:
-    """The floor table as markdown (about 3 min on 2 cores and 12 GB; ``quick``: small sizes, a
-    few seconds, a smoke test only)."""
+    """The floor table as markdown (about 3 min on 2 cores; about 10 GB of gradients and windows
+    by their array sizes, not measured; ``quick``: small sizes, a few seconds, a smoke test only)."""
     xp = np
     timer = Timer(xp, repeat=3 if quick else 9, pause=0.0 if quick else None)
     lines = ["| measurement | value | note |", "|---|---|---|"]
